@@ -1,0 +1,36 @@
+"""pgstream: exactly-once stream processing for Python where PostgreSQL is the checkpoint.
+
+>>> import pgstream as ps
+>>> app = ps.App("shop")
+>>> orders = app.stream("orders", ps.FileSource("orders.jsonl"))
+>>> orders.key_by("user_id").aggregate(n=ps.count(), total=ps.sum("amount")).to_table("totals")
+"""
+
+from pgstream.api import App, Batch, KeyedStream, Stream
+from pgstream.config import Settings
+from pgstream.errors import PgStreamError
+from pgstream.operators.aggregates import Aggregate, avg, count
+from pgstream.operators.aggregates import max_ as max  # noqa: A004 - the public name
+from pgstream.operators.aggregates import min_ as min  # noqa: A004
+from pgstream.operators.aggregates import sum_ as sum  # noqa: A004
+from pgstream.sources import FileSource, Source, TableSource
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregate",
+    "App",
+    "Batch",
+    "FileSource",
+    "KeyedStream",
+    "PgStreamError",
+    "Settings",
+    "Source",
+    "Stream",
+    "TableSource",
+    "avg",
+    "count",
+    "max",
+    "min",
+    "sum",
+]

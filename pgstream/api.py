@@ -1,0 +1,208 @@
+"""The public pipeline API: :class:`App`, :class:`Stream` and friends.
+
+Streams are immutable descriptions; nothing runs until ``pgstream run`` (or
+:func:`pgstream.runtime.worker.run_app`) compiles the app into per-source pipelines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+
+from pgstream.config import OnError, Settings
+from pgstream.errors import ConfigError
+from pgstream.operators.aggregates import Aggregate
+from pgstream.operators.fold import Fold
+from pgstream.operators.keys import KeySpec
+from pgstream.operators.steps import Filter, FlatMap, Map, Step
+from pgstream.sources.base import Source
+
+SinkKind = Literal["append", "aggregate", "fold"]
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """One ``to_table`` call: where records come from, what happens to them, where they go."""
+
+    stream: str
+    steps: tuple[Step, ...]
+    kind: SinkKind
+    table: str
+    key: KeySpec | None = None
+    aggregates: tuple[Aggregate, ...] = ()
+    fold: Fold | None = None
+    operator_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHandlerSpec:
+    """A user function run inside every checkpoint transaction of ``stream``."""
+
+    stream: str
+    steps: tuple[Step, ...]
+    fn: Callable[[Batch], None]
+    name: str
+
+
+@dataclass(slots=True)
+class Batch:
+    """What an ``@app.batch`` handler sees: the batch's records and its transaction."""
+
+    job: str
+    source: str
+    partition: str
+    start_offset: int
+    end_offset: int
+    records: list[Any]
+    cursor: psycopg.Cursor[Any] = field(repr=False)
+
+    def execute(self, query: Any, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
+        """Run SQL inside the checkpoint transaction (commits or rolls back with the batch)."""
+        self.cursor.execute(query, params)
+
+
+class App:
+    """A job: named sources, their pipelines and sinks, and the job's settings."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        batch_size: int | None = None,
+        max_interval: float | None = None,
+        poll_interval: float | None = None,
+        lease_seconds: float | None = None,
+        on_error: OnError | None = None,
+    ) -> None:
+        if not name or not isinstance(name, str):
+            raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
+        self.name = name
+        self.settings = Settings().with_overrides(
+            batch_size=batch_size,
+            max_interval=max_interval,
+            poll_interval=poll_interval,
+            lease_seconds=lease_seconds,
+            on_error=on_error,
+        )
+        self.settings.validate()
+        self.sources: dict[str, Source] = {}
+        self.sinks: list[SinkSpec] = []
+        self.handlers: list[BatchHandlerSpec] = []
+
+    def stream(self, name: str, source: Source) -> Stream:
+        """Declare an input stream ``name`` read from ``source``."""
+        if name in self.sources:
+            raise ConfigError(f"stream {name!r} is declared twice in app {self.name!r}")
+        if not isinstance(source, Source):
+            raise ConfigError(f"stream {name!r}: {source!r} is not a pgstream source")
+        self.sources[name] = source
+        return Stream(self, name, ())
+
+    def batch(self, stream: Stream) -> Callable[[Callable[[Batch], None]], Callable[[Batch], None]]:
+        """Decorator: run ``fn(batch)`` inside every checkpoint transaction of ``stream``."""
+
+        def register(fn: Callable[[Batch], None]) -> Callable[[Batch], None]:
+            name = getattr(fn, "__name__", "batch_handler")
+            self.handlers.append(BatchHandlerSpec(stream.source, stream.steps, fn, name))
+            return fn
+
+        return register
+
+    def _add_sink(self, spec: SinkSpec) -> None:
+        clash = [s for s in self.sinks if s.table == spec.table]
+        if clash and (spec.kind != "append" or any(s.kind != "append" for s in clash)):
+            raise ConfigError(f"table {spec.table!r} is the target of a keyed sink and another sink")
+        self.sinks.append(spec)
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, streams={list(self.sources)}, sinks={len(self.sinks)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Records of one source after a chain of stateless operators."""
+
+    app: App
+    source: str
+    steps: tuple[Step, ...]
+
+    def filter(self, fn: Callable[[Any], object]) -> Stream:
+        """Keep records where ``fn(record)`` is true."""
+        return self._then(Filter(fn))
+
+    def map(self, fn: Callable[[Any], Any]) -> Stream:
+        """Transform each record."""
+        return self._then(Map(fn))
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Stream:
+        """Turn each record into zero or more records."""
+        return self._then(FlatMap(fn))
+
+    def key_by(self, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None) -> KeyedStream:
+        """Group records by a field (or fields), or by ``fn(record)`` stored in column ``name``."""
+        return KeyedStream(self, KeySpec.build(key, name))
+
+    def to_table(self, table: str) -> None:
+        """Append one row per record to ``table`` (idempotent on source position)."""
+        self.app._add_sink(SinkSpec(self.source, self.steps, "append", table))
+
+    def _then(self, step: Step) -> Stream:
+        return Stream(self.app, self.source, (*self.steps, step))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedStream:
+    """A stream grouped by key, ready for ``aggregate`` or ``fold``."""
+
+    stream: Stream
+    key: KeySpec
+
+    def aggregate(self, **aggregates: Aggregate) -> AggregatedStream:
+        """Per-key aggregates, one sink column each: ``aggregate(n=count(), total=sum("x"))``."""
+        if not aggregates:
+            raise ConfigError("aggregate() needs at least one aggregate, e.g. n=ps.count()")
+        for name, agg in aggregates.items():
+            if not isinstance(agg, Aggregate):
+                raise ConfigError(f"aggregate {name}= must be ps.count/sum/min/max/avg(...)")
+        named = tuple(agg.named(name) for name, agg in aggregates.items())
+        return AggregatedStream(self, named)
+
+    def fold(self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None) -> FoldedStream:
+        """Per-key state ``fn(state, record) -> state`` starting at ``initial``."""
+        return FoldedStream(self, Fold(initial, fn), name)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatedStream:
+    """Keyed aggregates, written with ``to_table`` as an upsert sink."""
+
+    keyed: KeyedStream
+    aggregates: tuple[Aggregate, ...]
+
+    def to_table(self, table: str) -> None:
+        """Merge per-key aggregates into ``table`` (key columns unique)."""
+        s = self.keyed.stream
+        s.app._add_sink(
+            SinkSpec(s.source, s.steps, "aggregate", table, self.keyed.key, self.aggregates)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedStream:
+    """Keyed fold results, written with ``to_table`` as an upsert sink."""
+
+    keyed: KeyedStream
+    fold: Fold
+    name: str | None
+
+    def to_table(self, table: str) -> None:
+        """Overwrite each touched key's row in ``table`` with its state after the batch."""
+        s = self.keyed.stream
+        operator_id = self.name or f"{s.source}:fold:{table}"
+        s.app._add_sink(
+            SinkSpec(s.source, s.steps, "fold", table, self.keyed.key, fold=self.fold,
+                     operator_id=operator_id)
+        )

@@ -1,0 +1,50 @@
+"""Job settings: batch sizing, leases and error policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+OnError = Literal["dead_letter", "fail"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How a job batches, leases and reacts to bad records.
+
+    * ``batch_size``: most records in one checkpoint transaction.
+    * ``max_interval``: seconds a batch may wait to fill before it commits anyway.
+    * ``poll_interval``: seconds an idle worker sleeps before polling its sources again.
+    * ``lease_seconds``: how long a partition lease lasts without renewal (database clock).
+    * ``on_error``: ``"dead_letter"`` sends a failing record to ``pgstream.dead_letters``
+      in the batch transaction; ``"fail"`` stops the worker without committing it.
+    * ``max_retries``: attempts for a batch hitting transient database errors before the
+      worker stops with the last error.
+    * ``max_record_attempts``: a batch whose worker died this many times in a row is split
+      down to single records and a record that still kills the worker is dead-lettered.
+    """
+
+    batch_size: int = 10_000
+    max_interval: float = 0.5
+    poll_interval: float = 0.1
+    lease_seconds: float = 10.0
+    on_error: OnError = "dead_letter"
+    max_retries: int = 8
+    max_record_attempts: int = 3
+
+    def with_overrides(self, **changes: object) -> Settings:
+        """A copy with the non-None ``changes`` applied."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        """Raise :class:`~pgstream.errors.ConfigError` for impossible values."""
+        from pgstream.errors import ConfigError
+
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_interval < 0 or self.poll_interval <= 0:
+            raise ConfigError("max_interval must be >= 0 and poll_interval > 0")
+        if self.lease_seconds < 1:
+            raise ConfigError(f"lease_seconds must be >= 1, got {self.lease_seconds}")
+        if self.on_error not in ("dead_letter", "fail"):
+            raise ConfigError(f'on_error must be "dead_letter" or "fail", got {self.on_error!r}')

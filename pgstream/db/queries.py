@@ -1,0 +1,146 @@
+"""SQL for pgstream's own tables: partitions (checkpoint + lease), ledger, dead letters,
+state and workers. Every statement the runtime sends to the pgstream schema lives here."""
+
+from __future__ import annotations
+
+# -- partitions: registration, leases ---------------------------------------------------------
+
+REGISTER_PARTITIONS = """
+INSERT INTO pgstream.partitions (job, source, partition)
+SELECT %(job)s, %(source)s, p FROM unnest(%(partitions)s::text[]) AS p
+ON CONFLICT (job, source, partition) DO NOTHING
+"""
+
+# The owner's session is provably gone when no backend with its pid and start time exists.
+# Unprivileged roles see NULL backend_start for other roles' sessions: then the pid alone
+# keeps the lease alive (safe: we just wait for expiry).
+_OWNER_GONE = """
+  p.owner IS NULL
+  OR p.lease_expires_at < now()
+  OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                  WHERE a.pid = p.owner_backend_pid
+                    AND (a.backend_start IS NULL OR a.backend_start = p.owner_backend_start))
+"""
+
+# Takeover: bump the epoch in its own transaction. Every later batch of the previous
+# owner fails its compare-and-set on the epoch.
+CLAIM = f"""
+UPDATE pgstream.partitions AS p
+   SET epoch = p.epoch + 1,
+       owner = %(worker)s,
+       owner_backend_pid = pg_backend_pid(),
+       owner_backend_start = (SELECT backend_start FROM pg_stat_activity
+                               WHERE pid = pg_backend_pid()),
+       lease_expires_at = now() + make_interval(secs => %(lease)s)
+ WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+   AND ({_OWNER_GONE})
+RETURNING p.epoch, p.committed_offset, p.attempts
+"""
+
+CLAIMABLE = f"""
+SELECT p.source, p.partition FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND ({_OWNER_GONE})
+ ORDER BY p.source, p.partition
+"""
+
+RENEW = """
+UPDATE pgstream.partitions
+   SET lease_expires_at = now() + make_interval(secs => %(lease)s),
+       owner_backend_pid = pg_backend_pid(),
+       owner_backend_start = (SELECT backend_start FROM pg_stat_activity
+                               WHERE pid = pg_backend_pid())
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND epoch = %(epoch)s
+RETURNING 1
+"""
+
+RELEASE = """
+UPDATE pgstream.partitions
+   SET owner = NULL, owner_backend_pid = NULL, owner_backend_start = NULL,
+       lease_expires_at = NULL
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND epoch = %(epoch)s
+"""
+
+READ_PARTITION = """
+SELECT committed_offset, epoch FROM pgstream.partitions
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+"""
+
+COUNT_PARTITIONS = "SELECT count(*) FROM pgstream.partitions WHERE job = %(job)s"
+
+# Attempts are counted outside the batch transaction (asynchronously committed: a crashed
+# worker process does not lose it, only a crashed server might) so a record that kills the
+# process is noticed even though its batch never commits.
+BUMP_ATTEMPTS = """
+UPDATE pgstream.partitions SET attempts = attempts + 1
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND epoch = %(epoch)s
+RETURNING attempts
+"""
+
+# -- the batch transaction --------------------------------------------------------------------
+
+# 1. fence + claim: the first statement of every batch transaction.
+CHECKPOINT = """
+UPDATE pgstream.partitions
+   SET committed_offset = %(end)s,
+       lease_expires_at = now() + make_interval(secs => %(lease)s),
+       last_commit_at = now(),
+       source_head = %(head)s,
+       batches = batches + 1,
+       records = records + %(records)s,
+       attempts = 0
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND epoch = %(epoch)s AND committed_offset IS NOT DISTINCT FROM %(start)s
+RETURNING 1
+"""
+
+# 5. the ledger row. prev_end_offset is NULL only for a partition's first batch.
+LEDGER = """
+INSERT INTO pgstream.batches (job, source, partition, start_offset, end_offset,
+                              prev_end_offset, epoch, worker, records_in, records_out,
+                              dead_letters)
+VALUES (%(job)s, %(source)s, %(partition)s, %(start_offset)s, %(end)s, %(start)s,
+        %(epoch)s, %(worker)s, %(records_in)s, %(records_out)s, %(dead_letters)s)
+"""
+
+COPY_DEAD_LETTERS = """
+COPY pgstream.dead_letters (job, source, partition, "offset", payload, error, operator)
+FROM STDIN
+"""
+
+# -- keyed state (fold) -----------------------------------------------------------------------
+
+LOAD_STATE = """
+SELECT key, value::text FROM pgstream.state
+ WHERE job = %(job)s AND operator = %(operator)s AND partition = %(partition)s
+"""
+
+UPSERT_STATE = """
+INSERT INTO pgstream.state (job, operator, partition, key, value)
+SELECT %(job)s, %(operator)s, %(partition)s, k, v::jsonb
+  FROM unnest(%(keys)s::text[], %(values)s::text[]) AS u(k, v)
+ON CONFLICT (job, operator, partition, key)
+DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+"""
+
+# -- workers ----------------------------------------------------------------------------------
+
+HEARTBEAT = """
+INSERT INTO pgstream.workers (job, worker, hostname, pid, backend_pid)
+VALUES (%(job)s, %(worker)s, %(hostname)s, %(pid)s, pg_backend_pid())
+ON CONFLICT (job, worker) DO UPDATE SET heartbeat_at = now(), backend_pid = pg_backend_pid()
+"""
+
+LIVE_WORKERS = """
+SELECT count(*) FROM pgstream.workers
+ WHERE job = %(job)s AND heartbeat_at > now() - make_interval(secs => %(lease)s)
+"""
+
+FORGET_WORKER = "DELETE FROM pgstream.workers WHERE job = %(job)s AND worker = %(worker)s"
+
+PRUNE_WORKERS = """
+DELETE FROM pgstream.workers
+ WHERE job = %(job)s AND heartbeat_at < now() - make_interval(secs => 10 * %(lease)s)
+"""

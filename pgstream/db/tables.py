@@ -1,0 +1,159 @@
+"""SQLAlchemy Core definitions of pgstream's own schema.
+
+These definitions are the single source of truth: the Alembic migrations in ``migrations/``
+must produce exactly these tables (a test compares them), and the runtime's SQL refers to
+the same names.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+SCHEMA = "pgstream"
+
+metadata = MetaData(schema=SCHEMA)
+
+# One row per (job, source, partition): the checkpoint itself plus the lease.
+# committed_offset is the exclusive end of everything applied (NULL = nothing yet).
+# fillfactor leaves room for HOT updates: this row is rewritten by every batch.
+partitions = Table(
+    "partitions",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("committed_offset", BigInteger, nullable=True),
+    Column("epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("owner", Text, nullable=True),
+    Column("owner_backend_pid", Integer, nullable=True),
+    Column("owner_backend_start", DateTime(timezone=True), nullable=True),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    Column("watermark", DateTime(timezone=True), nullable=True),
+    Column("source_head", BigInteger, nullable=True),
+    Column("last_commit_at", DateTime(timezone=True), nullable=True),
+    Column("batches", BigInteger, nullable=False, server_default=text("0")),
+    Column("records", BigInteger, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "source", "partition", name="partitions_pkey"),
+    postgresql_with={"fillfactor": "50"},
+)
+
+# The batch ledger. Each row covers [start_offset, end_offset) of one partition.
+# The schema makes the ledger a gap-free, non-overlapping chain:
+#   * end_offset > start_offset;
+#   * start_offset and end_offset are each unique per partition;
+#   * every batch but the first names its predecessor's end (prev_end_offset = start_offset,
+#     a foreign key onto an existing batch's end_offset);
+#   * at most one batch per partition has no predecessor.
+batches = Table(
+    "batches",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("start_offset", BigInteger, nullable=False),
+    Column("end_offset", BigInteger, nullable=False),
+    Column("prev_end_offset", BigInteger, nullable=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("worker", Text, nullable=False),
+    Column("records_in", Integer, nullable=False),
+    Column("records_out", Integer, nullable=False),
+    Column("dead_letters", Integer, nullable=False),
+    Column("committed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "source", "partition", "start_offset", name="batches_pkey"),
+    UniqueConstraint("job", "source", "partition", "end_offset", name="batches_end_key"),
+    CheckConstraint("end_offset > start_offset", name="batches_range_nonempty"),
+    CheckConstraint(
+        "prev_end_offset IS NULL OR prev_end_offset = start_offset",
+        name="batches_chain_contiguous",
+    ),
+    ForeignKeyConstraint(
+        ["job", "source", "partition", "prev_end_offset"],
+        [
+            "pgstream.batches.job",
+            "pgstream.batches.source",
+            "pgstream.batches.partition",
+            "pgstream.batches.end_offset",
+        ],
+        name="batches_chain_prev_fkey",
+    ),
+    ForeignKeyConstraint(
+        ["job", "source", "partition"],
+        ["pgstream.partitions.job", "pgstream.partitions.source", "pgstream.partitions.partition"],
+        name="batches_partition_fkey",
+        ondelete="CASCADE",
+    ),
+)
+
+Index(
+    "batches_one_first_per_partition",
+    batches.c.job,
+    batches.c.source,
+    batches.c.partition,
+    unique=True,
+    postgresql_where=batches.c.prev_end_offset.is_(None),
+)
+
+# Records that could not be decoded or whose operators raised, with the error text.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("payload", LargeBinary, nullable=True),
+    Column("error", Text, nullable=False),
+    Column("operator", Text, nullable=True),
+    Column("redriven", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("job", "source", "partition", "offset", name="dead_letters_record_key"),
+)
+
+# Keyed operator state (fold): one JSON value per (job, operator, partition, key).
+state = Table(
+    "state",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("operator", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("value", JSONB, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "operator", "partition", "key", name="state_pkey"),
+    postgresql_with={"fillfactor": "70"},
+)
+
+# Live workers of a job (heartbeats), used to share partitions fairly.
+workers = Table(
+    "workers",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("worker", Text, nullable=False),
+    Column("hostname", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("backend_pid", Integer, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "worker", name="workers_pkey"),
+)

@@ -1,0 +1,1 @@
+"""Operators: stateless steps, keys, aggregates and folds."""

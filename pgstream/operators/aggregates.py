@@ -1,0 +1,151 @@
+"""Built-in keyed aggregates. Each batch folds its records into per-key *deltas* that the
+upsert sink merges into the table in SQL, so several partitions may update one key safely."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any, Literal
+
+from psycopg import sql
+
+from pgstream.errors import ConfigError
+
+Kind = Literal["count", "sum", "min", "max", "avg"]
+_NUMBER = (int, float, Decimal)
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """One aggregate column: ``count()``, ``sum("f")``, ``min("f")``, ``max("f")``, ``avg("f")``.
+
+    ``field`` is a record field name or a function of the record; ``name`` (the sink column)
+    is set by ``aggregate(name=...)``.
+    """
+
+    kind: Kind
+    field: str | Callable[[Any], Any] | None = None
+    name: str = ""
+
+    def named(self, name: str) -> Aggregate:
+        """This aggregate writing to the sink column ``name``."""
+        return replace(self, name=name)
+
+    def extractor(self) -> Callable[[Any], Any] | None:
+        """A function reading this aggregate's input from a record (None for ``count()``)."""
+        if self.field is None:
+            return None
+        if isinstance(self.field, str):
+            return operator.itemgetter(self.field)
+        return self.field
+
+    # -- accumulation in Python (one batch) -------------------------------------------------
+
+    def start(self, value: Any) -> Any:
+        """The accumulator for a key's first record in a batch."""
+        if self.kind == "count":
+            return 1 if self.field is None or value is not None else 0
+        if value is not None and self.kind in ("sum", "avg") and not isinstance(value, _NUMBER):
+            raise TypeError(f"{self.kind}({self._label()}) needs numbers, got {value!r}")
+        if self.kind == "avg":
+            return (value, 1) if value is not None else (None, 0)
+        return value
+
+    def add(self, acc: Any, value: Any) -> Any:
+        """Fold one more input ``value`` into ``acc`` (raises on bad input, mutating nothing)."""
+        kind = self.kind
+        if kind == "count":
+            return acc + (1 if self.field is None or value is not None else 0)
+        if value is None:
+            return acc
+        if kind == "sum":
+            if not isinstance(value, _NUMBER):
+                raise TypeError(f"sum({self._label()}) needs numbers, got {value!r}")
+            return value if acc is None else acc + value
+        if kind == "min":
+            return value if acc is None or value < acc else acc
+        if kind == "max":
+            return value if acc is None or value > acc else acc
+        if not isinstance(value, _NUMBER):
+            raise TypeError(f"avg({self._label()}) needs numbers, got {value!r}")
+        total, n = acc
+        return (value if total is None else total + value, n + 1)
+
+    def outputs(self, acc: Any) -> tuple[Any, ...]:
+        """The sink column values of a finished accumulator (see :meth:`columns`)."""
+        if self.kind == "avg":
+            total, n = acc
+            return (total / n if n else None, total, n)
+        return (acc,)
+
+    # -- the sink side ------------------------------------------------------------------------
+
+    def columns(self) -> tuple[str, ...]:
+        """Sink columns this aggregate needs; ``avg`` keeps its running sum and count too."""
+        if self.kind == "avg":
+            return (self.name, f"_{self.name}_sum", f"_{self.name}_count")
+        return (self.name,)
+
+    def merge_sql(self, table: sql.Identifier) -> list[sql.Composable]:
+        """``SET`` clauses merging a batch delta (``EXCLUDED``) into the stored row."""
+        col = sql.Identifier(self.name)
+        if self.kind in ("count", "sum"):
+            return [_sum_merge(table, col)]
+        if self.kind in ("min", "max"):
+            fn = sql.SQL("LEAST" if self.kind == "min" else "GREATEST")
+            return [sql.SQL("{c} = {fn}({t}.{c}, EXCLUDED.{c})").format(c=col, fn=fn, t=table)]
+        total = sql.Identifier(f"_{self.name}_sum")
+        count = sql.Identifier(f"_{self.name}_count")
+        new_total = sql.SQL("COALESCE({t}.{s} + EXCLUDED.{s}, {t}.{s}, EXCLUDED.{s})").format(
+            t=table, s=total
+        )
+        new_count = sql.SQL("{t}.{n} + EXCLUDED.{n}").format(t=table, n=count)
+        return [
+            sql.SQL("{c} = ({tot})::numeric / NULLIF({cnt}, 0)").format(
+                c=col, tot=new_total, cnt=new_count
+            ),
+            sql.SQL("{s} = {tot}").format(s=total, tot=new_total),
+            sql.SQL("{n} = {cnt}").format(n=count, cnt=new_count),
+        ]
+
+    def _label(self) -> str:
+        return repr(self.field) if isinstance(self.field, str) else "fn"
+
+
+def _sum_merge(table: sql.Identifier, col: sql.Identifier) -> sql.Composable:
+    return sql.SQL("{c} = COALESCE({t}.{c} + EXCLUDED.{c}, {t}.{c}, EXCLUDED.{c})").format(
+        c=col, t=table
+    )
+
+
+def _field(kind: Kind, field: str | Callable[[Any], Any] | None) -> Aggregate:
+    if field is None and kind != "count":
+        raise ConfigError(f"{kind}() needs a field name or a function")
+    return Aggregate(kind, field)
+
+
+def count(field: str | Callable[[Any], Any] | None = None) -> Aggregate:
+    """Number of records (or of non-null values of ``field``)."""
+    return Aggregate("count", field)
+
+
+def sum_(field: str | Callable[[Any], Any]) -> Aggregate:
+    """Sum of a numeric field (NULLs ignored). Exported as ``pgstream.sum``."""
+    return _field("sum", field)
+
+
+def min_(field: str | Callable[[Any], Any]) -> Aggregate:
+    """Smallest value of a field. Exported as ``pgstream.min``."""
+    return _field("min", field)
+
+
+def max_(field: str | Callable[[Any], Any]) -> Aggregate:
+    """Largest value of a field. Exported as ``pgstream.max``."""
+    return _field("max", field)
+
+
+def avg(field: str | Callable[[Any], Any]) -> Aggregate:
+    """Mean of a numeric field; the sink also keeps ``_<name>_sum`` and ``_<name>_count``."""
+    return _field("avg", field)

@@ -1,0 +1,43 @@
+"""Key extraction for ``key_by``: field names or a function with a column name."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pgstream.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """How to compute a record's key and which sink columns hold it."""
+
+    columns: tuple[str, ...]
+    fn: Callable[[Any], Any]  # returns a scalar for one column, a tuple for several
+
+    @classmethod
+    def build(
+        cls, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None
+    ) -> KeySpec:
+        """``key_by("user_id")``, ``key_by(["a", "b"])`` or ``key_by(fn, name="col")``."""
+        if isinstance(key, str):
+            return cls((name or key,), operator.itemgetter(key))
+        if callable(key):
+            if not name:
+                raise ConfigError(
+                    "key_by(fn) needs a column name for the key",
+                    hint='write key_by(fn, name="my_key")',
+                )
+            return cls((name,), key)
+        fields = tuple(key)
+        if not fields or not all(isinstance(f, str) for f in fields):
+            raise ConfigError("key_by takes a field name, a list of field names or a function")
+        if len(fields) == 1:
+            return cls(fields, operator.itemgetter(fields[0]))
+        return cls(fields, operator.itemgetter(*fields))
+
+    def values(self, key: Any) -> tuple[Any, ...]:
+        """The key as a tuple of column values."""
+        return key if len(self.columns) > 1 else (key,)

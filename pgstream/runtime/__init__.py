@@ -1,0 +1,1 @@
+"""The batch runtime: workers, leases, the checkpoint transaction."""

@@ -1,0 +1,58 @@
+"""The worker's checkpoint connection: durable session settings, lazy reconnect."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.types.json import JsonbDumper
+
+from pgstream.db.connect import connect
+
+SESSION_SETUP = (
+    "SET synchronous_commit = on",
+    "SET default_transaction_isolation = 'read committed'",
+    "SET idle_in_transaction_session_timeout = 0",
+)
+
+
+class WorkerConnection:
+    """One autocommit session per worker; batches run explicit ``BEGIN ... COMMIT``.
+
+    ``generation`` increases at every (re)connect so the worker can re-announce its backend
+    on the partitions it leases.
+    """
+
+    def __init__(self, dsn: str, application_name: str) -> None:
+        self.dsn = dsn
+        self.application_name = application_name[:63]
+        self.generation = 0
+        self._conn: psycopg.Connection[Any] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The live connection, reconnecting if it was closed or broken."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = self._open()
+            self.generation += 1
+        return self._conn
+
+    def _open(self) -> psycopg.Connection[Any]:
+        conn = connect(self.dsn, autocommit=True, application_name=self.application_name)
+        conn.adapters.register_dumper(dict, JsonbDumper)
+        for stmt in SESSION_SETUP:
+            conn.execute(stmt)
+        return conn
+
+    def reset(self) -> None:
+        """Drop the connection (after an error that may have broken it)."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None
+
+    def close(self) -> None:
+        """Close for good."""
+        self.reset()

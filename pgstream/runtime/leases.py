@@ -1,0 +1,119 @@
+"""Partition leases: claim (bumping the epoch), renew, release, and a fair share per worker.
+
+Safety never depends on leases: the epoch compare-and-set in every batch transaction fences
+a stale owner. Leases (timed by the database clock) and the owner's backend identity only
+decide *when* another worker may take over: at once when the owner's session is provably
+gone, after ``lease_seconds`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgstream.db import queries
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed partition: the epoch this worker commits under and where it starts."""
+
+    source: str
+    partition: str
+    epoch: int
+    committed_offset: int | None
+    attempts: int
+
+
+class LeaseManager:
+    """Lease operations of one worker of one job, on the worker's autocommit connection."""
+
+    def __init__(self, job: str, worker: str, lease_seconds: float) -> None:
+        self.job = job
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+
+    def _params(self, **extra: Any) -> dict[str, Any]:
+        return {"job": self.job, "worker": self.worker, "lease": self.lease_seconds, **extra}
+
+    def register(self, conn: psycopg.Connection[Any], source: str, partitions: list[str]) -> None:
+        """Make sure a partition row exists for every partition of ``source``."""
+        conn.execute(queries.REGISTER_PARTITIONS, self._params(source=source, partitions=partitions))
+
+    def heartbeat(self, conn: psycopg.Connection[Any]) -> None:
+        """Announce this worker as alive (used for the fair share)."""
+        conn.execute(
+            queries.HEARTBEAT,
+            self._params(hostname=socket.gethostname(), pid=os.getpid()),
+        )
+        conn.execute(queries.PRUNE_WORKERS, self._params())
+
+    def fair_share(self, conn: psycopg.Connection[Any]) -> int:
+        """How many partitions this worker should own: ceil(partitions / live workers)."""
+        total = _scalar(conn, queries.COUNT_PARTITIONS, self._params())
+        live = max(1, _scalar(conn, queries.LIVE_WORKERS, self._params()))
+        return math.ceil(total / live)
+
+    def claimable(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+        """Partitions with no live owner."""
+        rows = conn.execute(queries.CLAIMABLE, self._params()).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def claim(self, conn: psycopg.Connection[Any], source: str, partition: str) -> Lease | None:
+        """Take over a partition in its own transaction (bumping the epoch), if it is free."""
+        row = conn.execute(
+            queries.CLAIM, self._params(source=source, partition=partition)
+        ).fetchone()
+        if row is None:
+            return None
+        return Lease(source, partition, row[0], row[1], row[2])
+
+    def renew(self, conn: psycopg.Connection[Any], lease: Lease) -> bool:
+        """Extend a lease (and re-announce this session); False if it was lost."""
+        row = conn.execute(
+            queries.RENEW,
+            self._params(source=lease.source, partition=lease.partition, epoch=lease.epoch),
+        ).fetchone()
+        return row is not None
+
+    def release(self, conn: psycopg.Connection[Any], lease: Lease) -> None:
+        """Give a partition up so another worker can take it at once."""
+        conn.execute(
+            queries.RELEASE,
+            self._params(source=lease.source, partition=lease.partition, epoch=lease.epoch),
+        )
+
+    def forget(self, conn: psycopg.Connection[Any]) -> None:
+        """Remove this worker's heartbeat row (clean exit)."""
+        conn.execute(queries.FORGET_WORKER, self._params())
+
+    def bump_attempts(self, conn: psycopg.Connection[Any], lease: Lease) -> int | None:
+        """Count one more attempt at the partition's next batch, outside any batch."""
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            row = conn.execute(
+                queries.BUMP_ATTEMPTS,
+                self._params(source=lease.source, partition=lease.partition, epoch=lease.epoch),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def read_partition(
+        self, conn: psycopg.Connection[Any], source: str, partition: str
+    ) -> tuple[int | None, int]:
+        """The partition's committed offset and epoch, as committed."""
+        row = conn.execute(
+            queries.READ_PARTITION, self._params(source=source, partition=partition)
+        ).fetchone()
+        if row is None:
+            raise LookupError(f"partition {source}/{partition} of job {self.job} is not registered")
+        return row[0], row[1]
+
+
+def _scalar(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> int:
+    row = conn.execute(query, params).fetchone()
+    return int(row[0]) if row else 0

@@ -1,0 +1,284 @@
+"""The worker loop: lease partitions, poll them, commit batches, stop cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from pgstream.api import App
+from pgstream.config import Settings
+from pgstream.db.migrate import ensure_migrated
+from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
+from pgstream.runtime.connection import WorkerConnection
+from pgstream.runtime.leases import Lease, LeaseManager
+from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.task import PartitionTask
+from pgstream.sinks.append import AppendSink
+from pgstream.sinks.upsert import AggregateSink, UpsertSink
+from pgstream.sources.base import SourceError
+from pgstream.state.store import KeyedState
+
+log = logging.getLogger("pgstream.worker")
+
+ProgressFn = Callable[[PartitionTask, int], None]
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What one worker did before it stopped."""
+
+    records: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    retries: int = 0
+
+
+def build_sinks(app: App) -> dict[str, AppendSink | UpsertSink]:
+    """One sink object per target table of ``app``."""
+    sinks: dict[str, AppendSink | UpsertSink] = {}
+    for i, spec in enumerate(app.sinks):
+        if spec.table in sinks:
+            continue
+        stage = f"pgstream_stage_{i}"
+        if spec.kind == "append":
+            sinks[spec.table] = AppendSink(spec.table)
+        elif spec.kind == "aggregate":
+            assert spec.key is not None
+            sinks[spec.table] = AggregateSink(spec.table, spec.key.columns, spec.aggregates, stage)
+        else:
+            assert spec.key is not None
+            sinks[spec.table] = UpsertSink(spec.table, spec.key.columns, stage)
+    return sinks
+
+
+def prepare(app: App, conn: psycopg.Connection[Any]) -> dict[str, AppendSink | UpsertSink]:
+    """Check the schema, the sources and the sink tables; raise one clear error if not ready."""
+    ensure_migrated(conn)
+    for name, source in app.sources.items():
+        try:
+            source.validate(conn)
+        except SourceError as exc:
+            raise SourceUnavailableError(f"stream {name!r}: {exc}") from exc
+    sinks = build_sinks(app)
+    for sink in sinks.values():
+        sink.bind(conn)
+    return sinks
+
+
+class Worker:
+    """Runs an app's partitions that this process can lease, until stopped."""
+
+    def __init__(
+        self,
+        app: App,
+        dsn: str,
+        *,
+        settings: Settings | None = None,
+        stop_when_idle: bool = False,
+        on_commit: ProgressFn | None = None,
+        install_signal_handlers: bool = True,
+    ) -> None:
+        self.app = app
+        self.dsn = dsn
+        self.settings = settings or app.settings
+        self.stop_when_idle = stop_when_idle
+        self.on_commit = on_commit
+        self.install_signal_handlers = install_signal_handlers
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.db = WorkerConnection(dsn, f"pgstream:{app.name}:{os.getpid()}")
+        self.leases = LeaseManager(app.name, self.worker_id, self.settings.lease_seconds)
+        self.tasks: dict[tuple[str, str], PartitionTask] = {}
+        self.summary = RunSummary()
+        self._stop = threading.Event()
+        self._sinks: dict[str, AppendSink | UpsertSink] = {}
+        self._generation = 0
+        self._next_maintenance = 0.0
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the batch in flight."""
+        self._stop.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        """Run until stopped (signal, :meth:`stop`, or idle with ``stop_when_idle``)."""
+        previous = self._install_signals() if self.install_signal_handlers else {}
+        try:
+            conn = self.db.conn
+            self._sinks = prepare(self.app, conn)
+            for name, source in self.app.sources.items():
+                self.leases.register(conn, name, list(source.partitions(conn)))
+            self._loop()
+        finally:
+            self._shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.summary
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= self._next_maintenance or self.db.generation != self._generation:
+                    self._maintain()
+                done = self._poll_all()
+                failures = 0
+            except psycopg.OperationalError as exc:
+                failures += 1
+                self.db.reset()
+                if failures > self.settings.max_retries:
+                    raise DatabaseError(
+                        f"lost the database and could not get it back after {failures - 1} "
+                        f"retries: {str(exc).strip().splitlines()[0]}"
+                    ) from exc
+                delay = min(5.0, 0.05 * 2**failures)
+                log.warning("database error, retrying in %.2fs: %s", delay, str(exc).strip())
+                self._stop.wait(delay)
+                continue
+            if done == 0:
+                if self.stop_when_idle and self._caught_up():
+                    return
+                self._stop.wait(self.settings.poll_interval)
+
+    def _poll_all(self) -> int:
+        done = 0
+        for key, task in list(self.tasks.items()):
+            if self._stop.is_set():
+                break
+            try:
+                done += task.poll()
+            except LeaseLostError as exc:
+                log.warning("lost the lease on %s/%s: %s", key[0], key[1], exc)
+                self._drop(key)
+            except SourceError as exc:
+                raise SourceUnavailableError(f"stream {key[0]!r} partition {key[1]}: {exc}") from exc
+        return done
+
+    def _caught_up(self) -> bool:
+        """Nothing was safely readable on any owned partition and none is left to claim."""
+        self._maintain()
+        return not self.leases.claimable(self.db.conn)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Heartbeat, renew owned leases, release surplus and claim free partitions."""
+        conn = self.db.conn
+        self._generation = self.db.generation
+        self._next_maintenance = time.monotonic() + self.settings.lease_seconds / 3
+        self.leases.heartbeat(conn)
+        for key, task in list(self.tasks.items()):
+            if not self.leases.renew(conn, task.lease):
+                log.warning("lease on %s/%s was taken over", *key)
+                self._drop(key)
+        share = self.leases.fair_share(conn)
+        while len(self.tasks) > share:
+            key = sorted(self.tasks)[-1]
+            self.leases.release(conn, self.tasks[key].lease)
+            self._drop(key)
+        if len(self.tasks) >= share:
+            return
+        for source, partition in self.leases.claimable(conn):
+            if (source, partition) in self.tasks or source not in self.app.sources:
+                continue
+            lease = self.leases.claim(conn, source, partition)
+            if lease is not None:
+                self._start_task(lease)
+                if len(self.tasks) >= share:
+                    break
+
+    def _start_task(self, lease: Lease) -> None:
+        source = self.app.sources[lease.source]
+        states: dict[str, KeyedState] = {}
+        for spec in self.app.sinks:
+            if spec.kind == "fold" and spec.stream == lease.source:
+                state = KeyedState(self.app.name, spec.operator_id, lease.partition)
+                state.load(self.db.conn)
+                states[spec.operator_id] = state
+        pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
+        try:
+            reader = source.open(lease.partition, self.dsn)
+        except SourceError as exc:
+            raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
+        log.info(
+            "claimed %s/%s at epoch %d (offset %s)",
+            lease.source,
+            lease.partition,
+            lease.epoch,
+            lease.committed_offset,
+        )
+        self.tasks[(lease.source, lease.partition)] = PartitionTask(
+            job=self.app.name,
+            worker=self.worker_id,
+            lease=lease,
+            initial_offset=source.initial_offset(lease.partition),
+            reader=reader,
+            pipeline=pipeline,
+            db=self.db,
+            leases=self.leases,
+            settings=self.settings,
+            on_commit=self.on_commit,
+        )
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        task = self.tasks.pop(key)
+        self._account(task)
+        task.close()
+
+    def _account(self, task: PartitionTask) -> None:
+        self.summary.records += task.stats.records
+        self.summary.batches += task.stats.batches
+        self.summary.dead_letters += task.stats.dead_letters
+        self.summary.retries += task.stats.retries
+
+    def _shutdown(self) -> None:
+        """Release every lease so another worker can take over at once, then disconnect."""
+        try:
+            conn = self.db.conn
+            for task in self.tasks.values():
+                self.leases.release(conn, task.lease)
+            self.leases.forget(conn)
+        except (psycopg.Error, DatabaseError) as exc:
+            log.warning("could not release leases cleanly: %s", exc)
+        for key in list(self.tasks):
+            self._drop(key)
+        self.db.close()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: stopping after the batch in flight", signal.Signals(signum).name)
+        self._stop.set()
+
+
+def run_app(
+    app: App,
+    dsn: str,
+    *,
+    stop_when_idle: bool = False,
+    settings: Settings | None = None,
+    on_commit: ProgressFn | None = None,
+) -> RunSummary:
+    """Run one worker for ``app`` in this process (what ``pgstream run`` does)."""
+    return Worker(
+        app, dsn, settings=settings, stop_when_idle=stop_when_idle, on_commit=on_commit
+    ).run()

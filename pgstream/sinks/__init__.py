@@ -1,0 +1,1 @@
+"""Sinks: append and upsert tables owned by the user."""

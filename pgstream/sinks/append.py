@@ -1,0 +1,97 @@
+"""Append sink: one row per operator output, keyed by where it came from."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgstream.errors import SinkSchemaError
+from pgstream.sinks.introspect import TableInfo, load_table
+
+META_COLUMNS = ("_source", "_partition", "_offset", "_seq")
+
+Row = tuple[Any, ...]
+
+
+class AppendSink:
+    """Writes outputs with ``COPY``; each row carries ``(_source, _partition, _offset, _seq)``.
+
+    The unique index on those four columns makes a second write of the same output
+    impossible. The batch's compare-and-set means it is never attempted; if it ever is
+    (a rewound offset without retraction), the batch falls back to
+    ``INSERT ... ON CONFLICT DO NOTHING`` so replays stay idempotent.
+    """
+
+    kind = "append"
+
+    def __init__(self, table: str) -> None:
+        self.table_name = table
+        self._info: TableInfo | None = None
+        self._checked: set[tuple[str, ...]] = set()
+
+    @property
+    def info(self) -> TableInfo:
+        """The bound table (after :meth:`bind`)."""
+        if self._info is None:
+            raise RuntimeError(f"sink {self.table_name} is not bound")
+        return self._info
+
+    def bind(self, conn: psycopg.Connection[Any]) -> None:
+        """Look the table up and validate its idempotency columns and index."""
+        info = load_table(conn, self.table_name)
+        info.require_columns(META_COLUMNS, "append sinks record where each row came from")
+        info.require_unique(META_COLUMNS, "it makes each output idempotent")
+        self._info = info
+        self._checked.clear()
+
+    def check_columns(self, columns: tuple[str, ...]) -> None:
+        """Raise if operator outputs name columns the table lacks (checked once per shape)."""
+        if columns in self._checked:
+            return
+        info = self.info
+        missing = [c for c in columns if c not in info.columns]
+        if missing:
+            raise SinkSchemaError(
+                f"operator output has field(s) {', '.join(missing)} but sink table "
+                f"{info.label} has no such column",
+                hint="add the column in a migration, or drop the field in your map()",
+            )
+        bad = [c for c in columns if c in META_COLUMNS]
+        if bad:
+            raise SinkSchemaError(f"operator output may not set reserved column(s) {bad}")
+        self._checked.add(columns)
+
+    def write(self, cur: psycopg.Cursor[Any], groups: dict[tuple[str, ...], list[Row]]) -> None:
+        """COPY every group of rows (rows end with the four meta columns)."""
+        for columns, rows in groups.items():
+            self.check_columns(columns)
+            stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                self.info.ident, _idents((*columns, *META_COLUMNS))
+            )
+            with cur.copy(stmt) as copy:
+                write_row = copy.write_row
+                for row in rows:
+                    write_row(row)
+
+    def insert_ignoring_duplicates(
+        self, cur: psycopg.Cursor[Any], columns: tuple[str, ...], rows: Sequence[Row]
+    ) -> None:
+        """The slow, replay-tolerant path: ``INSERT ... ON CONFLICT DO NOTHING``."""
+        self.check_columns(columns)
+        all_cols = (*columns, *META_COLUMNS)
+        stmt = sql.SQL(
+            "INSERT INTO {} ({}) VALUES ({}) "
+            "ON CONFLICT (_source, _partition, _offset, _seq) DO NOTHING"
+        ).format(
+            self.info.ident,
+            _idents(all_cols),
+            sql.SQL(", ").join(sql.Placeholder() * len(all_cols)),
+        )
+        cur.executemany(stmt, rows)
+
+
+def _idents(names: Iterable[str]) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(n) for n in names)

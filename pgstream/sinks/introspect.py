@@ -1,0 +1,110 @@
+"""Reading a sink table's shape from the catalog, for validation and typed writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgstream.errors import SinkSchemaError
+
+_FIND = """
+SELECT c.oid, n.nspname, c.relname
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass(CASE WHEN %(schema)s::text IS NULL THEN quote_ident(%(name)s)
+                                ELSE quote_ident(%(schema)s) || '.' || quote_ident(%(name)s) END)
+"""
+
+_COLUMNS = """
+SELECT attname, format_type(atttypid, atttypmod), attnotnull,
+       atthasdef OR attidentity <> '' , attgenerated <> ''
+  FROM pg_attribute
+ WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
+ ORDER BY attnum
+"""
+
+_UNIQUE_KEYS = """
+SELECT array_agg(a.attname ORDER BY a.attname)
+  FROM pg_index i
+  JOIN LATERAL unnest(i.indkey) AS k(attnum) ON true
+  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+ WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+ GROUP BY i.indexrelid
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One column of a sink table."""
+
+    name: str
+    type: str
+    not_null: bool
+    has_default: bool
+    generated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """A sink table: its qualified name, columns and unique column sets."""
+
+    schema: str
+    name: str
+    columns: dict[str, Column]
+    unique_keys: tuple[frozenset[str], ...]
+
+    @property
+    def ident(self) -> sql.Identifier:
+        """The quoted, schema-qualified identifier."""
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def label(self) -> str:
+        """``schema.table`` for messages."""
+        return f"{self.schema}.{self.name}"
+
+    def require_columns(self, names: list[str] | tuple[str, ...], why: str) -> None:
+        """Raise naming every column of ``names`` that the table lacks."""
+        missing = [n for n in names if n not in self.columns]
+        if missing:
+            cols = ", ".join(missing)
+            raise SinkSchemaError(
+                f"sink table {self.label} has no column {cols} ({why})",
+                hint="add it in your Alembic migration (see pgstream.schema) and upgrade",
+            )
+
+    def require_unique(self, names: tuple[str, ...], why: str) -> None:
+        """Raise unless a primary key or unique index covers exactly ``names``."""
+        if frozenset(names) not in self.unique_keys:
+            cols = ", ".join(names)
+            raise SinkSchemaError(
+                f"sink table {self.label} has no unique index on ({cols}) ({why})",
+                hint=f"add PRIMARY KEY ({cols}) or a UNIQUE index on exactly these columns",
+            )
+
+
+def split_name(qualified: str) -> tuple[str | None, str]:
+    """``"schema.table"`` -> ``("schema", "table")``; ``"table"`` -> ``(None, "table")``."""
+    schema, dot, name = qualified.partition(".")
+    return (schema, name) if dot else (None, qualified)
+
+
+def load_table(conn: psycopg.Connection[Any], qualified: str) -> TableInfo:
+    """Look up ``qualified`` (exact spelling, no case folding) or raise naming it."""
+    schema, name = split_name(qualified)
+    with conn.cursor() as cur:
+        row = cur.execute(_FIND, {"schema": schema, "name": name}).fetchone()
+        if row is None:
+            raise SinkSchemaError(
+                f"sink table {qualified} does not exist",
+                hint="create it in your own Alembic migration (pgstream.schema has helpers)",
+            )
+        oid, nsp, rel = row
+        cols = {
+            r[0]: Column(r[0], r[1], r[2], r[3], r[4])
+            for r in cur.execute(_COLUMNS, (oid,)).fetchall()
+        }
+        keys = tuple(frozenset(r[0]) for r in cur.execute(_UNIQUE_KEYS, (oid,)).fetchall())
+    return TableInfo(nsp, rel, cols, keys)

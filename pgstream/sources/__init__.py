@@ -1,0 +1,15 @@
+"""Replayable, offset-addressed sources."""
+
+from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.file import FileSource
+from pgstream.sources.table import TableSource
+
+__all__ = [
+    "FileSource",
+    "PartitionReader",
+    "ReadResult",
+    "Source",
+    "SourceError",
+    "SourceRecord",
+    "TableSource",
+]

@@ -1,0 +1,89 @@
+"""The contract every source implements.
+
+A source is a set of partitions; each partition is an ordered, replayable sequence of records
+addressed by integer offsets. A reader returns records starting at an offset together with the
+exclusive end offset of what it returned, so the next read starts exactly where this one ended.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+Record = dict[str, Any]
+
+
+@dataclass(slots=True)
+class SourceRecord:
+    """One input record at ``offset``.
+
+    ``value`` is the decoded record (a dict) or ``None`` when decoding failed, in which case
+    ``error`` says why and ``raw`` keeps the undecodable bytes for the dead-letter table.
+    """
+
+    offset: int
+    value: Record | None
+    raw: bytes | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """Records read from one partition and the exclusive end offset they cover.
+
+    ``end`` may be greater than the last record's offset + 1 (a file's trailing newline, blank
+    lines); ``end == start`` means nothing new is safely readable yet.
+    """
+
+    records: list[SourceRecord]
+    end: int
+    head: int | None = field(default=None)  # the source's newest offset, when cheap to know
+
+
+class SourceError(Exception):
+    """A source cannot continue (missing table, truncated file, offsets jumped)."""
+
+
+class PartitionReader(abc.ABC):
+    """Reads one partition. Owned by exactly one worker while it holds the lease."""
+
+    @abc.abstractmethod
+    def read(self, start: int, max_records: int) -> ReadResult:
+        """Return up to ``max_records`` records at offsets >= ``start`` that are safe to commit."""
+
+    def head(self) -> int | None:
+        """The exclusive end offset of everything the source holds now (for lag), if known."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files and connections."""
+
+
+class Source(abc.ABC):
+    """A replayable, offset-addressed input."""
+
+    #: short kind name shown in status output ("table", "file", ...)
+    kind: str = "source"
+
+    @abc.abstractmethod
+    def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
+        """The partition names currently present."""
+
+    @abc.abstractmethod
+    def initial_offset(self, partition: str) -> int:
+        """The offset a partition starts at when nothing has been committed yet."""
+
+    @abc.abstractmethod
+    def open(self, partition: str, dsn: str) -> PartitionReader:
+        """Open a reader for ``partition``; ``dsn`` is the job's database (for table sources)."""
+
+    def validate(self, conn: psycopg.Connection[Any]) -> None:  # noqa: B027 - optional hook
+        """Raise :class:`SourceError` with a clear message if the source cannot be read."""
+
+    def describe(self) -> str:
+        """A one-line human description."""
+        return self.kind
