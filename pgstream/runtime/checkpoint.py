@@ -15,7 +15,7 @@ import psycopg.errors
 from pgstream.api import Batch
 from pgstream.db import queries
 from pgstream.errors import LeaseLostError, PgStreamError
-from pgstream.runtime.crashpoints import crash_point
+from pgstream.runtime.crashpoints import crash_point, maybe_inject_error
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
 
 
@@ -96,6 +96,7 @@ def commit_batch(
                 overlay = out.folds[plan.index]
                 plan.state.write(cur, {k: blob for k, (_, blob) in overlay.items()})
             crash_point("after_state")
+            maybe_inject_error(cur)
             written = _write_sinks(cur, pipeline, out, tolerate_duplicates)
             crash_point("after_sinks")
             _run_handlers(cur, pipeline, rng, out)

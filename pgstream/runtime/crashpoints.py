@@ -1,19 +1,31 @@
-"""Test-only crash points: ``PGSTREAM_CRASH_AT=<point>`` SIGKILLs the worker there.
+"""Test-only fault hooks, driven by environment variables (inert when unset).
 
-``PGSTREAM_CRASH_AFTER=N`` (default 1) crashes at the N-th time the point is reached.
-Points, in batch order: ``after_read``, ``after_state``, ``after_sinks``, ``before_commit``,
-``after_commit``. Unset, the check is one comparison against ``None``.
+* ``PGSTREAM_CRASH_AT=<point>`` SIGKILLs the worker at that point of the batch;
+  ``PGSTREAM_CRASH_AFTER=N`` (default 1) picks the N-th time the point is reached.
+  Points, in batch order: ``after_read``, ``after_state``, ``after_sinks``,
+  ``before_commit``, ``after_commit``.
+* ``PGSTREAM_INJECT_ERRORS=40001,40P01,57014,53100`` makes the batch transaction raise one
+  of these SQLSTATEs (server-side, so the real error class reaches the worker) with
+  probability ``PGSTREAM_INJECT_RATE`` (default 0.3; 1.0 = a persistent error).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
+from typing import Any
+
+import psycopg
 
 POINTS = ("after_read", "after_state", "after_sinks", "before_commit", "after_commit")
 
 _target = os.environ.get("PGSTREAM_CRASH_AT") or None
 _remaining = int(os.environ.get("PGSTREAM_CRASH_AFTER", "1"))
+_inject = [c.strip() for c in os.environ.get("PGSTREAM_INJECT_ERRORS", "").split(",") if c.strip()]
+_inject_rate = float(os.environ.get("PGSTREAM_INJECT_RATE", "0.3"))
+
+_RAISE = "DO $$ BEGIN RAISE EXCEPTION 'pgstream injected fault %s' USING ERRCODE = '%s'; END $$"
 
 
 def crash_point(name: str) -> None:
@@ -24,3 +36,13 @@ def crash_point(name: str) -> None:
     _remaining -= 1
     if _remaining <= 0:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_inject_error(cur: psycopg.Cursor[Any]) -> None:
+    """Raise an injected transient error inside the batch transaction, if configured."""
+    if not _inject or random.random() >= _inject_rate:
+        return
+    code = random.choice(_inject)
+    if not (len(code) == 5 and code.isalnum()):
+        raise ValueError(f"PGSTREAM_INJECT_ERRORS: {code!r} is not a SQLSTATE")
+    cur.execute((_RAISE % (code, code)).encode())
