@@ -114,7 +114,9 @@ class App:
     def _add_sink(self, spec: SinkSpec) -> None:
         clash = [s for s in self.sinks if s.table == spec.table]
         if clash and (spec.kind != "append" or any(s.kind != "append" for s in clash)):
-            raise ConfigError(f"table {spec.table!r} is the target of a keyed sink and another sink")
+            raise ConfigError(
+                f"table {spec.table!r} is the target of a keyed sink and another sink"
+            )
         self.sinks.append(spec)
 
     def __repr__(self) -> str:
@@ -141,7 +143,9 @@ class Stream:
         """Turn each record into zero or more records."""
         return self._then(FlatMap(fn))
 
-    def key_by(self, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None) -> KeyedStream:
+    def key_by(
+        self, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None
+    ) -> KeyedStream:
         """Group records by a field (or fields), or by ``fn(record)`` stored in column ``name``."""
         return KeyedStream(self, KeySpec.build(key, name))
 
@@ -170,7 +174,9 @@ class KeyedStream:
         named = tuple(agg.named(name) for name, agg in aggregates.items())
         return AggregatedStream(self, named)
 
-    def fold(self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None) -> FoldedStream:
+    def fold(
+        self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None
+    ) -> FoldedStream:
         """Per-key state ``fn(state, record) -> state`` starting at ``initial``."""
         return FoldedStream(self, Fold(initial, fn), name)
 
@@ -203,6 +209,13 @@ class FoldedStream:
         s = self.keyed.stream
         operator_id = self.name or f"{s.source}:fold:{table}"
         s.app._add_sink(
-            SinkSpec(s.source, s.steps, "fold", table, self.keyed.key, fold=self.fold,
-                     operator_id=operator_id)
+            SinkSpec(
+                s.source,
+                s.steps,
+                "fold",
+                table,
+                self.keyed.key,
+                fold=self.fold,
+                operator_id=operator_id,
+            )
         )

@@ -18,9 +18,7 @@ def load_app(target: str) -> App:
     """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(
-            f"expected MODULE:APP, got {target!r}", hint="e.g. pgstream run app:app"
-        )
+        raise ConfigError(f"expected MODULE:APP, got {target!r}", hint="e.g. pgstream run app:app")
     if module_name.endswith(".py") or os.sep in module_name:
         path = Path(module_name).resolve()
         if not path.exists():
@@ -41,9 +39,7 @@ def load_app(target: str) -> App:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     app = getattr(module, attr, None)
     if app is None:
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}")

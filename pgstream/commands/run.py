@@ -18,12 +18,17 @@ from pgstream.cli import dsn_option
 @dsn_option
 @click.option("--stop-when-idle", is_flag=True, help="Exit 0 once every partition is caught up.")
 @click.option(
-    "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
     help="Local worker processes; they share the partitions through leases.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Records per batch.")
 @click.option(
-    "--max-interval", type=click.FloatRange(min=0), default=None,
+    "--max-interval",
+    type=click.FloatRange(min=0),
+    default=None,
     help="Seconds a batch may wait to fill before committing.",
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -46,8 +51,9 @@ def command(
     app = load_app(target)
     resolved = resolve_dsn(dsn)
     if workers > 1:
-        sys.exit(_supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval,
-                            verbose))
+        sys.exit(
+            _supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval, verbose)
+        )
     from pgstream.runtime.worker import run_app
 
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)

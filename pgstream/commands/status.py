@@ -43,8 +43,20 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
     with connect(resolved, autocommit=True) as conn:
         ensure_migrated(conn)
         rows = conn.execute(STATUS, {"job": app.name if app else None}).fetchall()
-    names = ["job", "source", "partition", "committed_offset", "source_head", "last_commit_at",
-             "owner", "epoch", "batches", "records", "leased", "dead_letters"]
+    names = [
+        "job",
+        "source",
+        "partition",
+        "committed_offset",
+        "source_head",
+        "last_commit_at",
+        "owner",
+        "epoch",
+        "batches",
+        "records",
+        "leased",
+        "dead_letters",
+    ]
     items = [dict(zip(names, r)) for r in rows]
     if app is not None:
         _live_heads(app, resolved, items)
@@ -87,17 +99,39 @@ def _print_table(items: list[dict[str, Any]]) -> None:
         click.echo("no jobs yet: start one with pgstream run MODULE:APP")
         return
     table = Table(title="pgstream status")
-    for col in ("job", "source", "partition", "committed", "head", "lag", "last commit",
-                "owner", "epoch", "batches", "dead"):
-        table.add_column(col, justify="right" if col in {"committed", "head", "lag", "epoch",
-                                                          "batches", "dead"} else "left")
+    for col in (
+        "job",
+        "source",
+        "partition",
+        "committed",
+        "head",
+        "lag",
+        "last commit",
+        "owner",
+        "epoch",
+        "batches",
+        "dead",
+    ):
+        table.add_column(
+            col,
+            justify="right"
+            if col in {"committed", "head", "lag", "epoch", "batches", "dead"}
+            else "left",
+        )
     for it in items:
         last = it["last_commit_at"]
         table.add_row(
-            it["job"], it["source"], it["partition"],
-            _fmt(it["committed_offset"]), _fmt(it["source_head"]), _fmt(it["lag"]),
+            it["job"],
+            it["source"],
+            it["partition"],
+            _fmt(it["committed_offset"]),
+            _fmt(it["source_head"]),
+            _fmt(it["lag"]),
             last.strftime("%Y-%m-%d %H:%M:%S") if last else "-",
-            it["owner"] or "-", str(it["epoch"]), str(it["batches"]), str(it["dead_letters"]),
+            it["owner"] or "-",
+            str(it["epoch"]),
+            str(it["batches"]),
+            str(it["dead_letters"]),
         )
     console = Console()
     if not console.is_terminal:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 Record = Any
 
@@ -30,7 +30,7 @@ class FlatMap:
     fn: Callable[[Record], Iterable[Record]]
 
 
-Step = Union[Filter, Map, FlatMap]
+Step = Filter | Map | FlatMap
 
 
 def compile_chain(steps: Sequence[Step]) -> Callable[[Record], list[Record]]:

@@ -6,6 +6,7 @@ COMMIT`` -- the COMMIT is the checkpoint. See DESIGN.md.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +105,15 @@ def commit_batch(
                 with cur.copy(queries.COPY_DEAD_LETTERS) as copy:
                     for d in out.dead:
                         copy.write_row(
-                            (rng.job, rng.source, rng.partition, d.offset, d.payload, d.error,
-                             d.operator)
+                            (
+                                rng.job,
+                                rng.source,
+                                rng.partition,
+                                d.offset,
+                                d.payload,
+                                d.error,
+                                d.operator,
+                            )
                         )
             cur.execute(
                 queries.LEDGER,
@@ -200,7 +208,5 @@ def _run_handlers(
 def _rollback_quietly(conn: psycopg.Connection[Any]) -> None:
     if conn.closed or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         return
-    try:
+    with contextlib.suppress(psycopg.Error):
         conn.execute("ROLLBACK")
-    except psycopg.Error:
-        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import psycopg
@@ -47,10 +48,8 @@ class WorkerConnection:
     def reset(self) -> None:
         """Drop the connection (after an error that may have broken it)."""
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
         self._conn = None
 
     def close(self) -> None:

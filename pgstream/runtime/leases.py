@@ -43,7 +43,9 @@ class LeaseManager:
 
     def register(self, conn: psycopg.Connection[Any], source: str, partitions: list[str]) -> None:
         """Make sure a partition row exists for every partition of ``source``."""
-        conn.execute(queries.REGISTER_PARTITIONS, self._params(source=source, partitions=partitions))
+        conn.execute(
+            queries.REGISTER_PARTITIONS, self._params(source=source, partitions=partitions)
+        )
 
     def heartbeat(self, conn: psycopg.Connection[Any]) -> None:
         """Announce this worker as alive (used for the fair share)."""

@@ -8,7 +8,8 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
@@ -35,7 +36,7 @@ def batch_retrying(max_attempts: int, before_sleep: object = None) -> Retrying:
 
     return Retrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.05, max=5.0),
+        wait=wait_exponential(multiplier=0.05, max=5.0) + wait_random(0, 0.05),
         stop=stop_after_attempt(max_attempts),
         before_sleep=_before_sleep,
         reraise=True,

@@ -67,7 +67,9 @@ class PartitionTask:
         self.settings = settings
         self.on_commit = on_commit
         self.committed: int | None = lease.committed_offset
-        self.position: int = initial_offset if lease.committed_offset is None else lease.committed_offset
+        self.position: int = (
+            initial_offset if lease.committed_offset is None else lease.committed_offset
+        )
         self.head: int | None = None
         self.stats = TaskStats()
 

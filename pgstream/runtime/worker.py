@@ -130,7 +130,10 @@ class Worker:
         failures = 0
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= self._next_maintenance or self.db.generation != self._generation:
+                if (
+                    time.monotonic() >= self._next_maintenance
+                    or self.db.generation != self._generation
+                ):
                     self._maintain()
                 done = self._poll_all()
                 failures = 0
@@ -162,7 +165,9 @@ class Worker:
                 log.warning("lost the lease on %s/%s: %s", key[0], key[1], exc)
                 self._drop(key)
             except SourceError as exc:
-                raise SourceUnavailableError(f"stream {key[0]!r} partition {key[1]}: {exc}") from exc
+                raise SourceUnavailableError(
+                    f"stream {key[0]!r} partition {key[1]}: {exc}"
+                ) from exc
         return done
 
     def _caught_up(self) -> bool:
@@ -260,7 +265,7 @@ class Worker:
     def _install_signals(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, self._on_signal)
         return previous

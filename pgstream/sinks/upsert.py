@@ -51,7 +51,9 @@ class UpsertSink:
         """``SET`` clauses for the ``ON CONFLICT DO UPDATE`` of ``columns``."""
         return [sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in columns]
 
-    def write(self, cur: psycopg.Cursor[Any], columns: tuple[str, ...], rows: Sequence[Row]) -> None:
+    def write(
+        self, cur: psycopg.Cursor[Any], columns: tuple[str, ...], rows: Sequence[Row]
+    ) -> None:
         """Upsert ``rows`` (key columns first, then ``columns``)."""
         if not rows:
             return
