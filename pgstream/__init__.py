@@ -10,9 +10,9 @@ from pgstream.api import App, Batch, KeyedStream, Stream
 from pgstream.config import Settings
 from pgstream.errors import PgStreamError
 from pgstream.operators.aggregates import Aggregate, avg, count
-from pgstream.operators.aggregates import max_ as max  # noqa: A004 - the public name
-from pgstream.operators.aggregates import min_ as min  # noqa: A004
-from pgstream.operators.aggregates import sum_ as sum  # noqa: A004
+from pgstream.operators.aggregates import max_ as max
+from pgstream.operators.aggregates import min_ as min
+from pgstream.operators.aggregates import sum_ as sum
 from pgstream.sources import FileSource, Source, TableSource
 
 __version__ = "0.1.0"
