@@ -13,6 +13,7 @@ from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
+from pgstream.operators.windows import tumbling
 from pgstream.sources import FileSource, Source, TableSource
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "max",
     "min",
     "sum",
+    "tumbling",
 ]

@@ -18,6 +18,7 @@ from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
+from pgstream.operators.windows import Tumbling, windowed_key
 from pgstream.sources.base import Source
 
 SinkKind = Literal["append", "aggregate", "fold"]
@@ -179,6 +180,15 @@ class KeyedStream:
     ) -> FoldedStream:
         """Per-key state ``fn(state, record) -> state`` starting at ``initial``."""
         return FoldedStream(self, Fold(initial, fn), name)
+
+    def window(self, window: Tumbling, *, time: str | Callable[[Any], Any]) -> KeyedStream:
+        """Event-time windows: the key gains a ``window_start timestamptz`` column.
+
+        ``time`` names the record's timestamp field (datetime, ISO string or epoch seconds).
+        """
+        if not isinstance(window, Tumbling):
+            raise ConfigError("window() takes ps.tumbling(seconds=...)")
+        return KeyedStream(self.stream, windowed_key(self.key, window, time))
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,3 +219,37 @@ def test_unmigrated_database_is_reported(tmp_path: Path, pg_empty_dsn: str) -> N
     app.stream("o", ps.FileSource(path)).to_table("t")
     with pytest.raises(DatabaseError, match="pgstream db upgrade"):
         run_app(app, pg_empty_dsn, stop_when_idle=True)
+
+
+def test_tumbling_windows_upsert_per_key_and_window(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any
+) -> None:
+    from datetime import datetime, timezone
+
+    base = 1_767_225_600  # 2026-01-01T00:00:00Z
+    events = [{"user": f"u{i % 3}", "amount": i, "ts": base + (i * 7) % 300} for i in range(600)]
+    for i, e in enumerate(events):  # mixed timestamp spellings
+        if i % 2:
+            e["ts"] = (
+                datetime.fromtimestamp(e["ts"], timezone.utc).isoformat().replace("+00:00", "Z")
+            )
+    path = tmp_path / "w.jsonl"
+    write_jsonl(path, events)
+    pg_conn.execute(
+        'CREATE TABLE per_minute ("user" text, window_start timestamptz, n bigint, '
+        'total numeric, PRIMARY KEY ("user", window_start))'
+    )
+    app = ps.App("win", batch_size=50)
+    app.stream("e", ps.FileSource(path)).key_by("user").window(
+        ps.tumbling(seconds=60), time="ts"
+    ).aggregate(n=ps.count(), total=ps.sum("amount")).to_table("per_minute")
+    run_app(app, pg_dsn, stop_when_idle=True)
+
+    expected: dict[tuple[str, datetime], list[int]] = defaultdict(lambda: [0, 0])
+    for i in range(600):
+        start = datetime.fromtimestamp(base + ((i * 7) % 300) // 60 * 60, timezone.utc)
+        acc = expected[(f"u{i % 3}", start)]
+        acc[0] += 1
+        acc[1] += i
+    rows = pg_conn.execute('SELECT "user", window_start, n, total FROM per_minute').fetchall()
+    assert {(u, w): [n, int(t)] for u, w, n, t in rows} == dict(expected)
