@@ -38,6 +38,11 @@ class WorkerConnection:
             self.generation += 1
         return self._conn
 
+    @property
+    def is_open(self) -> bool:
+        """Whether a usable connection is held right now (without connecting)."""
+        return self._conn is not None and not self._conn.closed and not self._conn.broken
+
     def _open(self) -> psycopg.Connection[Any]:
         conn = connect(self.dsn, autocommit=True, application_name=self.application_name)
         conn.adapters.register_dumper(dict, JsonbDumper)

@@ -104,6 +104,7 @@ class Worker:
         self._sinks: dict[str, AppendSink | UpsertSink] = {}
         self._generation = 0
         self._next_maintenance = 0.0
+        self._prepared = False
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in flight."""
@@ -117,6 +118,7 @@ class Worker:
         try:
             conn = self.db.conn
             self._sinks = prepare(self.app, conn)
+            self._prepared = True
             for name, source in self.app.sources.items():
                 self.leases.register(conn, name, list(source.partitions(conn)))
             self._loop()
@@ -249,13 +251,14 @@ class Worker:
 
     def _shutdown(self) -> None:
         """Release every lease so another worker can take over at once, then disconnect."""
-        try:
-            conn = self.db.conn
-            for task in self.tasks.values():
-                self.leases.release(conn, task.lease)
-            self.leases.forget(conn)
-        except (psycopg.Error, DatabaseError) as exc:
-            log.warning("could not release leases cleanly: %s", exc)
+        if self._prepared and (self.tasks or self.db.is_open):
+            try:
+                conn = self.db.conn
+                for task in self.tasks.values():
+                    self.leases.release(conn, task.lease)
+                self.leases.forget(conn)
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("could not release leases cleanly: %s", exc)
         for key in list(self.tasks):
             self._drop(key)
         self.db.close()
