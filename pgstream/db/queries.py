@@ -133,9 +133,14 @@ VALUES (%(job)s, %(worker)s, %(hostname)s, %(pid)s, pg_backend_pid())
 ON CONFLICT (job, worker) DO UPDATE SET heartbeat_at = now(), backend_pid = pg_backend_pid()
 """
 
+# A worker counts as live while its heartbeat is fresh and its session exists: a worker
+# killed with -9 stops counting at once, so the survivors' fair share covers its partitions.
 LIVE_WORKERS = """
-SELECT count(*) FROM pgstream.workers
- WHERE job = %(job)s AND heartbeat_at > now() - make_interval(secs => %(lease)s)
+SELECT count(*) FROM pgstream.workers w
+ WHERE w.job = %(job)s AND w.heartbeat_at > now() - make_interval(secs => %(lease)s)
+   AND (w.worker = %(worker)s
+        OR w.backend_pid IS NULL
+        OR EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid))
 """
 
 FORGET_WORKER = "DELETE FROM pgstream.workers WHERE job = %(job)s AND worker = %(worker)s"

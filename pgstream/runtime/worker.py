@@ -174,7 +174,10 @@ class Worker:
 
     def _caught_up(self) -> bool:
         """Nothing was safely readable on any owned partition and none is left to claim."""
+        owned = set(self.tasks)
         self._maintain()
+        if not set(self.tasks) <= owned:
+            return False  # just claimed a partition: it has not been polled yet
         return not self.leases.claimable(self.db.conn)
 
     # -- leases ------------------------------------------------------------------------------
