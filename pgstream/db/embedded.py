@@ -51,6 +51,9 @@ def _ensure_runtime_dir() -> None:
     runtime = Path(tempfile.gettempdir()) / f"runtime-{os.getuid()}"
     with contextlib.suppress(OSError):
         runtime.mkdir(mode=0o700, exist_ok=True)
+        # platformdirs warns about a runtime dir that is not private
+        if runtime.stat().st_uid == os.getuid() and runtime.stat().st_mode & 0o077:
+            runtime.chmod(0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
