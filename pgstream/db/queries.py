@@ -117,10 +117,20 @@ SELECT key, value::text FROM pgstream.state
  WHERE job = %(job)s AND operator = %(operator)s AND partition = %(partition)s
 """
 
+# Touched keys are COPYed into a session temp table, then moved into pgstream.state in one
+# statement that also empties the stage (several fold operators share it in one batch).
+STAGE_STATE = """
+CREATE TEMP TABLE IF NOT EXISTS pgstream_state_stage (key text, value jsonb)
+ON COMMIT DELETE ROWS
+"""
+
+COPY_STATE_STAGE = "COPY pgstream_state_stage (key, value) FROM STDIN"
+
 UPSERT_STATE = """
+WITH staged AS (DELETE FROM pgstream_state_stage RETURNING key, value)
 INSERT INTO pgstream.state (job, operator, partition, key, value)
-SELECT %(job)s, %(operator)s, %(partition)s, k, v::jsonb
-  FROM unnest(%(keys)s::text[], %(values)s::text[]) AS u(k, v)
+SELECT %(job)s, %(operator)s, %(partition)s, key, value
+  FROM staged ORDER BY key
 ON CONFLICT (job, operator, partition, key)
 DO UPDATE SET value = EXCLUDED.value, updated_at = now()
 """

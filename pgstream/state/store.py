@@ -35,15 +35,13 @@ class KeyedState:
         """Upsert the keys an uncommitted batch touched (inside its transaction)."""
         if not overlay:
             return
+        cur.execute(queries.STAGE_STATE)
+        with cur.copy(queries.COPY_STATE_STAGE) as copy:
+            for key, blob in overlay.items():
+                copy.write_row((key, blob.decode()))
         cur.execute(
             queries.UPSERT_STATE,
-            {
-                "job": self.job,
-                "operator": self.operator,
-                "partition": self.partition,
-                "keys": list(overlay),
-                "values": [v.decode() for v in overlay.values()],
-            },
+            {"job": self.job, "operator": self.operator, "partition": self.partition},
         )
 
     def merge(self, overlay: dict[str, bytes]) -> None:

@@ -253,3 +253,23 @@ def test_tumbling_windows_upsert_per_key_and_window(
         acc[1] += i
     rows = pg_conn.execute('SELECT "user", window_start, n, total FROM per_minute').fetchall()
     assert {(u, w): [n, int(t)] for u, w, n, t in rows} == dict(expected)
+
+
+def test_two_folds_keep_separate_state(tmp_path: Path, pg_dsn: str, pg_conn: Any) -> None:
+    path = tmp_path / "f.jsonl"
+    write_jsonl(path, [{"k": i % 4, "v": i} for i in range(100)])
+    pg_conn.execute("CREATE TABLE f_sum (k int PRIMARY KEY, value bigint)")
+    pg_conn.execute("CREATE TABLE f_max (k int PRIMARY KEY, value bigint)")
+    app = ps.App("folds", batch_size=7)
+    s = app.stream("s", ps.FileSource(path))
+    s.key_by("k").fold(0, lambda acc, r: acc + r["v"]).to_table("f_sum")
+    s.key_by("k").fold(-1, lambda acc, r: max(acc, r["v"])).to_table("f_max")
+    run_app(app, pg_dsn, stop_when_idle=True)
+    sums = dict(pg_conn.execute("SELECT k, value FROM f_sum").fetchall())
+    maxes = dict(pg_conn.execute("SELECT k, value FROM f_max").fetchall())
+    assert sums == {k: sum(i for i in range(100) if i % 4 == k) for k in range(4)}
+    assert maxes == {k: max(i for i in range(100) if i % 4 == k) for k in range(4)}
+    states = pg_conn.execute(
+        "SELECT operator, count(*) FROM pgstream.state GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert [n for _, n in states] == [4, 4]
