@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgstream.db.names import parse_table_name
 from pgstream.errors import SinkSchemaError
 
 _FIND = """
@@ -85,15 +86,9 @@ class TableInfo:
             )
 
 
-def split_name(qualified: str) -> tuple[str | None, str]:
-    """``"schema.table"`` -> ``("schema", "table")``; ``"table"`` -> ``(None, "table")``."""
-    schema, dot, name = qualified.partition(".")
-    return (schema, name) if dot else (None, qualified)
-
-
 def load_table(conn: psycopg.Connection[Any], qualified: str) -> TableInfo:
     """Look up ``qualified`` (exact spelling, no case folding) or raise naming it."""
-    schema, name = split_name(qualified)
+    schema, name = parse_table_name(qualified)
     with conn.cursor() as cur:
         row = cur.execute(_FIND, {"schema": schema, "name": name}).fetchone()
         if row is None:
