@@ -9,6 +9,7 @@ import psycopg
 from psycopg.types.json import JsonbDumper
 
 from pgstream.db.connect import connect
+from pgstream.errors import DatabaseError
 
 SESSION_SETUP = (
     "SET synchronous_commit = on",
@@ -44,7 +45,14 @@ class WorkerConnection:
         return self._conn is not None and not self._conn.closed and not self._conn.broken
 
     def _open(self) -> psycopg.Connection[Any]:
-        conn = connect(self.dsn, autocommit=True, application_name=self.application_name)
+        try:
+            conn = connect(self.dsn, autocommit=True, application_name=self.application_name)
+        except DatabaseError as exc:
+            if self.generation == 0:
+                raise  # the first connection: report it as is (wrong DSN, server down)
+            # A reconnect that fails (server restarting) is transient like the loss itself:
+            # the batch and worker loops retry OperationalError with backoff.
+            raise psycopg.OperationalError(f"reconnecting: {exc.message}") from exc
         conn.adapters.register_dumper(dict, JsonbDumper)
         for stmt in SESSION_SETUP:
             conn.execute(stmt)

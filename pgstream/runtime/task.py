@@ -11,7 +11,7 @@ import psycopg
 from tenacity import RetryCallState
 
 from pgstream.config import Settings
-from pgstream.errors import LeaseLostError, RecordFailedError
+from pgstream.errors import DatabaseError, LeaseLostError, RecordFailedError
 from pgstream.runtime.checkpoint import (
     BatchRange,
     CommitOutcomeUnknown,
@@ -105,9 +105,18 @@ class PartitionTask:
             )
             return 1
         if attempts > limit and len(records) > 1:
-            # Something in this batch kills the worker: go one record at a time.
-            end = _next_offset(records, 0, end)
-            records = records[:1]
+            # Something in this batch kills the worker: go through it one record per batch,
+            # so the records before the culprit commit and it comes first in the next batch
+            # (where it is set aside after ``limit`` more deaths). Shrinking to the first
+            # record only would cost ``limit`` deaths per record before the culprit.
+            log.warning(
+                "%s/%s: the worker died %d times on the batch at offset %s: "
+                "committing it one record at a time",
+                self.source, self.partition, attempts - 1, self.position,
+            )
+            for i in range(len(records)):
+                self._run(records[i : i + 1], self.position, _next_offset(records, i, end))
+            return len(records)
         self._run(records, self.position, end)
         return max(1, len(records))
 
@@ -168,28 +177,42 @@ class PartitionTask:
         )
         tolerate = False
         written = 0
-        for attempt in batch_retrying(self.settings.max_retries, self._before_retry):
-            with attempt:
-                try:
-                    written = commit_batch(
-                        self.db.conn,
-                        self.pipeline,
-                        rng,
-                        out,
-                        lease_seconds=self.settings.lease_seconds,
-                        tolerate_duplicates=tolerate,
-                    )
-                except CommitOutcomeUnknown:
-                    self.db.reset()
-                    if not self._landed(rng):
-                        raise
-                except DuplicateOutputError:
-                    tolerate = True
-                    raise RetryBatch("append sink already holds outputs of this batch") from None
-                except psycopg.OperationalError:
-                    if self.db.conn.broken or self.db.conn.closed:
+        try:
+            for attempt in batch_retrying(self.settings.max_retries, self._before_retry):
+                with attempt:
+                    try:
+                        written = commit_batch(
+                            self.db.conn,
+                            self.pipeline,
+                            rng,
+                            out,
+                            lease_seconds=self.settings.lease_seconds,
+                            tolerate_duplicates=tolerate,
+                        )
+                    except CommitOutcomeUnknown:
                         self.db.reset()
-                    raise
+                        if not self._landed(rng):
+                            raise
+                    except DuplicateOutputError:
+                        tolerate = True
+                        raise RetryBatch(
+                            "append sink already holds outputs of this batch"
+                        ) from None
+                    except psycopg.OperationalError:
+                        if self.db.conn.broken or self.db.conn.closed:
+                            self.db.reset()
+                        raise
+        except psycopg.OperationalError as exc:
+            if _connection_lost(exc):
+                raise  # the worker loop reconnects and retries with a longer backoff
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseError(
+                f"{self.source}/{self.partition}: batch [{start}, {end}) failed "
+                f"{self.settings.max_retries} times in a row and was not committed: "
+                f"SQLSTATE {exc.sqlstate}: {first}",
+                hint="nothing past the last committed offset was written; fix the cause "
+                "(disk space, lock contention, timeouts) and run again to resume there",
+            ) from exc
         self._committed(out, end, written)
 
     def _landed(self, rng: BatchRange) -> bool:
@@ -237,6 +260,13 @@ class PartitionTask:
     def close(self) -> None:
         """Release the reader."""
         self.reader.close()
+
+
+def _connection_lost(exc: psycopg.OperationalError) -> bool:
+    """A lost or refused connection (no SQLSTATE, class 08, server shutting down/starting),
+    as opposed to an error the server reported on a live session."""
+    code = exc.sqlstate
+    return code is None or code.startswith("08") or code in ("57P01", "57P02", "57P03")
 
 
 def _next_offset(records: list[SourceRecord], index: int, end: int) -> int:
