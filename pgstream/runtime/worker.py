@@ -116,17 +116,37 @@ class Worker:
         """Run until stopped (signal, :meth:`stop`, or idle with ``stop_when_idle``)."""
         previous = self._install_signals() if self.install_signal_handlers else {}
         try:
-            conn = self.db.conn
-            self._sinks = prepare(self.app, conn)
-            self._prepared = True
-            for name, source in self.app.sources.items():
-                self.leases.register(conn, name, list(source.partitions(conn)))
+            self._start_up()
             self._loop()
         finally:
             self._shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.summary
+
+    def _start_up(self) -> None:
+        """Validate the app and register its partitions; a lost session is retried."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                conn = self.db.conn
+                self._sinks = prepare(self.app, conn)
+                self._prepared = True
+                for name, source in self.app.sources.items():
+                    self.leases.register(conn, name, list(source.partitions(conn)))
+                return
+            except psycopg.OperationalError as exc:
+                attempt += 1
+                self.db.reset()
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if attempt > self.settings.max_retries:
+                    raise DatabaseError(
+                        f"lost the database during start-up and could not get it back after "
+                        f"{attempt - 1} retries: {first}"
+                    ) from exc
+                delay = min(5.0, 0.05 * 2**attempt)
+                log.warning("database error during start-up, retrying in %.2fs: %s", delay, first)
+                self._stop.wait(delay)
 
     def _loop(self) -> None:
         failures = 0
