@@ -655,3 +655,81 @@ def verify_clean(app: Any, dsn: str) -> None:
     assert report.ok, "\n".join(
         [report.summary(), *(v.describe() for v in report.violations[:20])]
     )
+
+
+# -- a throwaway PostgreSQL cluster ---------------------------------------------------------------
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """A PostgreSQL cluster of its own in a temporary directory, for tests that restart or
+    crash the server (never the shared one). As root, the server runs as ``user`` (initdb
+    refuses root). ``dsn`` connects as the cluster's superuser over TCP (trust)."""
+
+    def __init__(self, *, user: str = "pgserver", bindir: str = PG_BIN) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        self.bindir = bindir
+        if not os.path.exists(f"{bindir}/initdb"):
+            raise FileNotFoundError(f"no PostgreSQL binaries in {bindir}")
+        self.as_root = os.geteuid() == 0
+        self.user = user if self.as_root else ""
+        if self.as_root:
+            import pwd
+
+            pwd.getpwnam(user)  # KeyError when the user does not exist
+        self.dir = tempfile.mkdtemp(prefix="pgstream-cluster-", dir="/tmp")
+        os.chmod(self.dir, 0o755)
+        self.data = f"{self.dir}/data"
+        self.log = f"{self.dir}/server.log"
+        self.port = free_port()
+        if self.as_root:
+            shutil.chown(self.dir, user=user)
+        self.superuser = user if self.as_root else "postgres"
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", self.superuser, "-E", "UTF8",
+                  "--no-instructions")
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> Any:
+        import subprocess
+
+        cmd = [f"{self.bindir}/{tool}", *args]
+        if self.as_root:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=self.dir)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({res.returncode}): {res.stderr or res.stdout}")
+        return res
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.superuser}@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                "-c max_connections=40 -c shared_buffers=32MB")
+        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts,
+                  "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    def restart_immediate(self, down: float = 0.5) -> None:
+        """Crash-stop (``-m immediate``: no shutdown checkpoint, recovery on start), wait
+        ``down`` seconds, start again."""
+        self.stop("immediate")
+        time.sleep(down)
+        self.start()
+
+    def destroy(self) -> None:
+        import shutil
+
+        self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
