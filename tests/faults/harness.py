@@ -60,6 +60,28 @@ def wait_for(
         time.sleep(interval)
 
 
+def faketime_env(offset: str) -> dict[str, str] | None:
+    """Environment making a process see its wall clock shifted by ``offset`` (e.g. ``"-1d"``)
+    through libfaketime (Debian package ``faketime``), or None when it is not installed.
+
+    LD_PRELOAD keeps the pid (the ``faketime`` wrapper would fork). Only the wall clock is
+    wrong, as with a misconfigured NTP: a faked CLOCK_MONOTONIC also breaks the timed waits
+    of condition variables inside libfaketime's process, which no real machine does."""
+    import glob
+
+    libs = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")) + sorted(
+        glob.glob("/usr/lib/faketime/libfaketime.so.1")
+    )
+    if not libs:
+        return None
+    return {
+        "LD_PRELOAD": libs[0],
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
+
+
 # -- worker processes -----------------------------------------------------------------------
 
 
