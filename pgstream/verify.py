@@ -749,7 +749,10 @@ def _row_matches(
     want: tuple[tuple[str, ...], tuple[Any, ...]], row: tuple[Any, ...], col_idx: dict[str, int]
 ) -> bool:
     shape, vals = want
-    return all(values_equal(v, row[col_idx[c]]) for c, v in zip(shape, vals))
+    got = tuple([row[col_idx[c]] for c in shape])
+    if got == vals:  # the common case; == implies values_equal for every type involved
+        return True
+    return all(values_equal(v, g) for v, g in zip(vals, got))
 
 
 def _keyed_rows(
