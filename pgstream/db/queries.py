@@ -79,6 +79,14 @@ UPDATE pgstream.partitions SET attempts = attempts + 1
 RETURNING attempts
 """
 
+# A poll that failed with an error this worker survived (it retries or reports it) was no
+# death: take its attempt back, so that only polls whose process vanished add up.
+FORGIVE_ATTEMPT = """
+UPDATE pgstream.partitions SET attempts = GREATEST(attempts - 1, 0)
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND epoch = %(epoch)s
+"""
+
 # -- the batch transaction --------------------------------------------------------------------
 
 # 1. fence + claim: the first statement of every batch transaction.

@@ -104,6 +104,15 @@ class LeaseManager:
             ).fetchone()
         return None if row is None else int(row[0])
 
+    def forgive_attempt(self, conn: psycopg.Connection[Any], lease: Lease) -> None:
+        """Take back the attempt of a poll that failed without killing this worker."""
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            conn.execute(
+                queries.FORGIVE_ATTEMPT,
+                self._params(source=lease.source, partition=lease.partition, epoch=lease.epoch),
+            )
+
     def read_partition(
         self, conn: psycopg.Connection[Any], source: str, partition: str
     ) -> tuple[int | None, int]:

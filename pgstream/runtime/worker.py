@@ -96,7 +96,11 @@ class Worker:
         self.on_commit = on_commit
         self.install_signal_handlers = install_signal_handlers
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.db = WorkerConnection(dsn, f"pgstream:{app.name}:{os.getpid()}")
+        self.db = WorkerConnection(
+            dsn,
+            f"pgstream:{app.name}:{os.getpid()}",
+            idle_in_transaction_timeout=self.settings.lease_seconds,
+        )
         self.leases = LeaseManager(app.name, self.worker_id, self.settings.lease_seconds)
         self.tasks: dict[tuple[str, str], PartitionTask] = {}
         self.summary = RunSummary()
@@ -187,10 +191,26 @@ class Worker:
                 log.warning("lost the lease on %s/%s: %s", key[0], key[1], exc)
                 self._drop(key)
             except SourceError as exc:
+                self._forgive(task)
                 raise SourceUnavailableError(
                     f"stream {key[0]!r} partition {key[1]}: {exc}"
                 ) from exc
+            except Exception:
+                self._forgive(task)
+                raise
         return done
+
+    def _forgive(self, task: PartitionTask) -> None:
+        """A poll failed and this process lives on: its attempt was no death. Without this,
+        restarts after a persistent error would walk the batch one record at a time and
+        then dead-letter an innocent record as a killer (best effort: a lost connection
+        keeps the attempt counted)."""
+        if not self.db.is_open:
+            return
+        try:
+            self.leases.forgive_attempt(self.db.conn, task.lease)
+        except (psycopg.Error, DatabaseError) as exc:
+            log.debug("could not take back the attempt: %s", exc)
 
     def _caught_up(self) -> bool:
         """Nothing was safely readable on any owned partition and none is left to claim."""

@@ -33,6 +33,7 @@ from netfaults import (
     write_events,
 )
 
+from pgstream.errors import DatabaseError
 from pgstream.runtime import crashpoints
 from pgstream.runtime.worker import Worker
 
@@ -113,3 +114,37 @@ def test_a_persistent_error_stops_the_worker_with_one_clear_line_and_no_partial_
     assert row == (None, 0)
     for table in ("facts", "totals", "folds", "pgstream.dead_letters"):
         assert pg_conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
+
+
+def test_restarts_after_a_persistent_error_never_dead_letter_a_record(
+    pg_dsn: str,
+    pg_conn: psycopg.Connection[Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A supervisor restarting a worker that stops on a persistent error (disk full for a
+    while) must not make the 'worker died N times on this record' path fire: the worker
+    survived each failure, so the attempt is taken back. Once the error clears, the job
+    finishes exact with no dead letter."""
+    pg_conn.execute(SINK_DDL)
+    path = tmp_path / "events.jsonl"
+    write_events(path, 0, 1_500)
+    app = make_app("restarted", path, batch_size=500)
+    fast = app.settings.with_overrides(max_retries=1)
+    monkeypatch.setattr(crashpoints, "_inject", ["53100"])
+    monkeypatch.setattr(crashpoints, "_inject_rate", 1.0)
+    for _ in range(2 * app.settings.max_record_attempts + 2):
+        with pytest.raises(DatabaseError, match="SQLSTATE 53100"):
+            Worker(app, pg_dsn, settings=fast, stop_when_idle=True,
+                   install_signal_handlers=False).run()
+        row = pg_conn.execute(
+            "SELECT attempts, committed_offset FROM pgstream.partitions WHERE job = 'restarted'"
+        ).fetchone()
+        assert row == (0, None)
+    monkeypatch.setattr(crashpoints, "_inject_rate", 0.0)
+    Worker(app, pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
+    data = path.read_bytes()
+    assert_exact(pg_conn, "restarted", expected_from(data))  # no dead letter
+    assert assert_ledger_tiles(pg_conn, "restarted", {("events", "0"): 0}) == {
+        ("events", "0"): len(data)
+    }
