@@ -662,6 +662,27 @@ def verify_clean(app: Any, dsn: str) -> None:
 PG_BIN = "/usr/lib/postgresql/15/bin"
 
 
+def find_bindir() -> str:
+    """PostgreSQL server binaries: the system's (15 first, then any), else the ones the
+    ``pgserver`` package bundles."""
+    import glob
+    import importlib.util
+    import os
+
+    def usable(d: str) -> bool:
+        return all(os.path.exists(os.path.join(d, tool)) for tool in ("initdb", "pg_ctl"))
+
+    for d in [PG_BIN, *sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]:
+        if usable(d):
+            return d
+    spec = importlib.util.find_spec("pgserver")
+    if spec is not None and spec.origin:
+        d = os.path.join(os.path.dirname(spec.origin), "pginstall", "bin")
+        if usable(d):
+            return d
+    raise FileNotFoundError("no PostgreSQL server binaries (initdb, pg_ctl) found")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -673,11 +694,12 @@ class Cluster:
     crash the server (never the shared one). As root, the server runs as ``user`` (initdb
     refuses root). ``dsn`` connects as the cluster's superuser over TCP (trust)."""
 
-    def __init__(self, *, user: str = "pgserver", bindir: str = PG_BIN) -> None:
+    def __init__(self, *, user: str = "pgserver", bindir: str | None = None) -> None:
         import os
         import shutil
         import tempfile
 
+        bindir = bindir or find_bindir()
         self.bindir = bindir
         if not os.path.exists(f"{bindir}/initdb"):
             raise FileNotFoundError(f"no PostgreSQL binaries in {bindir}")
@@ -686,7 +708,12 @@ class Cluster:
         if self.as_root:
             import pwd
 
-            pwd.getpwnam(user)  # KeyError when the user does not exist
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                user = "postgres"
+                pwd.getpwnam(user)  # KeyError when neither user exists
+            self.user = user
         self.dir = tempfile.mkdtemp(prefix="pgstream-cluster-", dir="/tmp")
         os.chmod(self.dir, 0o755)
         self.data = f"{self.dir}/data"
