@@ -96,11 +96,7 @@ class Worker:
         self.on_commit = on_commit
         self.install_signal_handlers = install_signal_handlers
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.db = WorkerConnection(
-            dsn,
-            f"pgstream:{app.name}:{os.getpid()}",
-            idle_in_transaction_timeout=self.settings.lease_seconds,
-        )
+        self.db = WorkerConnection(dsn, f"pgstream:{app.name}:{os.getpid()}")
         self.leases = LeaseManager(app.name, self.worker_id, self.settings.lease_seconds)
         self.tasks: dict[tuple[str, str], PartitionTask] = {}
         self.summary = RunSummary()
