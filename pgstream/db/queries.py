@@ -5,9 +5,13 @@ from __future__ import annotations
 
 # -- partitions: registration, leases ---------------------------------------------------------
 
+# Rows that exist are skipped before the insert: ON CONFLICT alone would wait for the row
+# lock of an owner's open batch transaction (forever, if that owner is frozen).
 REGISTER_PARTITIONS = """
 INSERT INTO pgstream.partitions (job, source, partition)
 SELECT %(job)s, %(source)s, p FROM unnest(%(partitions)s::text[]) AS p
+ WHERE NOT EXISTS (SELECT 1 FROM pgstream.partitions q
+                    WHERE q.job = %(job)s AND q.source = %(source)s AND q.partition = p)
 ON CONFLICT (job, source, partition) DO NOTHING
 """
 
@@ -35,6 +39,21 @@ UPDATE pgstream.partitions AS p
  WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
    AND ({_OWNER_GONE})
 RETURNING p.epoch, p.committed_offset, p.attempts
+"""
+
+# A stuck owner: its lease has expired (as committed) and its session has held one
+# transaction open for longer than a lease -- frozen inside its batch (SIGSTOP, a VM pause),
+# possibly in a COPY whose data never comes, which no server timeout ends. Its transaction
+# keeps the partition row locked, so a claim would wait for it indefinitely: end the session
+# (its batch rolls back; the epoch bump of the claim fences it if it ever resumes).
+TERMINATE_STUCK_OWNERS = """
+SELECT p.source, p.partition, a.pid, pg_terminate_backend(a.pid)
+  FROM pgstream.partitions AS p
+  JOIN pg_stat_activity AS a
+    ON a.pid = p.owner_backend_pid AND a.backend_start = p.owner_backend_start
+ WHERE p.job = %(job)s AND p.owner IS DISTINCT FROM %(worker)s
+   AND p.lease_expires_at < now()
+   AND a.xact_start < now() - make_interval(secs => %(lease)s)
 """
 
 CLAIMABLE = f"""

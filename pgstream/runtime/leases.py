@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
 
 from pgstream.db import queries
 
@@ -65,6 +66,16 @@ class LeaseManager:
         """Partitions with no live owner."""
         rows = conn.execute(queries.CLAIMABLE, self._params()).fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    def terminate_stuck_owners(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
+        """End the sessions of owners stuck in a transaction past their lease (see
+        ``queries.TERMINATE_STUCK_OWNERS``); returns (source, partition, backend pid) of each.
+        Without the privilege to signal them, nothing is done: the claim waits instead."""
+        try:
+            rows = conn.execute(queries.TERMINATE_STUCK_OWNERS, self._params()).fetchall()
+        except psycopg.errors.InsufficientPrivilege:
+            return []
+        return [(r[0], r[1], int(r[2])) for r in rows if r[3]]
 
     def claim(self, conn: psycopg.Connection[Any], source: str, partition: str) -> Lease | None:
         """Take over a partition in its own transaction (bumping the epoch), if it is free."""

@@ -235,6 +235,11 @@ class Worker:
             self._drop(key)
         if len(self.tasks) >= share:
             return
+        for source, partition, pid in self.leases.terminate_stuck_owners(conn):
+            log.warning(
+                "%s/%s: its owner's session (pid %d) is stuck in a transaction past its lease: "
+                "terminated it", source, partition, pid,
+            )
         for source, partition in self.leases.claimable(conn):
             if (source, partition) in self.tasks or source not in self.app.sources:
                 continue
