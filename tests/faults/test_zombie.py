@@ -61,6 +61,11 @@ def test_frozen_owner_is_fenced_by_epoch(pg_dsn: str, tmp_path: Path) -> None:
         wait_for(mark.exists, 30, what="worker A to freeze itself mid-batch")
         wait_for(lambda: _state(a.pid) == "T", 5, what="SIGSTOP to take effect")
         a.stopped = True
+        sessions = job.query(
+            "SELECT state, wait_event, left(query, 50) FROM pg_stat_activity "
+            "WHERE application_name = %s", [f"pgstream:faults:{a.pid}"],
+        )
+        in_txn = any(st and "transaction" in st for st, *_ in sessions)
         frozen = job.partitions()[("events", "0")]
         assert frozen["committed"] is not None and frozen["committed"] <= FREEZE_ID
         a_epoch, a_expiry = frozen["epoch"], frozen["lease_expires_at"]
@@ -69,7 +74,7 @@ def test_frozen_owner_is_fenced_by_epoch(pg_dsn: str, tmp_path: Path) -> None:
         started = time.monotonic()
         taken = wait_for(
             lambda: (p := job.partitions()[("events", "0")])["epoch"] > a_epoch and p,
-            lease + 15, what="worker B to take over",
+            lease + 15, what=f"worker B to take over (A's sessions when frozen: {sessions})",
         )
         waited = time.monotonic() - started
         claimed_at = taken["lease_expires_at"] - dt.timedelta(seconds=lease)
@@ -79,8 +84,15 @@ def test_frozen_owner_is_fenced_by_epoch(pg_dsn: str, tmp_path: Path) -> None:
         wait_for(job.caught_up, 30, what="B to catch up")
 
         a.cont()
-        wait_for(lambda: "is stale" in a.output(), 20,
-                 what="A's commit to be rejected by the epoch check")
+        # A resumes mid-batch. If it froze before its batch transaction, the epoch CAS refuses
+        # the batch ("epoch N is stale"); if it froze inside it, the server ended the idle
+        # session after the lease, so A reconnects and the CAS of its retry is refused, or it
+        # reads the partition row after an unknown COMMIT and finds it taken over.
+        fenced = wait_for(
+            lambda: next((m for m in ("is stale", "taken over during an unknown commit")
+                          if m in a.output()), None),
+            20, what="A's batch to be refused by the epoch check",
+        )
         time.sleep(0.5)
         assert a.alive(), f"A crashed instead of stepping aside:\n{a.output()[-3000:]}"
         assert job.owned_by(b) == [("events", "0")], "the zombie got the partition back"
@@ -88,10 +100,61 @@ def test_frozen_owner_is_fenced_by_epoch(pg_dsn: str, tmp_path: Path) -> None:
         ledger = _ledger(job)
         assert all(end <= FREEZE_ID for _s, end, e in ledger if e == a_epoch), ledger
         assert [e for *_x, e in ledger] == sorted(e for *_x, e in ledger)
-        print(f"\nzombie: B took over after {waited:.2f}s (lease {lease}s, A frozen); "
-              f"A's commit rejected (epoch {a_epoch} < {taken['epoch']})")
+        print(f"\nzombie: B took over after {waited:.2f}s (lease {lease}s, A frozen "
+              f"{'inside' if in_txn else 'outside'} its batch transaction: {sessions}); "
+              f"A's batch refused: {fenced!r} (epoch {a_epoch} < {taken['epoch']})")
         _finish(job, a, b)
     finally:
+        job.cleanup()
+
+
+STUCK_OWNER = """
+import os, signal, sys
+import psycopg
+
+c = psycopg.connect(sys.argv[1], autocommit=True, application_name="pgstream:faults:stuck")
+key = "job = 'faults' AND source = 'events' AND partition = '0'"
+c.execute("UPDATE pgstream.partitions SET epoch = epoch + 1, owner = 'stuck', "
+          "owner_backend_pid = pg_backend_pid(), owner_backend_start = (SELECT backend_start "
+          "FROM pg_stat_activity WHERE pid = pg_backend_pid()), "
+          "lease_expires_at = now() + interval '1 second' WHERE " + key)
+c.execute("BEGIN")
+c.execute("UPDATE pgstream.partitions SET records = records WHERE " + key)
+with c.cursor().copy("COPY event_facts FROM STDIN"):
+    print("frozen in COPY", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_owner_frozen_in_copy_is_terminated(pg_dsn: str, tmp_path: Path) -> None:
+    """An owner frozen in a COPY (the server waits for its data; no timeout ends that) holds
+    the partition row: the next claimer ends its session once the lease has expired."""
+    import subprocess
+    import sys
+
+    job = Job(pg_dsn, tmp_path, lease=1.0, batch=50).setup()
+    stuck = None
+    try:
+        insert_events(pg_dsn, "events", 100, seed=9)
+        job.run_to_idle()
+        insert_events(pg_dsn, "events", 100, seed=10)
+        stuck = subprocess.Popen([sys.executable, "-c", STUCK_OWNER, pg_dsn],
+                                 stdout=subprocess.PIPE)
+        assert stuck.stdout is not None and b"frozen" in stuck.stdout.readline()
+        wait_for(lambda: _state(stuck.pid) == "T", 5, what="the owner to freeze")
+        state = job.query("SELECT state, wait_event FROM pg_stat_activity "
+                          "WHERE application_name = 'pgstream:faults:stuck'")
+        assert state == [("active", "ClientRead")], state
+
+        b = job.start()
+        wait_for(lambda: job.owned_by(b), 20, what="B to take over from the frozen owner")
+        assert "terminated it" in b.output()
+        wait_for(job.caught_up, 30, what="B to catch up")
+        _finish(job, b)
+    finally:
+        if stuck is not None:
+            stuck.kill()
+            stuck.wait()
         job.cleanup()
 
 
