@@ -21,9 +21,11 @@ from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import compile_chain
+from pgstream.runtime import kernels
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
 from pgstream.sources.base import SourceRecord
+from pgstream.sources.file import JsonLines, decode_line
 from pgstream.state.store import KeyedState
 
 
@@ -49,6 +51,9 @@ class BatchOutput:
     handler_records: list[list[Any]]
     dead: list[DeadLetter] = field(default_factory=list)
     records_in: int = 0
+    #: fold overlays of the previous batch when it was not committed yet at evaluation time
+    #: (the next batch is evaluated while the previous one commits)
+    pending_folds: list[dict[str, tuple[Any, bytes]]] | None = None
 
 
 class Plan(abc.ABC):
@@ -73,6 +78,7 @@ class AppendPlan(Plan):
         self.label = f"to_table({spec.table})"
         self.index = index
         self.sink = sink
+        self.steps = spec.steps
         self.chain = compile_chain(spec.steps)
 
     def stage(self, value: Any, out: BatchOutput) -> list[Any]:
@@ -103,6 +109,7 @@ class AggregatePlan(Plan):
         self.label = f"aggregate->{spec.table}"
         self.index = index
         self.sink = sink
+        self.steps = spec.steps
         self.chain = compile_chain(spec.steps)
         self.key_fn = spec.key.fn
         self.aggs: tuple[Aggregate, ...] = spec.aggregates
@@ -128,6 +135,10 @@ class AggregatePlan(Plan):
 
     def rows(self, accs: dict[Any, list[Any]], key: KeySpec) -> list[tuple[Any, ...]]:
         """Sink rows (key columns, then every aggregate's columns) for the batch's deltas."""
+        if not any(a.kind == "avg" for a in self.aggs):  # one column per aggregate
+            if len(key.columns) == 1:
+                return [(k, *acc) for k, acc in accs.items()]
+            return [(*k, *acc) for k, acc in accs.items()]
         rows = []
         for k, acc in accs.items():
             values: list[Any] = list(key.values(k))
@@ -152,12 +163,13 @@ class FoldPlan(Plan):
 
     def stage(self, value: Any, out: BatchOutput) -> dict[str, tuple[Any, bytes]]:
         overlay = out.folds[self.index]
+        pending = out.pending_folds[self.index] if out.pending_folds else {}
         committed = self.state.values
         local: dict[str, tuple[Any, bytes]] = {}
         for o in self.chain(value):
             key = self.key_fn(o)
             kj = orjson.dumps(key).decode()
-            hit = local.get(kj) or overlay.get(kj)
+            hit = local.get(kj) or overlay.get(kj) or pending.get(kj)
             blob = hit[1] if hit is not None else committed.get(kj)
             local[kj] = (key, self.fold.step(blob, o))
         return local
@@ -224,18 +236,84 @@ class Pipeline:
             *self.fold_plans,
             *self.handler_plans,
         ]
+        self._lines_kernel: kernels.LinesKernel | None = None
+        self._records_kernel: kernels.RecordsKernel | None = None
+        if len(self.plans) == 1:
+            self._compile_kernels(self.plans[0])
 
-    def evaluate(self, records: Sequence[SourceRecord]) -> BatchOutput:
-        """Run every record through every plan; failing records become dead letters."""
-        out = BatchOutput(
+    def _compile_kernels(self, plan: Plan) -> None:
+        """Fused loops for a partition that feeds one append or aggregate plan through
+        map/filter steps (see :mod:`pgstream.runtime.kernels`)."""
+        if not isinstance(plan, (AppendPlan, AggregatePlan)):
+            return
+        fn = kernels.compose(plan.steps)
+        if fn is None:
+            return
+        if isinstance(plan, AppendPlan):
+            self._lines_kernel, self._records_kernel = kernels.append_kernels(
+                fn, plan.label, self.source, self.partition
+            )
+        else:
+            self._lines_kernel, self._records_kernel = kernels.aggregate_kernels(
+                fn, plan.key_fn, plan.aggs
+            )
+
+    def _output(self, pending: BatchOutput | None) -> BatchOutput:
+        return BatchOutput(
             source=self.source,
             partition=self.partition,
             append=[{} for _ in self.append_plans],
             aggregates=[{} for _ in self.aggregate_plans],
             folds=[{} for _ in self.fold_plans],
             handler_records=[[] for _ in self.handler_plans],
-            records_in=len(records),
+            pending_folds=pending.folds if pending is not None and self.fold_plans else None,
         )
+
+    def evaluate_lines(self, batch: JsonLines, pending: BatchOutput | None = None) -> BatchOutput:
+        """:meth:`evaluate` for undecoded JSON lines: decoded in the evaluation loop itself
+        when a kernel applies (blank lines are no records)."""
+        if self._lines_kernel is None:
+            return self.evaluate(batch.records(), pending)
+        out = self._output(pending)
+        out.records_in = len(batch.lines)
+        target, plan = self._kernel_target(out)
+
+        def fail(offset: int, line: bytes, value: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                self._dead(out, SourceRecord(offset, value), _describe(exc), plan.label)
+                return
+            rec = decode_line(offset, line)
+            if rec is None:
+                out.records_in -= 1  # a blank line
+            elif rec.value is None:
+                self._dead(out, rec, rec.error or "record could not be decoded", "decode")
+            else:  # decodable after all (a byte-order mark): the general path
+                self._evaluate_one(plan, rec, out)
+
+        self._lines_kernel(batch, target, fail)
+        return out
+
+    def evaluate(
+        self, records: Sequence[SourceRecord], pending: BatchOutput | None = None
+    ) -> BatchOutput:
+        """Run every record through every plan; failing records become dead letters.
+
+        ``pending`` is the output of the previous batch when that batch has not committed
+        yet: fold plans then see its state changes.
+        """
+        out = self._output(pending)
+        out.records_in = len(records)
+        if self._records_kernel is not None:
+            target, plan = self._kernel_target(out)
+
+            def fail(rec: SourceRecord, exc: BaseException | None) -> None:
+                if exc is None:
+                    self._dead(out, rec, rec.error or "record could not be decoded", "decode")
+                else:
+                    self._dead(out, rec, _describe(exc), plan.label)
+
+            self._records_kernel(records, target, fail)
+            return out
         plans = self.plans
         single = plans[0] if len(plans) == 1 else None
         for rec in records:
@@ -263,6 +341,22 @@ class Pipeline:
             for plan, staged in zip(plans, staged_all):
                 plan.apply(staged, rec.offset, out)
         return out
+
+    def _kernel_target(self, out: BatchOutput) -> tuple[Any, Plan]:
+        """The single plan a kernel feeds and the part of ``out`` it fills."""
+        plan = self.plans[0]
+        if isinstance(plan, AppendPlan):
+            return out.append[plan.index], plan
+        return out.aggregates[plan.index], plan
+
+    def _evaluate_one(self, plan: Plan, rec: SourceRecord, out: BatchOutput) -> None:
+        """The general path for one record of a single-plan pipeline."""
+        try:
+            staged = plan.stage(rec.value, out)
+        except Exception as exc:
+            self._dead(out, rec, _describe(exc), plan.label)
+            return
+        plan.apply(staged, rec.offset, out)
 
     def _dead(self, out: BatchOutput, rec: SourceRecord, error: str, operator: str) -> None:
         if self.on_error == "fail":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -18,7 +20,7 @@ import psycopg
 
 from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
 
-__all__ = ["FileReader", "FileSource"]
+__all__ = ["FileReader", "FileSource", "JsonLines", "decode_line"]
 
 _MIN_BLOCK = 64 * 1024
 _MAX_BLOCK = 4 * 1024 * 1024
@@ -150,6 +152,15 @@ class FileReader(PartitionReader):
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Decode complete lines from byte ``start``; ``end`` is right after the last one used."""
+        batch = self.read_lines(start, max_records)
+        return ReadResult(batch.records(), batch.end, batch.head)
+
+    def read_lines(self, start: int, max_records: int) -> JsonLines:
+        """Like :meth:`read`, but hand the complete lines over undecoded.
+
+        The runtime decodes them in the same loop that evaluates them, which saves building a
+        :class:`SourceRecord` per line on the fast path.
+        """
         fd = self._current_fd()
         size = os.fstat(fd).st_size
         if start > size:
@@ -166,7 +177,7 @@ class FileReader(PartitionReader):
                 "original file, or reset this job's offset for the source"
             )
         if max_records <= 0 or start == size:
-            return ReadResult([], start, size)
+            return JsonLines([], start, start, size)
 
         want = int(self._avg_line * max_records * 1.25) + 1024
         want = min(max(want, _MIN_BLOCK), _MAX_BLOCK, size - start)
@@ -174,16 +185,18 @@ class FileReader(PartitionReader):
         if buf.rfind(b"\n") < 0:
             buf = self._read_long_line(fd, start, buf)
             if not buf:
-                return ReadResult([], start, size)  # only a partial line so far
+                return JsonLines([], start, start, size)  # only a partial line so far
 
         lines = buf.split(b"\n")
-        lines.pop()  # the (possibly empty) piece after the last newline: not complete yet
+        tail = lines.pop()  # the (possibly empty) piece after the last newline: not complete yet
         if len(lines) > max_records:
             del lines[max_records:]
-        records, end = _decode_lines(lines, start)
+            end = start + sum(map(len, lines)) + len(lines)
+        else:
+            end = start + len(buf) - len(tail)
         if end > start:
             self._avg_line = (end - start) / len(lines)
-        return ReadResult(records, end, max(size, end))
+        return JsonLines(lines, start, end, max(size, end))
 
     def _read_long_line(self, fd: int, start: int, first: bytes) -> bytes:
         """Extend ``first`` (which holds no newline) up to and including the next newline.
@@ -208,6 +221,53 @@ class FileReader(PartitionReader):
     def describe(self) -> str:
         """``file <path>``."""
         return f"file {self.display}"
+
+
+@dataclass(slots=True)
+class JsonLines:
+    """Complete lines of a JSON Lines file, not decoded yet.
+
+    ``lines`` (newline stripped) cover the bytes ``[start, end)`` exactly: line ``i`` starts
+    at ``start + sum(len(lines[j]) + 1 for j < i)``.
+    """
+
+    lines: list[bytes]
+    start: int
+    end: int
+    head: int | None = None
+    _offsets: list[int] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def offset(self, index: int) -> int:
+        """The byte offset where line ``index`` starts."""
+        if self._offsets is None:
+            self._offsets = list(accumulate((len(x) + 1 for x in self.lines), initial=self.start))
+        return self._offsets[index]
+
+    def extend(self, more: JsonLines) -> None:
+        """Append the lines of the read that continued where this one ended."""
+        if more.start != self.end:
+            raise ValueError(f"lines at {more.start} do not continue lines ending at {self.end}")
+        self.lines.extend(more.lines)
+        self.end, self.head, self._offsets = more.end, more.head, None
+
+    def records(self) -> list[SourceRecord]:
+        """Decode every line (blank lines produce no record)."""
+        return _decode_lines(self.lines, self.start)[0]
+
+
+def decode_line(pos: int, line: bytes) -> SourceRecord | None:
+    """The record of one newline-stripped line at byte ``pos``: ``None`` for a blank line, an
+    error record (``value=None``) for a line that is not one JSON object."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return _bad_line(pos, line, exc) if line.strip() else None
+    if type(value) is dict:
+        return SourceRecord(pos, value)
+    return _not_an_object(pos, line, value)
 
 
 def _decode_lines(lines: list[bytes], start: int) -> tuple[list[SourceRecord], int]:
