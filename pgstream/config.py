@@ -12,7 +12,10 @@ OnError = Literal["dead_letter", "fail"]
 class Settings:
     """How a job batches, leases and reacts to bad records.
 
-    * ``batch_size``: most records in one checkpoint transaction.
+    * ``batch_size``: most records in one checkpoint transaction. Batches start small and
+      grow while they commit within half of ``target_latency``, up to this size.
+    * ``target_latency``: seconds from reading a batch to its COMMIT that batch sizing aims
+      for; a batch that takes longer halves the next ones.
     * ``max_interval``: seconds a batch may wait to fill before it commits anyway.
     * ``poll_interval``: seconds an idle worker sleeps before polling its sources again.
     * ``lease_seconds``: how long a partition lease lasts without renewal (database clock).
@@ -24,7 +27,8 @@ class Settings:
       down to single records and a record that still kills the worker is dead-lettered.
     """
 
-    batch_size: int = 10_000
+    batch_size: int = 100_000
+    target_latency: float = 1.0
     max_interval: float = 0.5
     poll_interval: float = 0.1
     lease_seconds: float = 10.0
@@ -42,6 +46,8 @@ class Settings:
 
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.target_latency <= 0:
+            raise ConfigError(f"target_latency must be > 0, got {self.target_latency}")
         if self.max_interval < 0 or self.poll_interval <= 0:
             raise ConfigError("max_interval must be >= 0 and poll_interval > 0")
         if self.lease_seconds < 1:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import psycopg
 from tenacity import RetryCallState
@@ -25,8 +28,58 @@ from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
 from pgstream.runtime.retry import RetryBatch, batch_retrying
 from pgstream.sources.base import PartitionReader, SourceRecord
+from pgstream.sources.file import JsonLines
 
 log = logging.getLogger("pgstream.task")
+
+#: records in the first batch after a task starts; batches then adapt (see ``_adapt``)
+FIRST_BATCH = 5_000
+
+
+@runtime_checkable
+class LineReader(Protocol):
+    """A reader that can hand over undecoded JSON lines (see :class:`JsonLines`)."""
+
+    def read_lines(self, start: int, max_records: int) -> JsonLines: ...
+
+
+@dataclass(slots=True)
+class InputBatch:
+    """One read of a partition, covering the offsets ``[start, end)``: decoded records, or
+    JSON lines that the pipeline decodes while it evaluates them."""
+
+    start: int
+    end: int
+    head: int | None
+    records: list[SourceRecord] | None = None
+    lines: JsonLines | None = None
+    read_at: float = field(default_factory=time.monotonic)
+
+    def __len__(self) -> int:
+        return len(self.lines) if self.lines is not None else len(self.records or ())
+
+    def decoded(self) -> list[SourceRecord]:
+        """The batch as records (decoding the lines on first use)."""
+        if self.records is None:
+            self.records = self.lines.records() if self.lines is not None else []
+        return self.records
+
+    def extend(self, more: InputBatch) -> None:
+        """Add the read that continued where this one ended."""
+        if self.lines is not None and more.lines is not None:
+            self.lines.extend(more.lines)
+        else:
+            self.records = self.decoded() + more.decoded()
+            self.lines = None
+        self.end, self.head = more.end, more.head
+
+
+@dataclass(slots=True)
+class _Ahead:
+    """The next batch, read and evaluated while the current one commits."""
+
+    batch: InputBatch
+    out: BatchOutput | None
 
 
 @dataclass(slots=True)
@@ -72,6 +125,9 @@ class PartitionTask:
         )
         self.head: int | None = None
         self.stats = TaskStats()
+        self._limit = min(settings.batch_size, FIRST_BATCH)
+        self._executor: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[_Ahead]] | None = None  # (its start, its result)
 
     @property
     def source(self) -> str:
@@ -84,54 +140,137 @@ class PartitionTask:
     # -- the loop body -----------------------------------------------------------------------
 
     def poll(self) -> int:
-        """Commit the next batch if the source has one; return the records it held."""
-        records, end, head = self._read()
-        self.head = head
-        if end == self.position:
+        """Commit the next batch if the source has one; return the records it held.
+
+        While a batch commits (the database's work), the next one is read and evaluated on a
+        helper thread (Python's work), so the two overlap. The helper never touches the
+        checkpoint connection; it is used only if the batch before it committed as evaluated.
+        """
+        batch, out = self._next()
+        self.head = batch.head
+        if batch.end == self.position:
             return 0
         crash_point("after_read")
         attempts = self.leases.bump_attempts(self.db.conn, self.lease)
         if attempts is None:
             raise LeaseLostError(f"{self.source}/{self.partition}: lease lost")
+        start, end = self.position, batch.end
         limit = self.settings.max_record_attempts
-        if attempts > 2 * limit and records:
-            # The first record has killed the worker again and again: set it aside.
-            self._commit_dead(
-                records[0],
-                self.position,
-                _next_offset(records, 0, end),
-                f"the worker died {attempts - 1} times in a row while processing this record",
-                "worker",
-            )
-            return 1
-        if attempts > limit and len(records) > 1:
-            # Something in this batch kills the worker: go through it one record per batch,
-            # so the records before the culprit commit and it comes first in the next batch
-            # (where it is set aside after ``limit`` more deaths). Shrinking to the first
-            # record only would cost ``limit`` deaths per record before the culprit.
-            log.warning(
-                "%s/%s: the worker died %d times on the batch at offset %s: "
-                "committing it one record at a time",
-                self.source, self.partition, attempts - 1, self.position,
-            )
-            for i in range(len(records)):
-                self._run(records[i : i + 1], self.position, _next_offset(records, i, end))
-            return len(records)
-        self._run(records, self.position, end)
-        return max(1, len(records))
+        if attempts > limit:
+            records = batch.decoded()
+            if attempts > 2 * limit and records:
+                # The first record has killed the worker again and again: set it aside.
+                self._commit_dead(
+                    records[0],
+                    start,
+                    _next_offset(records, 0, end),
+                    f"the worker died {attempts - 1} times in a row while processing this record",
+                    "worker",
+                )
+                return 1
+            if len(records) > 1:
+                # Something in this batch kills the worker: go through it one record per
+                # batch, so the records before the culprit commit and it comes first in the
+                # next batch (where it is set aside after ``limit`` more deaths). Shrinking to
+                # the first record only would cost ``limit`` deaths per record before the
+                # culprit.
+                log.warning(
+                    "%s/%s: the worker died %d times on the batch at offset %s: "
+                    "committing it one record at a time",
+                    self.source,
+                    self.partition,
+                    attempts - 1,
+                    start,
+                )
+                for i in range(len(records)):
+                    self._run(records[i : i + 1], self.position, _next_offset(records, i, end))
+                return len(records)
+        if out is None:
+            out = self._evaluate(batch, None)
+        self._read_ahead(end, out)
+        try:
+            self._commit(out, start, end)
+        except SinkDataError as exc:
+            self._cancel_ahead()
+            self._rejected(batch.decoded(), start, end, exc)
+        else:
+            self._adapt(len(batch), time.monotonic() - batch.read_at)
+        return max(1, out.records_in)
 
-    def _read(self) -> tuple[list[SourceRecord], int, int | None]:
-        size = self.settings.batch_size
+    # -- reading and read-ahead -------------------------------------------------------------------
+
+    def _next(self) -> tuple[InputBatch, BatchOutput | None]:
+        """The read-ahead batch and its output if they continue at ``position``, else a read."""
+        ahead = self._take_ahead()
+        if ahead is not None and ahead.batch.end > ahead.batch.start:
+            return ahead.batch, ahead.out
+        return self._read(self.position), None
+
+    def _read(self, start: int) -> InputBatch:
+        size = self._limit
         deadline = time.monotonic() + self.settings.max_interval
-        res = self.reader.read(self.position, size)
-        records, end, head = res.records, res.end, res.head
-        while len(records) < size and end > self.position and time.monotonic() < deadline:
-            more = self.reader.read(end, size - len(records))
-            if more.end == end:
+        batch = self._read_once(start, size)
+        while len(batch) < size and batch.end > start and time.monotonic() < deadline:
+            more = self._read_once(batch.end, size - len(batch))
+            if more.end == batch.end:
                 break
-            records.extend(more.records)
-            end, head = more.end, more.head
-        return records, end, head
+            batch.extend(more)
+        return batch
+
+    def _read_once(self, start: int, size: int) -> InputBatch:
+        if isinstance(self.reader, LineReader):
+            lines = self.reader.read_lines(start, size)
+            return InputBatch(start, lines.end, lines.head, lines=lines)
+        res = self.reader.read(start, size)
+        return InputBatch(start, res.end, res.head, records=res.records)
+
+    def _evaluate(self, batch: InputBatch, pending: BatchOutput | None) -> BatchOutput:
+        if batch.lines is not None:
+            return self.pipeline.evaluate_lines(batch.lines, pending)
+        return self.pipeline.evaluate(batch.decoded(), pending)
+
+    def _prepare(self, start: int, pending: BatchOutput) -> _Ahead:
+        """Read and evaluate the batch at ``start`` (on the read-ahead thread)."""
+        batch = self._read(start)
+        out = self._evaluate(batch, pending) if batch.end > start else None
+        return _Ahead(batch, out)
+
+    def _read_ahead(self, start: int, pending: BatchOutput) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                1, thread_name_prefix=f"pgstream-read-ahead-{self.source}/{self.partition}"
+            )
+        self._ahead = (start, self._executor.submit(self._prepare, start, pending))
+
+    def _take_ahead(self) -> _Ahead | None:
+        """The read-ahead result if it starts at ``position`` (its read or evaluation error is
+        raised here); a read-ahead from elsewhere (its batch did not commit) is dropped."""
+        if self._ahead is None:
+            return None
+        if self._ahead[0] != self.position:
+            self._cancel_ahead()
+            return None
+        future, self._ahead = self._ahead[1], None
+        return future.result()
+
+    def _cancel_ahead(self) -> None:
+        """Drop the read-ahead and its errors, waiting for it so the reader is free again."""
+        if self._ahead is None:
+            return
+        future, self._ahead = self._ahead[1], None
+        if not future.cancel():
+            wait_for([future])
+
+    def _adapt(self, size: int, latency: float) -> None:
+        """Size the next batches from how long this one took from its read to its COMMIT:
+        a full batch well within ``target_latency`` grows them (fourfold below a quarter of
+        it, twofold below half), a batch over it halves them."""
+        target = self.settings.target_latency
+        if latency > target:
+            self._limit = max(1, min(self._limit, size) // 2)
+        elif size >= self._limit and latency < target / 2:
+            factor = 4 if latency < target / 4 else 2
+            self._limit = min(self.settings.batch_size, self._limit * factor)
 
     # -- exactly-once commit -------------------------------------------------------------------
 
@@ -140,16 +279,22 @@ class PartitionTask:
         try:
             self._commit(out, start, end)
         except SinkDataError as exc:
-            if len(records) <= 1:
-                if not records:
-                    raise
-                self._commit_dead(records[0], start, end, f"sink rejected: {exc}", "sink")
-                return
-            mid = len(records) // 2
-            split = records[mid].offset
-            log.info("sink rejected a row in [%s, %s): bisecting at %s", start, end, split)
-            self._run(records[:mid], start, split)
-            self._run(records[mid:], split, end)
+            self._rejected(records, start, end, exc)
+
+    def _rejected(
+        self, records: list[SourceRecord], start: int, end: int, exc: SinkDataError
+    ) -> None:
+        """The sink rejected a row of ``records``: bisect down to the record and set it aside."""
+        if len(records) <= 1:
+            if not records:
+                raise exc
+            self._commit_dead(records[0], start, end, f"sink rejected: {exc}", "sink")
+            return
+        mid = len(records) // 2
+        split = records[mid].offset
+        log.info("sink rejected a row in [%s, %s): bisecting at %s", start, end, split)
+        self._run(records[:mid], start, split)
+        self._run(records[mid:], split, end)
 
     def _commit_dead(
         self, record: SourceRecord, start: int, end: int, error: str, operator: str
@@ -258,7 +403,11 @@ class PartitionTask:
         )
 
     def close(self) -> None:
-        """Release the reader."""
+        """Stop the read-ahead and release the reader."""
+        self._cancel_ahead()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self.reader.close()
 
 
