@@ -245,7 +245,7 @@ def _norm_key_part(v: Any) -> Any:
     if isinstance(v, float):
         return int(v) if v.is_integer() else v
     if isinstance(v, dt.datetime):
-        return v.isoformat()
+        return (v.astimezone(dt.timezone.utc) if v.tzinfo else v).isoformat()
     if isinstance(v, (dt.date, uuid.UUID)):
         return str(v)
     if isinstance(v, (dict, list)):

@@ -3,6 +3,7 @@ are "cannot check" (exit 2)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import random
 import secrets
@@ -43,6 +44,9 @@ valid.flat_map(facts).to_table("facts")
 valid.key_by("user_id").aggregate(
     n=ps.count(), total=ps.sum("amount"), lo=ps.min("amount"), mean=ps.avg("amount"),
 ).to_table("totals")
+valid.key_by("user_id").window(ps.tumbling(seconds=60), time="ts").aggregate(
+    n=ps.count(), total=ps.sum("amount"),
+).to_table("user_minute")
 valid.key_by("user_id").fold(
     {"n": 0, "last": 0}, lambda s, o: {"n": s["n"] + 1, "last": o["id"]}
 ).to_table("last_order")
@@ -55,7 +59,10 @@ clicks.key_by("u", name="user_id").aggregate(n=ps.count(), total=ps.sum("ms")).t
 """
 
 DDL = """
-CREATE TABLE orders (id bigserial PRIMARY KEY, user_id int NOT NULL, amount int NOT NULL);
+CREATE TABLE orders (id bigserial PRIMARY KEY, user_id int NOT NULL, amount int NOT NULL,
+    ts timestamptz NOT NULL);
+CREATE TABLE user_minute (user_id int, window_start timestamptz, n bigint NOT NULL,
+    total bigint, PRIMARY KEY (user_id, window_start));
 CREATE TABLE facts (order_id bigint, user_id int, cents bigint CHECK (cents <> 4200),
     _source text NOT NULL, _partition text NOT NULL, _offset bigint NOT NULL,
     _seq int NOT NULL, UNIQUE (_source, _partition, _offset, _seq));
@@ -93,9 +100,11 @@ def _populate(s: Setup) -> None:
     rng = random.Random(5)
     with s.conn() as conn:
         conn.execute(DDL)
-        with conn.cursor().copy("COPY orders (user_id, amount) FROM STDIN") as copy:
-            for _ in range(500):
-                copy.write_row((rng.randrange(15), rng.choice([0, 13, 42, *range(1, 30)])))
+        t0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+        with conn.cursor().copy("COPY orders (user_id, amount, ts) FROM STDIN") as copy:
+            for i in range(500):
+                copy.write_row((rng.randrange(15), rng.choice([0, 13, 42, *range(1, 30)]),
+                                t0 + dt.timedelta(seconds=7 * i)))
     with open(s.clicks, "wb") as f:
         for i in range(300):
             if i % 37 == 36:
@@ -204,6 +213,11 @@ TAMPERING: dict[str, tuple[str, str, str]] = {
     "change-avg": (
         "UPDATE totals SET mean = mean + 0.5 WHERE user_id = 4", "wrong-value", "totals",
     ),
+    "change-window": (
+        "UPDATE user_minute SET n = n + 1 WHERE (user_id, window_start) = (SELECT user_id, "
+        "min(window_start) FROM user_minute GROUP BY user_id ORDER BY user_id LIMIT 1)",
+        "wrong-value", "user_minute",
+    ),
     "delete-aggregate-row": ("DELETE FROM totals WHERE user_id = 2", "lost", "totals"),
     "extra-aggregate-row": (
         "INSERT INTO click_totals VALUES (999, 1, 1)", "unexpected", "click_totals",
@@ -272,6 +286,14 @@ def test_tampering_is_named(job: Setup, name: str) -> None:
     code, out = job.cli()
     assert code == 1, out
     assert kind in out and sink in out
+
+
+def test_clean_in_another_session_time_zone(job: Setup) -> None:
+    with job.conn() as conn:
+        name = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{name}" SET timezone = \'Asia/Kolkata\'')
+    report = job.verify()
+    assert report.ok, "\n".join(v.describe() for v in report.violations)
 
 
 def test_report_names_partition_and_offset(job: Setup) -> None:
