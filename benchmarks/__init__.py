@@ -1,0 +1,1 @@
+"""pgstream's benchmark suite; run ``python -m benchmarks.run --help`` (see run.py)."""

@@ -1,0 +1,157 @@
+"""What pgstream is compared with, on the same machine in the same run.
+
+* **floor**: parse the file with orjson and COPY the workload's result rows into a table of the
+  same shape (the sink table itself, idempotency columns and index included), streaming rows into
+  one COPY as they are produced, in one transaction, with no checkpointing. B1 and B3 aggregate
+  in a dict first (B3 computes each event's window with ``datetime.fromisoformat``) and COPY one
+  row per user (and window). Nothing correct can be much faster than this in Python.
+* **per-record**: what a user would hand-write for exactly-once without a framework: one
+  transaction per event that stores the offset and the event's result. Run for ``cap`` seconds
+  and extrapolated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+from benchmarks.workloads import EVENTS_TABLE, SINK, STREAM, WINDOW_SECONDS, window_of
+
+_B2_COPY = (
+    f"COPY {SINK['B2']} (id, user_id, amount_cents, _source, _partition, _offset, _seq) FROM STDIN"
+)
+
+
+def floor(conn: psycopg.Connection[Any], workload: str, path: Path) -> float:
+    """Run the floor of ``workload`` over ``path``; return its wall time in seconds."""
+    loads = orjson.loads
+    started = time.perf_counter()
+    with conn.transaction(), conn.cursor() as cur, open(path, "rb") as f:
+        if workload == "B2":
+            with cur.copy(_B2_COPY) as copy:
+                write_row = copy.write_row
+                pos = 0
+                for line in f:
+                    e = loads(line)
+                    write_row((e["id"], e["user"], e["amount"] * 100, STREAM, "0", pos, 0))
+                    pos += len(line)
+        elif workload == "B1":
+            totals: dict[str, list[int]] = {}
+            for line in f:
+                e = loads(line)
+                t = totals.get(e["user"])
+                if t is None:
+                    totals[e["user"]] = [1, e["amount"]]
+                else:
+                    t[0] += 1
+                    t[1] += e["amount"]
+            with cur.copy(f'COPY {SINK["B1"]} ("user", n, total) FROM STDIN') as copy:
+                for user, (n, total) in totals.items():
+                    copy.write_row((user, n, total))
+        else:
+            windows: dict[tuple[str, float], list[int]] = {}
+            fromisoformat = datetime.fromisoformat
+            for line in f:
+                e = loads(line)
+                epoch = fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                key = (e["user"], epoch - epoch % WINDOW_SECONDS)
+                w = windows.get(key)
+                if w is None:
+                    windows[key] = [1, e["amount"]]
+                else:
+                    w[0] += 1
+                    w[1] += e["amount"]
+            stmt = f'COPY {SINK["B3"]} ("user", window_start, n, total) FROM STDIN'
+            with cur.copy(stmt) as copy:
+                for (user, start), (n, total) in windows.items():
+                    copy.write_row((user, datetime.fromtimestamp(start, timezone.utc), n, total))
+    return time.perf_counter() - started
+
+
+Events = Generator[tuple[int, dict[str, Any]], None, None]
+
+
+def file_events(path: Path) -> Events:
+    """``(offset, event)`` from the file (offset = the line's byte position)."""
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            yield pos, orjson.loads(line)
+            pos += len(line)
+
+
+def table_events(dsn: str) -> Events:
+    """``(offset, event)`` from ``bench_events`` (offset = id), through a server-side cursor."""
+    with psycopg.connect(dsn) as conn, conn.cursor(name="per_record_scan") as cur:
+        cur.itersize = 1000
+        cur.execute(f'SELECT id, "user", amount, ts FROM {EVENTS_TABLE} ORDER BY id')
+        for id_, user, amount, ts in cur:
+            yield id_, {"id": id_, "user": user, "amount": amount, "ts": ts}
+
+
+def per_record(dsn: str, workload: str, events: Events, cap: float) -> tuple[int, float]:
+    """One durable transaction per event (offset + result) for up to ``cap`` seconds.
+
+    Returns ``(events done, seconds)``; the sink then holds exactly those events' effects.
+    """
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SET synchronous_commit = on")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_offsets (job text PRIMARY KEY, committed bigint)"
+        )
+        conn.execute("DELETE FROM bench_offsets WHERE job = 'per_record'")
+        conn.execute("INSERT INTO bench_offsets VALUES ('per_record', NULL)")
+        conn.commit()
+        if workload == "B2":
+            write = (
+                f"INSERT INTO {SINK['B2']} (id, user_id, amount_cents, _source, _partition, "
+                "_offset, _seq) VALUES (%s, %s, %s, %s, '0', %s, 0)"
+            )
+        elif workload == "B1":
+            write = (
+                f'INSERT INTO {SINK["B1"]} AS t ("user", n, total) VALUES (%s, 1, %s) '
+                'ON CONFLICT ("user") DO UPDATE SET n = t.n + 1, total = t.total + EXCLUDED.total'
+            )
+        else:
+            write = (
+                f'INSERT INTO {SINK["B3"]} AS t ("user", window_start, n, total) '
+                'VALUES (%s, to_timestamp(%s), 1, %s) ON CONFLICT ("user", window_start) '
+                "DO UPDATE SET n = t.n + 1, total = t.total + EXCLUDED.total"
+            )
+        done = 0
+        started = time.perf_counter()
+        deadline = started + cap
+        with conn.cursor() as cur:
+            for offset, e in events:
+                cur.execute(
+                    "UPDATE bench_offsets SET committed = %s WHERE job = 'per_record'", [offset]
+                )
+                if workload == "B2":
+                    cur.execute(write, (e["id"], e["user"], e["amount"] * 100, STREAM, offset))
+                elif workload == "B1":
+                    cur.execute(write, (e["user"], e["amount"]))
+                else:
+                    ts = e["ts"] if isinstance(e["ts"], str) else e["ts"].isoformat()
+                    cur.execute(write, (e["user"], window_of(ts), e["amount"]))
+                conn.commit()
+                done += 1
+                if time.perf_counter() >= deadline:
+                    break
+        elapsed = time.perf_counter() - started
+    return done, elapsed
+
+
+def check_per_record(conn: psycopg.Connection[Any], workload: str, done: int) -> list[str]:
+    """The sink holds the effects of exactly ``done`` events."""
+    if workload == "B2":
+        row = conn.execute(f"SELECT count(*) FROM {SINK['B2']}").fetchone()
+    else:
+        row = conn.execute(f"SELECT coalesce(sum(n), 0) FROM {SINK[workload]}").fetchone()
+    got = int(row[0]) if row else -1
+    return [] if got == done else [f"per-record {workload}: {got} effects for {done} events"]

@@ -1,0 +1,106 @@
+"""One pgstream worker in its own process, so its peak RSS and crashes are its own.
+
+``python -m benchmarks.child --dsn DSN --workload B2 --source file --path FILE --job JOB``
+prints one JSON line: ``{"start", "elapsed", "first_commit", "records", "batches"}`` where
+``start`` is the wall clock right before the worker starts (after interpreter start-up and
+imports), ``elapsed`` the seconds until it stopped, ``processing`` the seconds from claiming the
+partition (its reader opens) to its last COMMIT, ``first_commit`` the wall clock when its first
+batch committed.
+With ``--forever`` it runs until SIGTERM instead of stopping when caught up; with
+``--read-log FILE`` it appends the end offset of every source read to FILE (recovery test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from benchmarks.workloads import STREAM, make_app
+from pgstream.runtime.task import PartitionTask
+from pgstream.runtime.worker import Worker
+from pgstream.sources.base import PartitionReader, ReadResult
+from pgstream.sources.file import FileReader, JsonLines
+
+
+class LoggedReader(PartitionReader):
+    """Delegates to a reader and records how far each read reached (flushed at once)."""
+
+    def __init__(self, inner: PartitionReader, log_path: str) -> None:
+        self.inner = inner
+        self.log = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+
+    def read(self, start: int, max_records: int) -> ReadResult:
+        res = self.inner.read(start, max_records)
+        self.log.write(f"{res.end}\n")
+        return res
+
+    def read_lines(self, start: int, max_records: int) -> JsonLines:
+        """The file reader's fast path, logged the same way."""
+        assert isinstance(self.inner, FileReader)
+        lines = self.inner.read_lines(start, max_records)
+        self.log.write(f"{lines.end}\n")
+        return lines
+
+    def head(self) -> int | None:
+        return self.inner.head()
+
+    def close(self) -> None:
+        self.inner.close()
+        self.log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.child")
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--workload", required=True)
+    p.add_argument("--source", required=True)
+    p.add_argument("--path", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--forever", action="store_true")
+    p.add_argument("--read-log", default=None)
+    args = p.parse_args(argv)
+
+    app = make_app(args.workload, args.source, args.path, args.job, batch_size=args.batch_size)
+    source = app.sources[STREAM]
+    open_reader = source.open
+    opened: list[float] = []
+
+    def timed_open(partition: str, dsn: str) -> PartitionReader:
+        opened.append(time.perf_counter())
+        reader = open_reader(partition, dsn)
+        return LoggedReader(reader, args.read_log) if args.read_log else reader
+
+    source.open = timed_open  # type: ignore[method-assign]
+
+    first_commit: list[float] = []
+    last_commit: list[float] = [0.0]
+
+    def on_commit(task: PartitionTask, n: int) -> None:
+        if not first_commit:
+            first_commit.append(time.time())
+        last_commit[0] = time.perf_counter()
+
+    worker = Worker(app, args.dsn, stop_when_idle=not args.forever, on_commit=on_commit)
+    start = time.time()
+    t0 = time.perf_counter()
+    summary = worker.run()
+    elapsed = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "start": start,
+        "elapsed": elapsed,
+        # from claiming the partition (its reader opens) to the last COMMIT: start-up excluded
+        "processing": last_commit[0] - opened[0] if opened and first_commit else None,
+        "first_commit": first_commit[0] if first_commit else None,
+        "records": summary.records,
+        "batches": summary.batches,
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
