@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from harness import FileWriter, Job, TableWriters, WorkerProc
 
 SECONDS = float(os.environ.get("PGSTREAM_SOAK_SECONDS", "45"))
@@ -31,6 +32,7 @@ LEASE = 2.0
 OUT = Path(__file__).resolve().parents[2] / "benchmarks" / "out" / "soak.json"
 
 
+@pytest.mark.timeout(SECONDS + 240)
 def test_soak(pg_dsn: str, tmp_path: Path) -> None:
     seed = int(os.environ.get("PGSTREAM_SOAK_SEED", "0")) or random.randrange(1, 10**9)
     rng = random.Random(seed)
