@@ -231,7 +231,8 @@ class TableReader(PartitionReader):
     transactions (virtual xids, from ``pg_locks``) holding a ROW EXCLUSIVE lock on the table or
     its partitions — every transaction inserting into it, or that has and has not ended — and the
     set ``X`` of transactions *of this database* holding an xid (``pg_stat_activity``,
-    ``pg_prepared_xacts``). ``(M, xmax, W, X)`` becomes a pending candidate, resolved from the
+    ``pg_prepared_xacts``; autovacuum workers, which never insert rows, are left out so an
+    ANALYZE of a freshly loaded table does not hold the source back). ``(M, xmax, W, X)`` becomes a pending candidate, resolved from the
     front once a later observation shows that
 
     * every transaction that had an xid at ``S`` has ended: ``xmin_now >= xmax`` (the cheap test)
@@ -313,6 +314,7 @@ class TableReader(PartitionReader):
                            FROM pg_stat_activity a
                           WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
                             AND a.pid <> pg_backend_pid()
+                            AND a.backend_type <> 'autovacuum worker'
                          UNION ALL
                          SELECT 'prepared:' || p.transaction::text FROM pg_prepared_xacts p
                           WHERE p.database = current_database())
