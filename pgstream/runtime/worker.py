@@ -20,6 +20,7 @@ from pgstream.api import App
 from pgstream.config import Settings
 from pgstream.db.migrate import ensure_migrated
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
+from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import Pipeline
@@ -137,16 +138,7 @@ class Worker:
                 return
             except psycopg.OperationalError as exc:
                 attempt += 1
-                self.db.reset()
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                if attempt > self.settings.max_retries:
-                    raise DatabaseError(
-                        f"lost the database during start-up and could not get it back after "
-                        f"{attempt - 1} retries: {first}"
-                    ) from exc
-                delay = min(5.0, 0.05 * 2**attempt)
-                log.warning("database error during start-up, retrying in %.2fs: %s", delay, first)
-                self._stop.wait(delay)
+                self._back_off(attempt, exc, "during start-up")
 
     def _loop(self) -> None:
         failures = 0
@@ -159,22 +151,28 @@ class Worker:
                     self._maintain()
                 done = self._poll_all()
                 failures = 0
-            except psycopg.OperationalError as exc:
+            except (psycopg.OperationalError, CommitOutcomeUnknown) as exc:
                 failures += 1
-                self.db.reset()
-                if failures > self.settings.max_retries:
-                    raise DatabaseError(
-                        f"lost the database and could not get it back after {failures - 1} "
-                        f"retries: {str(exc).strip().splitlines()[0]}"
-                    ) from exc
-                delay = min(5.0, 0.05 * 2**failures)
-                log.warning("database error, retrying in %.2fs: %s", delay, str(exc).strip())
-                self._stop.wait(delay)
+                self._back_off(failures, exc, "while running")
                 continue
             if done == 0:
                 if self.stop_when_idle and self._caught_up():
                     return
                 self._stop.wait(self.settings.poll_interval)
+
+    def _back_off(self, failures: int, exc: BaseException, phase: str) -> None:
+        """After a lost session: drop it, give up after ``max_retries``, else wait and retry."""
+        self.db.reset()
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else repr(exc)
+        if failures > self.settings.max_retries:
+            raise DatabaseError(
+                f"lost the database {phase} and could not get it back after "
+                f"{failures - 1} retries: {first}"
+            ) from exc
+        delay = min(5.0, 0.05 * 2**failures)
+        log.warning("database error %s, retrying in %.2fs: %s", phase, delay, first)
+        self._stop.wait(delay)
 
     def _poll_all(self) -> int:
         done = 0
