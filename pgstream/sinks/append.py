@@ -9,14 +9,15 @@ import psycopg
 from psycopg import sql
 
 from pgstream.errors import SinkSchemaError
-from pgstream.sinks.introspect import TableInfo, load_table
+from pgstream.sinks.base import SinkTable
+from pgstream.sinks.introspect import TableInfo
 
 META_COLUMNS = ("_source", "_partition", "_offset", "_seq")
 
 Row = tuple[Any, ...]
 
 
-class AppendSink:
+class AppendSink(SinkTable):
     """Writes outputs with ``COPY``; each row carries ``(_source, _partition, _offset, _seq)``.
 
     The unique index on those four columns makes a second write of the same output
@@ -27,42 +28,18 @@ class AppendSink:
 
     kind = "append"
 
-    def __init__(self, table: str) -> None:
-        self.table_name = table
-        self._info: TableInfo | None = None
-        self._checked: set[tuple[str, ...]] = set()
-
-    @property
-    def info(self) -> TableInfo:
-        """The bound table (after :meth:`bind`)."""
-        if self._info is None:
-            raise RuntimeError(f"sink {self.table_name} is not bound")
-        return self._info
-
-    def bind(self, conn: psycopg.Connection[Any]) -> None:
-        """Look the table up and validate its idempotency columns and index."""
-        info = load_table(conn, self.table_name)
+    def validate(self, info: TableInfo) -> None:
+        """The idempotency columns and their unique index must exist."""
         info.require_columns(META_COLUMNS, "append sinks record where each row came from")
         info.require_unique(META_COLUMNS, "it makes each output idempotent")
-        self._info = info
-        self._checked.clear()
 
     def check_columns(self, columns: tuple[str, ...]) -> None:
-        """Raise if operator outputs name columns the table lacks (checked once per shape)."""
-        if columns in self._checked:
-            return
-        info = self.info
-        missing = [c for c in columns if c not in info.columns]
-        if missing:
-            raise SinkSchemaError(
-                f"operator output has field(s) {', '.join(missing)} but sink table "
-                f"{info.label} has no such column",
-                hint="add the column in a migration, or drop the field in your map()",
-            )
-        bad = [c for c in columns if c in META_COLUMNS]
-        if bad:
-            raise SinkSchemaError(f"operator output may not set reserved column(s) {bad}")
-        self._checked.add(columns)
+        """Outputs may name only table columns, and never the idempotency columns."""
+        if columns not in self._checked:
+            bad = [c for c in columns if c in META_COLUMNS]
+            if bad:
+                raise SinkSchemaError(f"operator output may not set reserved column(s) {bad}")
+        super().check_columns(columns)
 
     def write(self, cur: psycopg.Cursor[Any], groups: dict[tuple[str, ...], list[Row]]) -> None:
         """COPY every group of rows (rows end with the four meta columns)."""

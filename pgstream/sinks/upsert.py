@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from pgstream.errors import SinkSchemaError
 from pgstream.operators.aggregates import Aggregate
-from pgstream.sinks.introspect import TableInfo, load_table
+from pgstream.sinks.base import SinkTable
+from pgstream.sinks.introspect import TableInfo
 
 Row = tuple[Any, ...]
 
 
-class UpsertSink:
+class UpsertSink(SinkTable):
     """Writes one row per touched key: staged with ``COPY`` into a session temp table, then
     ``INSERT ... SELECT ... ON CONFLICT (key) DO UPDATE`` in key order (a stable lock order, so
     concurrent partitions updating the same keys do not deadlock)."""
@@ -23,25 +24,15 @@ class UpsertSink:
     kind = "upsert"
 
     def __init__(self, table: str, key_columns: tuple[str, ...], stage_name: str) -> None:
-        self.table_name = table
+        super().__init__(table)
         self.key_columns = key_columns
         self.stage_name = stage_name
-        self._info: TableInfo | None = None
 
-    @property
-    def info(self) -> TableInfo:
-        """The bound table (after :meth:`bind`)."""
-        if self._info is None:
-            raise RuntimeError(f"sink {self.table_name} is not bound")
-        return self._info
-
-    def bind(self, conn: psycopg.Connection[Any]) -> None:
-        """Look the table up and validate its key and value columns."""
-        info = load_table(conn, self.table_name)
+    def validate(self, info: TableInfo) -> None:
+        """The key columns, a unique index on exactly them, and the value columns must exist."""
         info.require_columns(self.key_columns, "they hold the key")
         info.require_unique(self.key_columns, "rows are upserted by key")
         info.require_columns(self.value_columns(), "one column per aggregate")
-        self._info = info
 
     def value_columns(self) -> tuple[str, ...]:
         """Non-key columns written by every row (empty when the shape varies per batch)."""
@@ -58,15 +49,11 @@ class UpsertSink:
         if not rows:
             return
         info = self.info
-        missing = [c for c in columns if c not in info.columns]
-        if missing:
-            raise SinkSchemaError(
-                f"sink table {info.label} has no column {', '.join(missing)}",
-                hint="add it in a migration",
-            )
+        self.check_columns(columns)
         all_cols = (*self.key_columns, *columns)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in all_cols)
-        stage = sql.Identifier(f"{self.stage_name}_{abs(hash(all_cols)) % 10**8}")
+        shape = zlib.crc32("\0".join(all_cols).encode())
+        stage = sql.Identifier(f"{self.stage_name}_{shape:08x}")
         cur.execute(
             sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
