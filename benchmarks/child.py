@@ -52,6 +52,21 @@ class LoggedReader(PartitionReader):
         self.log.close()
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident set size since it exec'd (``VmHWM``), in MiB.
+
+    ``ru_maxrss`` would not do: Linux carries the forking parent's peak over ``execve``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.child")
     p.add_argument("--dsn", required=True)
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = worker.run()
     elapsed = time.perf_counter() - t0
     out: dict[str, Any] = {
+        "peak_rss_mb": peak_rss_mb(),
         "start": start,
         "elapsed": elapsed,
         # from claiming the partition (its reader opens) to the last COMMIT: start-up excluded

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(slots=True)
 class ChildResult:
-    """What a worker process reported, its exit status and its peak RSS in MiB."""
+    """What a worker process reported, its exit status and its peak RSS in MiB (VmHWM)."""
 
     report: dict[str, Any]
     returncode: int
@@ -75,7 +75,7 @@ class Child:
         return res is None
 
     def finish(self) -> ChildResult:
-        """Wait for the process; its peak RSS comes from ``wait4`` (this child alone)."""
+        """Wait for the process and collect its report and peak RSS."""
         _, status, usage = os.wait4(self.pid, 0)
         self.proc.returncode = code = os.waitstatus_to_exitcode(status)
         self._out.seek(0)
@@ -88,7 +88,10 @@ class Child:
         for line in out.splitlines():
             if line.startswith("{"):
                 report = json.loads(line)
-        return ChildResult(report, code, usage.ru_maxrss / 1024, err)
+        # The child's own VmHWM when it reported one; ru_maxrss includes the parent's peak
+        # (Linux carries it over execve), so it is only an upper bound.
+        peak = report.get("peak_rss_mb") or usage.ru_maxrss / 1024
+        return ChildResult(report, code, peak, err)
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process."""

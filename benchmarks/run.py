@@ -319,7 +319,7 @@ def report(results: Results, args: argparse.Namespace) -> str:
         f"{args.per_record_seconds:g} s and extrapolated. Table-source rows are compared with "
         "the file floor. pgstream: default settings, one worker process; events/s from claiming "
         f"the partition to the last COMMIT{started}; best of {args.repeat}; peak RSS of the "
-        "worker process (ru_maxrss).",
+        "worker process (VmHWM).",
     ]
     rec = results.recovery
     if rec is not None:
