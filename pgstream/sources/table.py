@@ -232,8 +232,8 @@ class TableReader(PartitionReader):
     its partitions — every transaction inserting into it, or that has and has not ended — and the
     set ``X`` of transactions *of this database* holding an xid (``pg_stat_activity``,
     ``pg_prepared_xacts``; autovacuum workers, which never insert rows, are left out so an
-    ANALYZE of a freshly loaded table does not hold the source back). ``(M, xmax, W, X)`` becomes a pending candidate, resolved from the
-    front once a later observation shows that
+    ANALYZE of a freshly loaded table does not hold the source back). ``(M, xmax, W, X)``
+    becomes a pending candidate, resolved from the front once a later observation shows that
 
     * every transaction that had an xid at ``S`` has ended: ``xmin_now >= xmax`` (the cheap test)
       or none of ``X`` still holds its xid (so a long transaction in *another* database of the
