@@ -13,7 +13,11 @@ class Settings:
     """How a job batches, leases and reacts to bad records.
 
     * ``batch_size``: most records in one checkpoint transaction. Batches start small and
-      grow while they commit within half of ``target_latency``, up to this size.
+      grow while they commit within half of ``target_latency``, up to this size. By default
+      (``None``) 100,000 for pipelines that write a row per record (append sinks, batch
+      handlers) and 400,000 for pipelines that only aggregate or fold: those write one row per
+      key touched, so bigger batches write fewer rows, and they read and evaluate their input in
+      chunks, so bigger batches cost no memory.
     * ``target_latency``: seconds from reading a batch to its COMMIT that batch sizing aims
       for; a batch that takes longer halves the next ones.
     * ``max_interval``: seconds a batch may wait to fill before it commits anyway.
@@ -27,7 +31,7 @@ class Settings:
       down to single records and a record that still kills the worker is dead-lettered.
     """
 
-    batch_size: int = 100_000
+    batch_size: int | None = None
     target_latency: float = 1.0
     max_interval: float = 0.5
     poll_interval: float = 0.1
@@ -44,7 +48,7 @@ class Settings:
         """Raise :class:`~pgstream.errors.ConfigError` for impossible values."""
         from pgstream.errors import ConfigError
 
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.target_latency <= 0:
             raise ConfigError(f"target_latency must be > 0, got {self.target_latency}")

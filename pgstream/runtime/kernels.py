@@ -15,6 +15,7 @@ loop uses, so both paths produce identical outputs.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +30,10 @@ Row = tuple[Any, ...]
 Groups = dict[tuple[str, ...], list[Row]]
 Accumulators = dict[Any, list[Any]]
 
-#: ``fail(offset, line, value, exc)`` for JSON Lines input: ``value`` is the decoded record
-#: (``None`` and ``exc`` ``None`` when the line did not decode to an object).
-LineFail = Callable[[int, bytes, Any, "BaseException | None"], None]
+#: ``fail(line, value, exc)`` for JSON Lines input: ``value`` is the decoded record (``None``
+#: and ``exc`` ``None`` when the line did not decode to an object). Failures come in line order
+#: and ``line`` is the very object of ``batch.lines``, which is how the caller finds its offset.
+LineFail = Callable[[bytes, Any, "BaseException | None"], None]
 #: ``fail(record, exc)`` for decoded records (``exc`` ``None`` when the record has no value).
 RecordFail = Callable[[SourceRecord, "BaseException | None"], None]
 
@@ -112,11 +114,11 @@ def append_kernels(
             try:
                 v = loads(line)
             except decode_error:
-                fail(pos, line, None, None)
+                fail(line, None, None)
                 pos += len(line) + 1
                 continue
             if type(v) is not dict:
-                fail(pos, line, None, None)
+                fail(line, None, None)
                 pos += len(line) + 1
                 continue
             try:
@@ -124,7 +126,7 @@ def append_kernels(
                 if type(o) is not dict and o is not skip:
                     raise not_a_dict(o)
             except Exception as exc:
-                fail(pos, line, v, exc)
+                fail(line, v, exc)
                 pos += len(line) + 1
                 continue
             if o is not skip:
@@ -166,19 +168,19 @@ _LINES_HEAD = """\
 def run_lines(batch, accs, fail):
     get = accs.get
     loads = _loads
-    for i, line in enumerate(batch.lines):
+    for line in batch.lines:
         try:
             v = loads(line)
         except decode_error:
-            fail(batch.offset(i), line, None, None)
+            fail(line, None, None)
             continue
         if type(v) is not dict:
-            fail(batch.offset(i), line, None, None)
+            fail(line, None, None)
             continue
         try:
 {body}
         except Exception as exc:
-            fail(batch.offset(i), line, v, exc)
+            fail(line, v, exc)
 """
 
 _RECORDS_HEAD = """\
@@ -194,6 +196,14 @@ def run_records(records, accs, fail):
         except Exception as exc:
             fail(rec, exc)
 """
+
+
+def _single_field(fn: Callable[[Any], Any]) -> str | None:
+    """``name`` when ``fn`` is ``operator.itemgetter(name)`` (what ``key_by("name")`` uses)."""
+    if type(fn) is not operator.itemgetter:
+        return None
+    items = fn.__reduce__()[1]
+    return items[0] if len(items) == 1 and isinstance(items[0], str) else None
 
 
 def aggregate_kernels(
@@ -217,11 +227,15 @@ def aggregate_kernels(
         "float": float,
         "type": type,
         "dict": dict,
-        "enumerate": enumerate,
         "Exception": Exception,
     }
     body = ["o = fn(v)", "if o is SKIP:", "    continue"] if fn is not _identity else ["o = v"]
-    body.append("k = key_fn(o)")
+    field = _single_field(key_fn)
+    if field is not None:  # key_by("name"): subscript instead of calling an itemgetter
+        ns["KEY"] = field
+        body.append("k = o[KEY]")
+    else:
+        body.append("k = key_fn(o)")
     body.append("acc = get(k)")  # hashing the key may raise: before any input is read
     first: list[str] = []
     then: list[str] = []

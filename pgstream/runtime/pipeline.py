@@ -269,16 +269,39 @@ class Pipeline:
             pending_folds=pending.folds if pending is not None and self.fold_plans else None,
         )
 
-    def evaluate_lines(self, batch: JsonLines, pending: BatchOutput | None = None) -> BatchOutput:
+    @property
+    def per_record_output(self) -> bool:
+        """Whether a batch's output grows with its records (append rows, handler records),
+        rather than with the keys it touches (aggregates, folds)."""
+        return bool(self.append_plans or self.handler_plans)
+
+    def evaluate_lines(
+        self,
+        batch: JsonLines,
+        pending: BatchOutput | None = None,
+        into: BatchOutput | None = None,
+    ) -> BatchOutput:
         """:meth:`evaluate` for undecoded JSON lines: decoded in the evaluation loop itself
         when a kernel applies (blank lines are no records)."""
         if self._lines_kernel is None:
-            return self.evaluate(batch.records(), pending)
-        out = self._output(pending)
-        out.records_in = len(batch.lines)
+            return self.evaluate(batch.records(), pending, into)
+        out = self._output(pending) if into is None else into
+        out.records_in += len(batch.lines)
         target, plan = self._kernel_target(out)
+        lines = batch.lines
+        cursor = [0, batch.start]  # the line after the last failure, and its offset
 
-        def fail(offset: int, line: bytes, value: Any, exc: BaseException | None) -> None:
+        def offset_of(line: bytes) -> int:
+            # failures come in order: walk forward to this very line object
+            i, offset = cursor
+            while lines[i] is not line:
+                offset += len(lines[i]) + 1
+                i += 1
+            cursor[0], cursor[1] = i + 1, offset + len(line) + 1
+            return offset
+
+        def fail(line: bytes, value: Any, exc: BaseException | None) -> None:
+            offset = offset_of(line)
             if exc is not None:
                 self._dead(out, SourceRecord(offset, value), _describe(exc), plan.label)
                 return
@@ -294,15 +317,19 @@ class Pipeline:
         return out
 
     def evaluate(
-        self, records: Sequence[SourceRecord], pending: BatchOutput | None = None
+        self,
+        records: Sequence[SourceRecord],
+        pending: BatchOutput | None = None,
+        into: BatchOutput | None = None,
     ) -> BatchOutput:
         """Run every record through every plan; failing records become dead letters.
 
         ``pending`` is the output of the previous batch when that batch has not committed
-        yet: fold plans then see its state changes.
+        yet: fold plans then see its state changes. ``into`` is an output to add to (a batch
+        evaluated in several chunks) instead of a new one.
         """
-        out = self._output(pending)
-        out.records_in = len(records)
+        out = self._output(pending) if into is None else into
+        out.records_in += len(records)
         if self._records_kernel is not None:
             target, plan = self._kernel_target(out)
 

@@ -27,13 +27,20 @@ from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
 from pgstream.runtime.retry import RetryBatch, batch_retrying
-from pgstream.sources.base import PartitionReader, SourceRecord
+from pgstream.sources.base import PartitionReader, SourceError, SourceRecord
 from pgstream.sources.file import JsonLines
 
 log = logging.getLogger("pgstream.task")
 
 #: records in the first batch after a task starts; batches then adapt (see ``_adapt``)
 FIRST_BATCH = 5_000
+#: most records read (and held undecoded or decoded) at once; a batch is one or more chunks
+CHUNK = 50_000
+#: the most records per batch unless ``Settings.batch_size`` says otherwise: for pipelines
+#: whose output grows with the records (append sinks, batch handlers), and for the others
+#: (aggregates, folds), whose output grows with the keys touched
+DEFAULT_BATCH = 100_000
+KEYED_BATCH = 400_000
 
 
 @runtime_checkable
@@ -46,7 +53,11 @@ class LineReader(Protocol):
 @dataclass(slots=True)
 class InputBatch:
     """One read of a partition, covering the offsets ``[start, end)``: decoded records, or
-    JSON lines that the pipeline decodes while it evaluates them."""
+    JSON lines that the pipeline decodes while it evaluates them.
+
+    Once evaluated, the input is released (:meth:`release`): only rare paths need it again
+    and they read it again from the source, which is replayable by offset.
+    """
 
     start: int
     end: int
@@ -54,9 +65,17 @@ class InputBatch:
     records: list[SourceRecord] | None = None
     lines: JsonLines | None = None
     read_at: float = field(default_factory=time.monotonic)
+    released: int | None = None  # the number of records, once the input is released
 
     def __len__(self) -> int:
+        if self.released is not None:
+            return self.released
         return len(self.lines) if self.lines is not None else len(self.records or ())
+
+    def release(self) -> None:
+        """Drop the input (keeping its size)."""
+        self.released = len(self)
+        self.records = self.lines = None
 
     def decoded(self) -> list[SourceRecord]:
         """The batch as records (decoding the lines on first use)."""
@@ -65,12 +84,9 @@ class InputBatch:
         return self.records
 
     def extend(self, more: InputBatch) -> None:
-        """Add the read that continued where this one ended."""
-        if self.lines is not None and more.lines is not None:
-            self.lines.extend(more.lines)
-        else:
-            self.records = self.decoded() + more.decoded()
-            self.lines = None
+        """Add the (evaluated, released) read that continued where this one ended."""
+        assert self.released is not None and more.released is not None
+        self.released += more.released
         self.end, self.head = more.end, more.head
 
 
@@ -125,7 +141,10 @@ class PartitionTask:
         )
         self.head: int | None = None
         self.stats = TaskStats()
-        self._limit = min(settings.batch_size, FIRST_BATCH)
+        self._cap = settings.batch_size or (
+            DEFAULT_BATCH if pipeline.per_record_output else KEYED_BATCH
+        )
+        self._limit = min(self._cap, FIRST_BATCH)
         self._executor: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[_Ahead]] | None = None  # (its start, its result)
 
@@ -157,7 +176,7 @@ class PartitionTask:
         start, end = self.position, batch.end
         limit = self.settings.max_record_attempts
         if attempts > limit:
-            records = batch.decoded()
+            records = self._records(batch)
             if attempts > 2 * limit and records:
                 # The first record has killed the worker again and again: set it aside.
                 self._commit_dead(
@@ -186,13 +205,14 @@ class PartitionTask:
                     self._run(records[i : i + 1], self.position, _next_offset(records, i, end))
                 return len(records)
         if out is None:
-            out = self._evaluate(batch, None)
+            out = self._fill(batch, None)
+            end, self.head = batch.end, batch.head
         self._read_ahead(end, out)
         try:
             self._commit(out, start, end)
         except SinkDataError as exc:
             self._cancel_ahead()
-            self._rejected(batch.decoded(), start, end, exc)
+            self._rejected(self._records(batch), start, end, exc)
         else:
             self._adapt(len(batch), time.monotonic() - batch.read_at)
         return max(1, out.records_in)
@@ -200,22 +220,27 @@ class PartitionTask:
     # -- reading and read-ahead -------------------------------------------------------------------
 
     def _next(self) -> tuple[InputBatch, BatchOutput | None]:
-        """The read-ahead batch and its output if they continue at ``position``, else a read."""
+        """The read-ahead batch and its output if there is one, else the first chunk of a
+        batch read now (evaluated by :meth:`_fill` once its attempt is counted)."""
         ahead = self._take_ahead()
         if ahead is not None and ahead.batch.end > ahead.batch.start:
             return ahead.batch, ahead.out
-        return self._read(self.position), None
+        return self._read_once(self.position, min(self._limit, CHUNK)), None
 
-    def _read(self, start: int) -> InputBatch:
-        size = self._limit
-        deadline = time.monotonic() + self.settings.max_interval
-        batch = self._read_once(start, size)
-        while len(batch) < size and batch.end > start and time.monotonic() < deadline:
-            more = self._read_once(batch.end, size - len(batch))
+    def _fill(self, batch: InputBatch, pending: BatchOutput | None) -> BatchOutput:
+        """Evaluate ``batch`` (a first chunk), then read and evaluate more chunks into the same
+        output until the batch holds ``_limit`` records, the source has nothing more, or
+        ``max_interval`` has passed. Chunks are released once evaluated, so a batch that only
+        aggregates or folds costs the memory of one chunk however big it grows."""
+        out = self._evaluate(batch, pending, None)
+        deadline = batch.read_at + self.settings.max_interval
+        while len(batch) < self._limit and time.monotonic() < deadline:
+            more = self._read_once(batch.end, min(self._limit - len(batch), CHUNK))
             if more.end == batch.end:
                 break
+            self._evaluate(more, pending, out)
             batch.extend(more)
-        return batch
+        return out
 
     def _read_once(self, start: int, size: int) -> InputBatch:
         if isinstance(self.reader, LineReader):
@@ -224,15 +249,37 @@ class PartitionTask:
         res = self.reader.read(start, size)
         return InputBatch(start, res.end, res.head, records=res.records)
 
-    def _evaluate(self, batch: InputBatch, pending: BatchOutput | None) -> BatchOutput:
+    def _evaluate(
+        self, batch: InputBatch, pending: BatchOutput | None, into: BatchOutput | None
+    ) -> BatchOutput:
         if batch.lines is not None:
-            return self.pipeline.evaluate_lines(batch.lines, pending)
-        return self.pipeline.evaluate(batch.decoded(), pending)
+            out = self.pipeline.evaluate_lines(batch.lines, pending, into)
+        else:
+            out = self.pipeline.evaluate(batch.decoded(), pending, into)
+        batch.release()
+        return out
+
+    def _records(self, batch: InputBatch) -> list[SourceRecord]:
+        """The batch's records, read again from the source if they were released."""
+        if batch.released is None:
+            return batch.decoded()
+        records: list[SourceRecord] = []
+        pos = batch.start
+        while pos < batch.end:
+            more = self._read_once(pos, max(1, len(batch) - len(records)))
+            if more.end <= pos:
+                raise SourceError(
+                    f"{self.source}/{self.partition}: offsets [{pos}, {batch.end}) could not be "
+                    "read again"
+                )
+            records += [r for r in more.decoded() if r.offset < batch.end]
+            pos = more.end
+        return records
 
     def _prepare(self, start: int, pending: BatchOutput) -> _Ahead:
         """Read and evaluate the batch at ``start`` (on the read-ahead thread)."""
-        batch = self._read(start)
-        out = self._evaluate(batch, pending) if batch.end > start else None
+        batch = self._read_once(start, min(self._limit, CHUNK))
+        out = self._fill(batch, pending) if batch.end > start else None
         return _Ahead(batch, out)
 
     def _read_ahead(self, start: int, pending: BatchOutput) -> None:
@@ -270,7 +317,7 @@ class PartitionTask:
             self._limit = max(1, min(self._limit, size) // 2)
         elif size >= self._limit and latency < target / 2:
             factor = 4 if latency < target / 4 else 2
-            self._limit = min(self.settings.batch_size, self._limit * factor)
+            self._limit = min(self._cap, self._limit * factor)
 
     # -- exactly-once commit -------------------------------------------------------------------
 

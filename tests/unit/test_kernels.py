@@ -169,3 +169,13 @@ def test_pending_fold_state_is_seen_by_the_next_batch() -> None:
     first = pipeline.evaluate([SourceRecord(0, {"k": "x"}), SourceRecord(1, {"k": "x"})])
     second = pipeline.evaluate([SourceRecord(2, {"k": "x"})], pending=first)
     assert second.folds[0]['"x"'][1] == b"3"
+
+
+@pytest.mark.parametrize("make_app", APPS)
+def test_repeated_one_byte_lines_get_their_own_offsets(make_app: Any) -> None:
+    """Bytes objects of length 0 and 1 are shared singletons: failures are still placed."""
+    good = b'{"id": 1, "user": "a", "amount": 3}'
+    batch = as_lines([b"1", good, b"1", b"", b"x", b"", b"1", good, b"x"])
+    want = general(pipeline_of(make_app())).evaluate_lines(batch)
+    assert summary(pipeline_of(make_app()).evaluate_lines(batch)) == summary(want)
+    assert len(want.dead) == 5
