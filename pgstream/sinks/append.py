@@ -13,6 +13,9 @@ from pgstream.sinks.base import SinkTable
 from pgstream.sinks.introspect import TableInfo
 
 META_COLUMNS = ("_source", "_partition", "_offset", "_seq")
+#: the recommended column order of the unique index over META_COLUMNS (any order is accepted):
+#: integers first make smaller entries and cheaper comparisons (see pgstream.schema)
+POSITION_INDEX = ("_offset", "_seq", "_source", "_partition")
 
 Row = tuple[Any, ...]
 
