@@ -6,6 +6,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import click
@@ -43,6 +44,11 @@ def command(
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
     SIGTERM or Ctrl-C stop cleanly after the batch in flight."""
+    stop = threading.Event()
+    if workers == 1:
+        # Stop requests that arrive while the app is still loading end the run cleanly too.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda _signum, _frame: stop.set())
     from pgstream.db.connect import resolve_dsn
     from pgstream.loader import load_app
 
@@ -58,7 +64,9 @@ def command(
 
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
     started = time.monotonic()
-    summary = run_app(app, resolved, stop_when_idle=stop_when_idle, settings=settings)
+    summary = run_app(
+        app, resolved, stop_when_idle=stop_when_idle, settings=settings, stop_event=stop
+    )
     elapsed = time.monotonic() - started
     click.echo(
         f"{app.name}: {summary.records} records in {summary.batches} batches "

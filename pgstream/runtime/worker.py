@@ -89,6 +89,7 @@ class Worker:
         stop_when_idle: bool = False,
         on_commit: ProgressFn | None = None,
         install_signal_handlers: bool = True,
+        stop_event: threading.Event | None = None,
     ) -> None:
         self.app = app
         self.dsn = dsn
@@ -101,7 +102,7 @@ class Worker:
         self.leases = LeaseManager(app.name, self.worker_id, self.settings.lease_seconds)
         self.tasks: dict[tuple[str, str], PartitionTask] = {}
         self.summary = RunSummary()
-        self._stop = threading.Event()
+        self._stop = stop_event or threading.Event()
         self._sinks: dict[str, AppendSink | UpsertSink] = {}
         self._generation = 0
         self._next_maintenance = 0.0
@@ -236,7 +237,10 @@ class Worker:
         for source, partition, pid in self.leases.terminate_stuck_owners(conn):
             log.warning(
                 "%s/%s: its owner's session (pid %d) is stuck in a transaction past its lease: "
-                "terminated it", source, partition, pid,
+                "terminated it",
+                source,
+                partition,
+                pid,
             )
         for source, partition in self.leases.claimable(conn):
             if (source, partition) in self.tasks or source not in self.app.sources:
@@ -327,8 +331,18 @@ def run_app(
     stop_when_idle: bool = False,
     settings: Settings | None = None,
     on_commit: ProgressFn | None = None,
+    stop_event: threading.Event | None = None,
 ) -> RunSummary:
-    """Run one worker for ``app`` in this process (what ``pgstream run`` does)."""
+    """Run one worker for ``app`` in this process (what ``pgstream run`` does).
+
+    ``stop_event`` lets a caller that installed its own early signal handling ask for a stop
+    before the worker has started.
+    """
     return Worker(
-        app, dsn, settings=settings, stop_when_idle=stop_when_idle, on_commit=on_commit
+        app,
+        dsn,
+        settings=settings,
+        stop_when_idle=stop_when_idle,
+        on_commit=on_commit,
+        stop_event=stop_event,
     ).run()

@@ -123,9 +123,15 @@ class WorkerProc:
         self.stopped = False
 
     def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM (clean stop between batches) and wait."""
+        """SIGTERM (clean stop between batches) and wait.
+
+        A process only minutes-old is fine; one a fraction of a second old may still be in
+        interpreter start-up, before any Python code can handle the signal, where SIGTERM's
+        default action ends it: give it until 2 s after its start to get there.
+        """
         if self.stopped:
             self.cont()
+        time.sleep(max(0.0, self.started + 2.0 - time.monotonic()))
         self.signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
