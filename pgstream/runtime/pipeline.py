@@ -313,7 +313,8 @@ class Pipeline:
             else:  # decodable after all (a byte-order mark): the general path
                 self._evaluate_one(plan, rec, out)
 
-        self._lines_kernel(batch, target, fail)
+        with kernels.gc_paused():
+            self._lines_kernel(batch, target, fail)
         return out
 
     def evaluate(
@@ -339,7 +340,8 @@ class Pipeline:
                 else:
                     self._dead(out, rec, _describe(exc), plan.label)
 
-            self._records_kernel(records, target, fail)
+            with kernels.gc_paused():
+                self._records_kernel(records, target, fail)
             return out
         plans = self.plans
         single = plans[0] if len(plans) == 1 else None
