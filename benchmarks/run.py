@@ -330,8 +330,10 @@ def report(results: Results, args: argparse.Namespace) -> str:
                 "committed batches) a restarted worker committed its first batch "
                 f"{rec.time_to_first_commit:.2f} s after it started (interpreter start-up and "
                 f"imports excluded); it redid {rec.replayed_records:,} records the killed worker "
-                f"had read but not committed (its first batch: {rec.first_batch_records:,} "
-                "records); output " + ("correct" if not rec.errors else "WRONG")
+                "had read but not committed (the killed worker's last committed batch held "
+                f"{rec.killed_batch_records:,} records; the restarted worker's first batch "
+                f"{rec.first_batch_records:,}); output "
+                + ("correct" if not rec.errors else "WRONG")
             )
         else:
             lines.append(f"recovery: not measured (the worker finished first) {rec.errors}")

@@ -44,6 +44,7 @@ class Recovery:
     batches_before_kill: int = 0
     time_to_first_commit: float | None = None  # replacement: worker start -> first COMMIT
     replayed_records: int = 0  # read by the killed worker but not committed: done again
+    killed_batch_records: int = 0  # the killed worker's last committed batch
     first_batch_records: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -98,6 +99,13 @@ def recovery(
     if res.killed and committed is not None and reads:
         res.replayed_records = _records_between(path, committed, max(reads))
 
+    if res.killed:
+        last = conn.execute(
+            "SELECT records_in FROM pgstream.batches WHERE job = %s AND source = %s "
+            "ORDER BY start_offset DESC LIMIT 1",
+            [job, STREAM],
+        ).fetchone()
+        res.killed_batch_records = int(last[0]) if last else 0
     second = procs.run_child(procs.child_args(dsn, "B2", "file", path, job, batch_size=batch_size))
     if second.returncode != 0:
         res.errors.append(f"restarted worker failed: {second.stderr.strip()[-500:]}")
