@@ -32,7 +32,7 @@ from pgstream.sources.file import JsonLines
 
 log = logging.getLogger("pgstream.task")
 
-#: records in the first batch after a task starts; batches then adapt (see ``_adapt``)
+#: records in the first batch after a task starts; batches then adapt (``_grow``, ``_settle``)
 FIRST_BATCH = 5_000
 #: most records read (and held undecoded or decoded) at once; a batch is one or more chunks
 CHUNK = 50_000
@@ -66,6 +66,8 @@ class InputBatch:
     lines: JsonLines | None = None
     read_at: float = field(default_factory=time.monotonic)
     released: int | None = None  # the number of records, once the input is released
+    limit: int = 0  # the most records it was read to hold
+    evaluated_in: float = 0.0  # seconds to read and evaluate it
 
     def __len__(self) -> int:
         if self.released is not None:
@@ -145,6 +147,7 @@ class PartitionTask:
             DEFAULT_BATCH if pipeline.per_record_output else KEYED_BATCH
         )
         self._limit = min(self._cap, FIRST_BATCH)
+        self._last_latency = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[_Ahead]] | None = None  # (its start, its result)
 
@@ -207,6 +210,7 @@ class PartitionTask:
         if out is None:
             out = self._fill(batch, None)
             end, self.head = batch.end, batch.head
+        self._grow(batch)
         self._read_ahead(end, out)
         try:
             self._commit(out, start, end)
@@ -214,7 +218,7 @@ class PartitionTask:
             self._cancel_ahead()
             self._rejected(self._records(batch), start, end, exc)
         else:
-            self._adapt(len(batch), time.monotonic() - batch.read_at)
+            self._settle(len(batch), time.monotonic() - batch.read_at)
         return max(1, out.records_in)
 
     # -- reading and read-ahead -------------------------------------------------------------------
@@ -232,14 +236,16 @@ class PartitionTask:
         output until the batch holds ``_limit`` records, the source has nothing more, or
         ``max_interval`` has passed. Chunks are released once evaluated, so a batch that only
         aggregates or folds costs the memory of one chunk however big it grows."""
+        batch.limit = limit = self._limit
         out = self._evaluate(batch, pending, None)
         deadline = batch.read_at + self.settings.max_interval
-        while len(batch) < self._limit and time.monotonic() < deadline:
-            more = self._read_once(batch.end, min(self._limit - len(batch), CHUNK))
+        while len(batch) < limit and time.monotonic() < deadline:
+            more = self._read_once(batch.end, min(limit - len(batch), CHUNK))
             if more.end == batch.end:
                 break
             self._evaluate(more, pending, out)
             batch.extend(more)
+        batch.evaluated_in = time.monotonic() - batch.read_at
         return out
 
     def _read_once(self, start: int, size: int) -> InputBatch:
@@ -308,16 +314,27 @@ class PartitionTask:
         if not future.cancel():
             wait_for([future])
 
-    def _adapt(self, size: int, latency: float) -> None:
-        """Size the next batches from how long this one took from its read to its COMMIT:
-        a full batch well within ``target_latency`` grows them (fourfold below a quarter of
-        it, twofold below half), a batch over it halves them."""
+    def _grow(self, batch: InputBatch) -> None:
+        """Before reading ahead: after a full batch that took well under ``target_latency`` to
+        read and evaluate (fourfold below an eighth of it, twofold below a quarter), the next
+        batches may hold more, unless the last COMMIT came over half of it after its read."""
         target = self.settings.target_latency
-        if latency > target:
+        if len(batch) < batch.limit or self._last_latency > target / 2:
+            return
+        if batch.evaluated_in < target / 8:
+            factor = 4
+        elif batch.evaluated_in < target / 4:
+            factor = 2
+        else:
+            return
+        self._limit = min(self._cap, max(self._limit, batch.limit * factor))
+
+    def _settle(self, size: int, latency: float) -> None:
+        """After a COMMIT ``latency`` seconds after its batch was read: over
+        ``target_latency`` halves the next batches."""
+        self._last_latency = latency
+        if latency > self.settings.target_latency:
             self._limit = max(1, min(self._limit, size) // 2)
-        elif size >= self._limit and latency < target / 2:
-            factor = 4 if latency < target / 4 else 2
-            self._limit = min(self._cap, self._limit * factor)
 
     # -- exactly-once commit -------------------------------------------------------------------
 
