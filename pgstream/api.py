@@ -73,6 +73,7 @@ class App:
         name: str,
         *,
         batch_size: int | None = None,
+        target_latency: float | None = None,
         max_interval: float | None = None,
         poll_interval: float | None = None,
         lease_seconds: float | None = None,
@@ -83,6 +84,7 @@ class App:
         self.name = name
         self.settings = Settings().with_overrides(
             batch_size=batch_size,
+            target_latency=target_latency,
             max_interval=max_interval,
             poll_interval=poll_interval,
             lease_seconds=lease_seconds,
