@@ -52,13 +52,24 @@ def event_time(value: Any) -> datetime:
 
 
 def windowed_key(key: KeySpec, window: Tumbling, time: str | Callable[[Any], Any]) -> KeySpec:
-    """``key`` extended by the record's window start (column ``window_start``)."""
+    """``key`` extended by the record's window start (column ``window_start``).
+
+    Window starts are cached by their epoch second, so a batch builds one ``datetime`` per
+    window rather than one per record.
+    """
     get_time = operator.itemgetter(time) if isinstance(time, str) else time
     key_fn, single = key.fn, len(key.columns) == 1
-    start_of = window.start_of
+    step = window.size.total_seconds()
+    starts: dict[float, datetime] = {}
 
     def fn(record: Any) -> tuple[Any, ...]:
-        start = start_of(event_time(get_time(record)))
+        epoch = event_time(get_time(record)).timestamp()
+        floor = epoch - epoch % step
+        start = starts.get(floor)
+        if start is None:
+            if len(starts) > 100_000:
+                starts.clear()
+            start = starts[floor] = datetime.fromtimestamp(floor, timezone.utc)
         k = key_fn(record)
         return (k, start) if single else (*k, start)
 
