@@ -309,7 +309,7 @@ class Pipeline:
             if rec is None:
                 out.records_in -= 1  # a blank line
             elif rec.value is None:
-                self._dead(out, rec, rec.error or "record could not be decoded", "decode")
+                self._undecodable(out, rec)
             else:  # decodable after all (a byte-order mark): the general path
                 self._evaluate_one(plan, rec, out)
 
@@ -336,7 +336,7 @@ class Pipeline:
 
             def fail(rec: SourceRecord, exc: BaseException | None) -> None:
                 if exc is None:
-                    self._dead(out, rec, rec.error or "record could not be decoded", "decode")
+                    self._undecodable(out, rec)
                 else:
                     self._dead(out, rec, _describe(exc), plan.label)
 
@@ -348,15 +348,10 @@ class Pipeline:
         for rec in records:
             value = rec.value
             if value is None:
-                self._dead(out, rec, rec.error or "record could not be decoded", "decode")
+                self._undecodable(out, rec)
                 continue
             if single is not None:
-                try:
-                    staged = single.stage(value, out)
-                except Exception as exc:
-                    self._dead(out, rec, _describe(exc), single.label)
-                    continue
-                single.apply(staged, rec.offset, out)
+                self._evaluate_one(single, rec, out)
                 continue
             label = ""
             try:
@@ -386,6 +381,9 @@ class Pipeline:
             self._dead(out, rec, _describe(exc), plan.label)
             return
         plan.apply(staged, rec.offset, out)
+
+    def _undecodable(self, out: BatchOutput, rec: SourceRecord) -> None:
+        self._dead(out, rec, rec.error or "record could not be decoded", "decode")
 
     def _dead(self, out: BatchOutput, rec: SourceRecord, error: str, operator: str) -> None:
         if self.on_error == "fail":
