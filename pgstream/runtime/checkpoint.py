@@ -194,9 +194,7 @@ def _run_handlers(
         try:
             plan.spec.fn(batch)
         except psycopg.OperationalError:
-            raise
-        except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
-            raise
+            raise  # transient (lost connection, serialization failure, deadlock...): retried
         except Exception as exc:
             raise HandlerError(
                 f"@app.batch handler {plan.spec.name} failed on {rng.source}/{rng.partition} "
