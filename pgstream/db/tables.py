@@ -53,6 +53,8 @@ partitions = Table(
     Column("records", BigInteger, nullable=False, server_default=text("0")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # what the stream read when this row was created (Source.identity); NULL before 0002
+    Column("source_identity", Text, nullable=True),
     PrimaryKeyConstraint("job", "source", "partition", name="partitions_pkey"),
     postgresql_with={"fillfactor": "50"},
 )
@@ -79,6 +81,8 @@ batches = Table(
     Column("records_out", Integer, nullable=False),
     Column("dead_letters", Integer, nullable=False),
     Column("committed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # the job's plan version this batch ran under (pgstream.plan_versions); NULL before 0002
+    Column("plan_version", Integer, nullable=True),
     PrimaryKeyConstraint("job", "source", "partition", "start_offset", name="batches_pkey"),
     UniqueConstraint("job", "source", "partition", "end_offset", name="batches_end_key"),
     CheckConstraint("end_offset > start_offset", name="batches_range_nonempty"),
@@ -101,6 +105,7 @@ batches = Table(
         ["pgstream.partitions.job", "pgstream.partitions.source", "pgstream.partitions.partition"],
         name="batches_partition_fkey",
         ondelete="CASCADE",
+        onupdate="CASCADE",
     ),
 )
 
@@ -142,6 +147,41 @@ state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("job", "operator", "partition", "key", name="state_pkey"),
     postgresql_with={"fillfactor": "70"},
+)
+
+# One row per job: the plan it runs now (a JSON description and its fingerprint) and the
+# current plan version. Every version, with the changes accepted at each step, is kept in
+# plan_versions, so verify can judge each batch by the plan it ran under.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    Column("fingerprint", Text, nullable=False),
+    Column("plan", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", name="jobs_pkey"),
+)
+
+plan_versions = Table(
+    "plan_versions",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("fingerprint", Text, nullable=False),
+    Column("plan", JSONB, nullable=False),
+    Column("changes", Text, nullable=True),
+    Column("accepted_by", Text, nullable=True),
+    Column("accepted_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "version", name="plan_versions_pkey"),
+    ForeignKeyConstraint(
+        ["job"],
+        ["pgstream.jobs.job"],
+        name="plan_versions_job_fkey",
+        ondelete="CASCADE",
+        onupdate="CASCADE",
+    ),
 )
 
 # Live workers of a job (heartbeats), used to share partitions fairly.

@@ -193,8 +193,39 @@ def test_concurrent_upgrades_from_several_threads_are_safe(pg_empty_dsn: str) ->
 
 
 def test_current_is_head(pg_dsn: str) -> None:
-    assert migrate.head() == "0001_initial"
+    assert migrate.head() == "0002_job_identity"
     assert migrate.current(pg_dsn) == migrate.head()
+
+
+def test_0002_keeps_data_and_cascades_renames(pg_empty_dsn: str) -> None:
+    """A database with a committed ledger at 0001 upgrades in place; renaming a stream's
+    partition row then moves its whole ledger chain in one statement."""
+    migrate.upgrade(pg_empty_dsn, "0001_initial")
+    with connect(pg_empty_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO pgstream.partitions (job, source, partition, committed_offset) "
+            "VALUES ('shop', 'orders', '0', 30)"
+        )
+        for start, end, prev in ((0, 10, None), (10, 20, 10), (20, 30, 20)):
+            conn.execute(
+                "INSERT INTO pgstream.batches (job, source, partition, start_offset, end_offset,"
+                " prev_end_offset, epoch, worker, records_in, records_out, dead_letters)"
+                " VALUES ('shop', 'orders', '0', %s, %s, %s, 1, 'w', 10, 10, 0)",
+                [start, end, prev],
+            )
+    migrate.upgrade(pg_empty_dsn)
+    with connect(pg_empty_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT source_identity, committed_offset FROM pgstream.partitions"
+        ).fetchone()
+        assert row == (None, 30)
+        conn.execute("UPDATE pgstream.partitions SET source = 'orders_v2' WHERE source = 'orders'")
+        chain = conn.execute(
+            "SELECT source, start_offset, plan_version FROM pgstream.batches ORDER BY 2"
+        ).fetchall()
+        assert chain == [("orders_v2", 0, None), ("orders_v2", 10, None), ("orders_v2", 20, None)]
+    migrate.downgrade(pg_empty_dsn, "0001_initial")
+    assert migrate.current(pg_empty_dsn) == "0001_initial"
 
 
 def test_script_location_has_env_and_versions() -> None:
