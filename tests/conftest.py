@@ -213,11 +213,12 @@ class Roles:
     runtime_dsn: str
 
     def grant(self, *statements: str, as_migrator: bool = False) -> None:
-        """Run ``statements`` (``{rt}`` = the quoted runtime role) as the owner or migrator."""
-        rt = sql.Identifier(self.runtime)
+        """Run ``statements`` as the owner (or the migrator); ``{rt}`` and ``{mig}`` stand for
+        the quoted runtime and migration roles."""
+        names = {"rt": sql.Identifier(self.runtime), "mig": sql.Identifier(self.migrator)}
         with connect(self.migrator_dsn if as_migrator else self.owner_dsn, autocommit=True) as c:
             for statement in statements:
-                c.execute(sql.SQL(statement).format(rt=rt))  # type: ignore[arg-type]
+                c.execute(sql.SQL(statement).format(**names))  # type: ignore[arg-type]
 
 
 def _role_dsn(dsn: str, role: str, password: str) -> str:
@@ -241,7 +242,11 @@ def create_roles(server_dsn: str, dsn: str, *, precreate_schema: bool = True) ->
                 )
             )
     roles = Roles(
-        dsn, migrator, runtime, _role_dsn(dsn, migrator, password), _role_dsn(dsn, runtime, password)
+        dsn,
+        migrator,
+        runtime,
+        _role_dsn(dsn, migrator, password),
+        _role_dsn(dsn, runtime, password),
     )
     with connect(dsn, autocommit=True) as conn:
         if precreate_schema:  # a DBA's way: no CREATE on the database for the migrator

@@ -348,8 +348,6 @@ def explain_denied(text: str) -> tuple[str, str]:
         fix = "grant the role pgstream connects as what README 'Permissions' lists"
     message = f"{first} (SQLSTATE 42501: the role pgstream connects as lacks a grant)"
     hint = (
-        f"fix: {fix}; `pgstream db grant <role> --app MODULE:APP` prints every grant "
-        "pgstream needs"
+        f"fix: {fix}; `pgstream db grant <role> --app MODULE:APP` prints every grant pgstream needs"
     )
     return message, hint
-

@@ -50,7 +50,11 @@ def pgstream(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env["PYTHONPATH"] = str(cwd)
     return subprocess.run(
         [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -122,7 +126,9 @@ def test_cli_as_runtime_role(pg_roles: Any, tmp_path: Path) -> None:
 
     # more rows later: the second run resumes from the committed offset
     with connect(pg_roles.owner_dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO orders (user_id, amount) SELECT g, 5 FROM generate_series(1, 20) g")
+        conn.execute(
+            "INSERT INTO orders (user_id, amount) SELECT g, 5 FROM generate_series(1, 20) g"
+        )
     assert run(pg_roles, tmp_path).returncode == 0
     assert counts(pg_roles) == (320, 320, 320)
 
@@ -133,8 +139,9 @@ def test_db_grant_prints_the_grants(pg_roles: Any, tmp_path: Path) -> None:
     schema_only = pgstream("db", "grant", rt, cwd=tmp_path)
     assert schema_only.returncode == 0, schema_only.stderr
     assert f"GRANT USAGE ON SCHEMA pgstream TO {rt};" in schema_only.stdout.splitlines()
-    full = pgstream("db", "grant", rt, "--app", "shopapp:app", "--dsn", pg_roles.runtime_dsn,
-                    cwd=tmp_path)
+    full = pgstream(
+        "db", "grant", rt, "--app", "shopapp:app", "--dsn", pg_roles.runtime_dsn, cwd=tmp_path
+    )
     assert full.returncode == 0, full.stderr
     lines = full.stdout.splitlines()
     assert lines[: len(schema_only.stdout.splitlines())] == schema_only.stdout.splitlines()
@@ -143,12 +150,13 @@ def test_db_grant_prints_the_grants(pg_roles: Any, tmp_path: Path) -> None:
     assert any(
         line.startswith(f"GRANT SELECT, INSERT, UPDATE ON user_totals TO {rt};") for line in lines
     )
-    assert any(line.startswith(f"GRANT SELECT ON SEQUENCE public.orders_id_seq TO {rt};")
-               for line in lines)
+    assert any(
+        line.startswith(f"GRANT SELECT ON SEQUENCE public.orders_id_seq TO {rt};") for line in lines
+    )
     # the printed app part, run by the tables' owner, is enough to run the app
+    start = next(i for i, line in enumerate(lines) if line.startswith("-- as the owner of the t"))
     with connect(pg_roles.owner_dsn, autocommit=True) as conn:
-        conn.execute("\n".join(lines[lines.index(next(
-            line for line in lines if line.startswith("-- as the owner of the tables"))):]).encode())
+        conn.execute("\n".join(lines[start:]).encode())
     done = run(pg_roles, tmp_path)
     assert done.returncode == 0, done.stderr
     assert counts(pg_roles) == (300, 300, 300)
@@ -294,8 +302,9 @@ def test_migrator_without_create_on_database(
     with connect(pg_server_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'x'").format(sql.Identifier(role)))
     try:
-        done = pgstream("db", "upgrade", "--dsn", make_conninfo(dsn, user=role, password="x"),
-                        cwd=tmp_path)
+        done = pgstream(
+            "db", "upgrade", "--dsn", make_conninfo(dsn, user=role, password="x"), cwd=tmp_path
+        )
         assert done.returncode == 1
         error, hint = error_lines(done)
         assert error.startswith("error: permission denied for database ")
