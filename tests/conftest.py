@@ -227,9 +227,33 @@ def _role_dsn(dsn: str, role: str, password: str) -> str:
     return make_conninfo(dsn, user=role, password=password)
 
 
+_ROLE_RE = re.compile(r"^pgs_(?:mig|rt)_(\d+)_[0-9a-f]+$")
+
+
+def _drop_stale_roles(server_dsn: str) -> None:
+    """Drop test roles left by killed pytest processes (their databases are gone)."""
+    if not _is_local(server_dsn):
+        return
+    with _admin(server_dsn) as conn:
+        names = [str(r[0]) for r in conn.execute("SELECT rolname FROM pg_roles")]
+        for name in names:
+            match = _ROLE_RE.match(name)
+            if not match or int(match.group(1)) == _PID:
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+            except OSError:
+                pass
+
+
 def create_roles(server_dsn: str, dsn: str, *, precreate_schema: bool = True) -> Roles:
     """Create the two roles for database ``dsn``; the migrator runs pgstream's migrations."""
     from pgstream.db import migrate
+
+    _drop_stale_roles(server_dsn)
 
     tag = f"{_PID}_{secrets.token_hex(3)}"
     migrator, runtime, password = f"pgs_mig_{tag}", f"pgs_rt_{tag}", secrets.token_hex(8)
