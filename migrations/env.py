@@ -4,7 +4,8 @@ Used by :mod:`pgstream.db.migrate` (``pgstream db upgrade``), which builds the A
 config in code and passes an open SQLAlchemy connection in
 ``config.attributes["connection"]``; otherwise the ``sqlalchemy.url`` option is used.
 
-* The version table is ``pgstream.alembic_version``; the schema is created here first.
+* The version table is ``pgstream.alembic_version``; the schema is created here first unless
+  it exists (a pre-created schema needs no CREATE privilege on the database).
 * Autogenerate only ever sees the ``pgstream`` schema: user tables elsewhere are ignored.
 * Every run holds a transaction-scoped advisory lock, so concurrent upgrades queue up and
   the later ones find the work already done.
@@ -60,6 +61,17 @@ def _schema_is_empty(connection: Connection) -> bool:
     return bool(row and row[0])
 
 
+def _create_schema(connection: Connection) -> None:
+    """Create the schema unless it exists. ``CREATE SCHEMA IF NOT EXISTS`` alone would need
+    CREATE on the database even when a DBA pre-created the schema for the migration role."""
+    exists = connection.execute(
+        text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :schema)"),
+        {"schema": SCHEMA},
+    ).scalar()
+    if not exists:
+        connection.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
+
+
 def do_run_migrations(connection: Connection) -> None:
     """Run the migrations on ``connection`` under the migration advisory lock."""
     context.configure(connection=connection, **migration_context_options())
@@ -67,7 +79,7 @@ def do_run_migrations(connection: Connection) -> None:
         # Serialize concurrent runs; held until this transaction ends. The current
         # revision is read after the lock, so a queued run sees the finished work.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
-        connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
+        _create_schema(connection)
         context.run_migrations()
         migration_context = context.get_context()
         if not migration_context.get_current_heads():

@@ -83,6 +83,13 @@ def report_error(exc: BaseException) -> int:
             orig = exc.orig
     except ImportError:  # pragma: no cover - SQLAlchemy is a dependency
         pass
+    if isinstance(orig, psycopg.Error) and orig.sqlstate == "42501":
+        from pgstream.db.privileges import explain_denied
+
+        message, hint = explain_denied(str(orig))
+        click.echo(f"error: {message}", err=True)
+        click.echo(f"  hint: {hint}", err=True)
+        return 1
     if isinstance(orig, psycopg.OperationalError):
         click.echo(f"error: database error: {_first_line(orig)}", err=True)
         click.echo("  hint: is the server running? check --dsn / PGSTREAM_DSN", err=True)
@@ -220,6 +227,32 @@ def db_current(dsn: str | None) -> None:
         click.echo(f"{at} (head)")
     else:
         click.echo(f"{at} (head is {need}; run: pgstream db upgrade)")
+
+
+@db.command("grant")
+@click.argument("role")
+@click.option(
+    "--app", "target", metavar="MODULE:APP", default=None,
+    help="Also print the grants on this app's source and sink tables.",
+)
+@dsn_option
+def db_grant(role: str, target: str | None, dsn: str | None) -> None:
+    """Print the GRANTs runtime ROLE needs (pipe them to psql as the objects' owner).
+
+    Without --app: the pgstream schema's part, run as the role that runs `pgstream db
+    upgrade` (with ALTER DEFAULT PRIVILEGES, so later migrations stay granted). With --app:
+    also SELECT on its sources and the privileges its sinks need, run as their owner."""
+    from pgstream.db.privileges import grant_statements
+
+    if target is None:
+        click.echo("\n".join(grant_statements(role)))
+        return
+    from pgstream.db.connect import connect, resolve_dsn
+    from pgstream.loader import load_app
+
+    app = load_app(target)
+    with connect(resolve_dsn(dsn), autocommit=True) as conn:
+        click.echo("\n".join(grant_statements(role, app, conn)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,6 +35,10 @@ class SourceUnavailableError(PgStreamError):
     """A source cannot be read, or its offsets jumped past what was committed."""
 
 
+class PrivilegeError(DatabaseError):
+    """The database role lacks a grant pgstream needs (the message names it and the GRANT)."""
+
+
 class RecordFailedError(PgStreamError):
     """A record failed with ``on_error="fail"``: the worker stops without committing it."""
 

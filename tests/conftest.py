@@ -33,6 +33,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,135 @@ def pg_conn(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to ``pg_dsn``."""
     with connect(pg_dsn, autocommit=True) as conn:
         yield conn
+
+
+# -- least privilege: a migration role and a runtime role ---------------------------------------
+
+
+@dataclass
+class Roles:
+    """Two non-superuser roles on a fresh, unmigrated database (see :func:`pg_roles`).
+
+    ``owner_dsn`` is the superuser's DSN of the database (it creates and owns the app's tables);
+    ``migrator`` owns the ``pgstream`` schema and migrated it; ``runtime`` got the grants
+    ``pgstream db grant`` prints for the schema, and nothing on the app's tables yet.
+    """
+
+    owner_dsn: str
+    migrator: str
+    runtime: str
+    migrator_dsn: str
+    runtime_dsn: str
+
+    def grant(self, *statements: str, as_migrator: bool = False) -> None:
+        """Run ``statements`` as the owner (or the migrator); ``{rt}`` and ``{mig}`` stand for
+        the quoted runtime and migration roles."""
+        names = {"rt": sql.Identifier(self.runtime), "mig": sql.Identifier(self.migrator)}
+        with connect(self.migrator_dsn if as_migrator else self.owner_dsn, autocommit=True) as c:
+            for statement in statements:
+                c.execute(sql.SQL(statement).format(**names))  # type: ignore[arg-type]
+
+
+def _role_dsn(dsn: str, role: str, password: str) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    return make_conninfo(dsn, user=role, password=password)
+
+
+_ROLE_RE = re.compile(r"^pgs_(?:mig|rt)_(\d+)_[0-9a-f]+$")
+
+
+def _drop_stale_roles(server_dsn: str) -> None:
+    """Drop test roles left by killed pytest processes (their databases are gone)."""
+    if not _is_local(server_dsn):
+        return
+    with _admin(server_dsn) as conn:
+        names = [str(r[0]) for r in conn.execute("SELECT rolname FROM pg_roles")]
+        for name in names:
+            match = _ROLE_RE.match(name)
+            if not match or int(match.group(1)) == _PID:
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+            except OSError:
+                pass
+
+
+def create_roles(server_dsn: str, dsn: str, *, precreate_schema: bool = True) -> Roles:
+    """Create the two roles for database ``dsn``; the migrator runs pgstream's migrations."""
+    from pgstream.db import migrate
+
+    _drop_stale_roles(server_dsn)
+
+    tag = f"{_PID}_{secrets.token_hex(3)}"
+    migrator, runtime, password = f"pgs_mig_{tag}", f"pgs_rt_{tag}", secrets.token_hex(8)
+    dbname = str(conninfo_to_dict(dsn)["dbname"])
+    with _admin(server_dsn) as conn:
+        for role in (migrator, runtime):
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
+    roles = Roles(
+        dsn,
+        migrator,
+        runtime,
+        _role_dsn(dsn, migrator, password),
+        _role_dsn(dsn, runtime, password),
+    )
+    with connect(dsn, autocommit=True) as conn:
+        if precreate_schema:  # a DBA's way: no CREATE on the database for the migrator
+            conn.execute(
+                sql.SQL("CREATE SCHEMA pgstream AUTHORIZATION {}").format(sql.Identifier(migrator))
+            )
+        else:
+            conn.execute(
+                sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                    sql.Identifier(dbname), sql.Identifier(migrator)
+                )
+            )
+    migrate.upgrade(roles.migrator_dsn)
+    return roles
+
+
+def drop_roles(server_dsn: str, roles: Roles) -> None:
+    """End the roles' sessions, drop what they own or were granted, drop them."""
+    names = [roles.migrator, roles.runtime]
+    with _admin(server_dsn) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = ANY(%s)",
+            [names],
+        )
+    with contextlib.suppress(psycopg.OperationalError), connect(
+        roles.owner_dsn, autocommit=True
+    ) as conn:
+        for name in (roles.runtime, roles.migrator):  # one at a time: a default ACL names both
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+    with _admin(server_dsn) as conn:
+        conn.execute(
+            sql.SQL("DROP ROLE IF EXISTS {}").format(
+                sql.SQL(", ").join(sql.Identifier(n) for n in names)
+            )
+        )
+
+
+@pytest.fixture
+def pg_roles(pg_server_dsn: str, make_database: Callable[..., str]) -> Iterator[Roles]:
+    """A fresh database migrated by a non-superuser migration role that owns the ``pgstream``
+    schema (created for it, as a DBA would), and a runtime role with the schema's grants from
+    ``pgstream db grant`` (run as the migrator). Roles are cluster-wide: unique names, dropped
+    after the test. Grants on the app's tables are the test's business (``roles.grant``)."""
+    from pgstream.db.privileges import grant_statements
+
+    roles = create_roles(pg_server_dsn, make_database(migrated=False))
+    try:
+        script = "\n".join(grant_statements(roles.runtime))
+        with connect(roles.migrator_dsn, autocommit=True) as conn:
+            conn.execute(script.encode())
+        yield roles
+    finally:
+        drop_roles(pg_server_dsn, roles)

@@ -33,7 +33,14 @@ def _now() -> sa.TextClause:
 
 def upgrade() -> None:
     """Create the pgstream schema's tables."""
-    op.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
+    # env.py has created the schema unless it existed; IF NOT EXISTS alone would still need
+    # CREATE on the database when a DBA pre-created the schema for the migration role.
+    bind = op.get_bind()
+    exists = bind.execute(
+        sa.text("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = :s)"), {"s": SCHEMA}
+    ).scalar()
+    if not exists:
+        op.execute(sa.text(f'CREATE SCHEMA "{SCHEMA}"'))
 
     op.create_table(
         "partitions",

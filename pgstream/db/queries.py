@@ -186,3 +186,58 @@ PRUNE_WORKERS = """
 DELETE FROM pgstream.workers
  WHERE job = %(job)s AND heartbeat_at < now() - make_interval(secs => 10 * %(lease)s)
 """
+
+# -- privileges (pgstream.db.privileges) ------------------------------------------------------
+
+# Every privilege the caller asks for, plus DML on each table and USAGE on each sequence of the
+# pgstream schema (read from the catalog, so tables added by later migrations are checked
+# too; alembic_version is read-only), checked with has_*_privilege in one round trip. Returns
+# one row with the current role and NULLs when nothing is missing, else one row per missing
+# privilege. An object that does not exist is skipped (the schema and sink checks name it).
+# pg_class/pg_namespace are read directly: to_regclass('pgstream.x') itself fails without
+# USAGE on the schema.
+MISSING_PRIVILEGES = """
+WITH wanted AS (
+  SELECT w.kind, w.schema_name, w.rel, w.privilege, w.purpose, w.ord
+    FROM unnest(%(kinds)s::text[], %(schemas)s::text[], %(names)s::text[],
+                %(privileges)s::text[], %(purposes)s::text[])
+         WITH ORDINALITY AS w(kind, schema_name, rel, privilege, purpose, ord)
+  UNION ALL
+  SELECT CASE WHEN c.relkind = 'S' THEN 'sequence' ELSE 'table' END, n.nspname::text,
+         c.relname::text, p.privilege, %(own_purpose)s, 1000000 + row_number() OVER ()
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL unnest(CASE WHEN c.relkind = 'S' THEN ARRAY['USAGE']
+                                   WHEN c.relname = 'alembic_version' THEN ARRAY['SELECT']
+                                   ELSE %(runtime_privileges)s::text[] END) AS p(privilege)
+   WHERE n.nspname = 'pgstream' AND c.relkind IN ('r', 'p', 'S')
+), resolved AS (
+  SELECT w.*,
+         CASE WHEN w.kind = 'schema' THEN (SELECT oid FROM pg_namespace WHERE nspname = w.rel)
+              WHEN w.kind = 'database' THEN NULL
+              WHEN w.schema_name IS NULL THEN to_regclass(quote_ident(w.rel))::oid
+              ELSE (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = w.schema_name AND c.relname = w.rel)
+         END AS objid
+    FROM wanted w
+), missing AS (
+  SELECT r.kind,
+         CASE WHEN r.kind IN ('table', 'sequence') THEN
+              (SELECT n.nspname::text FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = r.objid)
+         END AS schema_name,
+         CASE WHEN r.kind = 'database' THEN current_database()::text ELSE r.rel END AS rel,
+         r.privilege, r.purpose, r.ord
+    FROM resolved r
+   WHERE NOT COALESCE(
+           CASE r.kind
+             WHEN 'database' THEN has_database_privilege(current_database(), r.privilege)
+             WHEN 'schema' THEN has_schema_privilege(r.objid, r.privilege)
+             WHEN 'table' THEN has_table_privilege(r.objid, r.privilege)
+             WHEN 'sequence' THEN has_sequence_privilege(r.objid, r.privilege)
+           END, true)
+)
+SELECT u.me, m.kind, m.schema_name, m.rel, m.privilege, m.purpose
+  FROM (SELECT current_user::text AS me) AS u
+  LEFT JOIN missing AS m ON true
+ ORDER BY m.ord
+"""

@@ -19,6 +19,7 @@ import psycopg
 from pgstream.api import App
 from pgstream.config import Settings
 from pgstream.db.migrate import ensure_migrated
+from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
@@ -64,7 +65,9 @@ def build_sinks(app: App) -> dict[str, AppendSink | UpsertSink]:
 
 
 def prepare(app: App, conn: psycopg.Connection[Any]) -> dict[str, AppendSink | UpsertSink]:
-    """Check the schema, the sources and the sink tables; raise one clear error if not ready."""
+    """Check grants, the schema, the sources and the sink tables; raise one clear error if
+    not ready."""
+    check_privileges(app, conn)
     ensure_migrated(conn)
     for name, source in app.sources.items():
         try:

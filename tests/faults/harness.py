@@ -156,6 +156,8 @@ class Job:
     lease: float = 10.0
     batch: int = 200
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: DSN ``pgstream run`` / ``verify`` use (e.g. a non-superuser runtime role); default ``dsn``
+    run_dsn: str | None = None
     workers: list[WorkerProc] = field(default_factory=list)
     _n: int = 0
 
@@ -199,7 +201,8 @@ class Job:
         """Start ``pgstream run faultapp:app`` (``prefix`` e.g. ``["faketime", "+1d"]``)."""
         self._n += 1
         log = self.workdir / f"worker-{self._n}.log"
-        cmd = [*(prefix or []), *self.command("run", TARGET, "--dsn", self.dsn, "-v")]
+        cmd = [*(prefix or []), *self.command("run", TARGET, "--dsn", self.run_dsn or self.dsn,
+                                              "-v")]
         if stop_when_idle:
             cmd.append("--stop-when-idle")
         cmd += args or []
@@ -292,7 +295,7 @@ class Job:
     def verify(self) -> tuple[int, str]:
         """``pgstream verify faultapp:app``: (exit code, output)."""
         res = subprocess.run(
-            self.command("verify", TARGET, "--dsn", self.dsn),
+            self.command("verify", TARGET, "--dsn", self.run_dsn or self.dsn),
             capture_output=True, env=self.env(), cwd=self.workdir, timeout=300,
         )
         return res.returncode, (res.stdout + res.stderr).decode(errors="replace")
