@@ -56,9 +56,14 @@ SELECT p.source, p.partition, a.pid, pg_terminate_backend(a.pid)
    AND a.xact_start < now() - make_interval(secs => %(lease)s)
 """
 
+# %(streams)s: the app's streams (NULL: every stream of the job).
+_ANY_STREAM = "%(streams)s::text[] IS NULL OR p.source = ANY(%(streams)s::text[])"
+
+# Only the app's own streams: rows of a stream removed from the code (orphans, see
+# ORPHAN_STREAMS) are never claimed, so they must not count as claimable either.
 CLAIMABLE = f"""
 SELECT p.source, p.partition FROM pgstream.partitions AS p
- WHERE p.job = %(job)s AND ({_OWNER_GONE})
+ WHERE p.job = %(job)s AND ({_ANY_STREAM}) AND ({_OWNER_GONE})
  ORDER BY p.source, p.partition
 """
 
@@ -86,7 +91,17 @@ SELECT committed_offset, epoch FROM pgstream.partitions
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
 """
 
-COUNT_PARTITIONS = "SELECT count(*) FROM pgstream.partitions WHERE job = %(job)s"
+COUNT_PARTITIONS = f"""
+SELECT count(*) FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND ({_ANY_STREAM})
+"""
+
+# Streams with partition rows in this job that the app no longer has (removed from the code).
+ORPHAN_STREAMS = """
+SELECT DISTINCT source FROM pgstream.partitions
+ WHERE job = %(job)s AND NOT (source = ANY(%(streams)s::text[]))
+ ORDER BY source
+"""
 
 # Attempts are counted outside the batch transaction (asynchronously committed: a crashed
 # worker process does not lose it, only a crashed server might) so a record that kills the
