@@ -408,10 +408,12 @@ def _reset_outputs(
         rows = _count(cur, _source_column_sql(cur, table, _COUNT_SOURCE), p)
         outcome.add(
             f"  append sink {table}: {rows} row(s) kept; a re-read record whose output is "
-            "already there (same _source, _partition, _offset) is skipped as a duplicate, so "
-            "rows keep their old values (if the source now holds different records at those "
-            "offsets, their outputs are dropped): --delete-outputs deletes them so they are "
-            "written again"
+            "already there (same _source, _partition, _offset) is skipped as a duplicate"
+        )
+        outcome.add(
+            "    (rows keep their old values; if the source now holds other records at those "
+            "offsets, their outputs are dropped: --delete-outputs deletes the rows so they are "
+            "written again)"
         )
     for spec in _unique_tables(_sinks_of(app, stream, "aggregate")):
         outcome.add(

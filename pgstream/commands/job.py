@@ -47,9 +47,12 @@ def _load(target: str) -> App:
 
 
 def _print(outcome: Outcome, dry_run_note: bool) -> None:
+    dry_run = dry_run_note and not outcome.applied and len(outcome.lines) > 1
+    if dry_run:
+        click.echo("dry run: this is what --yes would do")
     for line in outcome.lines:
         click.echo(line)
-    if dry_run_note and not outcome.applied:
+    if dry_run:
         click.echo("dry run: nothing was changed; run again with --yes to do it")
 
 
@@ -79,7 +82,7 @@ def _print_job(job: dict[str, Any]) -> None:
         when = _when(job["plan_changed_at"])
         change = (job["last_change"] or "first recorded plan").strip().splitlines()[0]
         plan = f"plan version {job['plan_version']}, last change {when}: {change}"
-    click.echo(f"job {job['job']}  ({plan})")
+    click.echo(f"job {job['job']}: {plan}")
     for stream in job["streams"]:
         tag = "  ORPHAN: not in the recorded plan" if stream["orphan"] else ""
         click.echo(
