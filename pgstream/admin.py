@@ -242,6 +242,7 @@ def _rename_job(cur: Cursor, old: str, new: str, outcome: Outcome) -> None:
         "forget each of its streams first (pgstream job reset MODULE:APP --stream S "
         "--delete-outputs --yes), then rename",
     )
+    outcome.add(f"job {old!r} renamed to {new!r}:")
     names = {"old": old, "new": new}
     dropped = _rowcount(cur, queries.ADMIN_DELETE_UNCOMMITTED_PARTITIONS, new_job)
     plans = _count(cur, queries.ADMIN_COUNT_PLAN_VERSIONS, {"job": old})
@@ -257,7 +258,6 @@ def _rename_job(cur: Cursor, old: str, new: str, outcome: Outcome) -> None:
     state = _rowcount(cur, queries.ADMIN_RENAME_JOB_STATE, names)
     workers = _rowcount(cur, queries.ADMIN_RENAME_JOB_WORKERS, names)
     jobs = _rowcount(cur, queries.ADMIN_RENAME_JOB_ROW, names)
-    outcome.lines.insert(0, f"job {old!r} renamed to {new!r}:")
     outcome.add(
         f"  {moved} partition row(s) (new epoch: old workers are fenced), {ledger} ledger "
         f"batch(es), {dead} dead letter(s), {state} fold state row(s), {workers} worker row(s)"

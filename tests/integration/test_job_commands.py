@@ -78,8 +78,9 @@ def file_setup(tmp: Path, conn: psycopg.Connection[Any], n: int = 1000) -> dict[
 
 def run_idle(tmp: Path, target: str, dsn: str, env: dict[str, str], timeout: float = 120) -> str:
     """``pgstream run TARGET --stop-when-idle``; returns its stderr (asserts exit 0)."""
-    done = pgstream("run", target, "--dsn", dsn, "--stop-when-idle", cwd=tmp, env=env,
-                    timeout=timeout)
+    done = pgstream(
+        "run", target, "--dsn", dsn, "--stop-when-idle", cwd=tmp, env=env, timeout=timeout
+    )
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -176,7 +177,13 @@ def test_stream_rename_continues_from_the_old_offsets(
     write_table_app(tmp_path, "shop_v2", stream="orders_v2")
 
     renamed = pgstream(
-        "job", "rename", "shop_v2:app", "--stream", "orders=orders_v2", "--dsn", pg_dsn,
+        "job",
+        "rename",
+        "shop_v2:app",
+        "--stream",
+        "orders=orders_v2",
+        "--dsn",
+        pg_dsn,
         cwd=tmp_path,
     )
     assert renamed.returncode == 0, renamed.stderr
@@ -223,25 +230,40 @@ def test_job_and_stream_rename_together_move_plan_and_workers(
     pg_conn.execute(
         "INSERT INTO pgstream.workers (job, worker, hostname, pid) VALUES ('shop', 'w', 'h', 1)"
     )
+    # a start under the new name that read nothing: its plan and registration go away
+    record_plan(pg_conn, "shop2", {"streams": {"orders_v2": {"source": "x"}}})
+    pg_conn.execute(
+        "INSERT INTO pgstream.partitions (job, source, partition) VALUES ('shop2', 'orders_v2', "
+        "'0')"
+    )
     before = pg_conn.execute(
-        "SELECT committed_offset, epoch FROM pgstream.partitions"
+        "SELECT committed_offset, epoch FROM pgstream.partitions WHERE job = 'shop'"
     ).fetchone()
     assert before is not None
 
     done = pgstream(
-        "job", "rename", "v2:app", "--from-job", "shop", "--stream", "orders=orders_v2",
-        "--dsn", pg_dsn, cwd=tmp_path, env=env,
+        "job",
+        "rename",
+        "v2:app",
+        "--from-job",
+        "shop",
+        "--stream",
+        "orders=orders_v2",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert "job 'shop' renamed to 'shop2'" in done.stdout
     assert "1 worker row(s)" in done.stdout and "1 plan version(s)" in done.stdout
+    assert "dropped the plan recorded for 'shop2' by a start that read nothing" in done.stdout
+    assert "removed 1 partition row(s) of 'shop2' that had committed nothing" in done.stdout
     assert "stream 'orders' of job 'shop2' renamed to 'orders_v2'" in done.stdout
     assert pg_conn.execute(
         "SELECT job, source, committed_offset, epoch FROM pgstream.partitions"
     ).fetchall() == [("shop2", "orders_v2", before[0], before[1] + 2)]  # fenced twice
-    assert pg_conn.execute("SELECT DISTINCT job FROM pgstream.workers").fetchall() == [
-        ("shop2",)
-    ]
+    assert pg_conn.execute("SELECT DISTINCT job FROM pgstream.workers").fetchall() == [("shop2",)]
     renamed = {
         "streams": {"orders_v2": {"source": "file:orders.jsonl"}},
         "sinks": [
@@ -301,7 +323,10 @@ def test_commands_refuse_while_a_worker_holds_the_lease(
     write_file_app(tmp_path, "v2", orders="orders_v2")
     worker = subprocess.Popen(
         [sys.executable, "-m", "pgstream", "run", "v1:app", "--dsn", pg_dsn],
-        cwd=tmp_path, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -326,8 +351,17 @@ def test_commands_refuse_while_a_worker_holds_the_lease(
     finally:
         worker.terminate()
         assert worker.wait(timeout=60) == 0
-    done = pgstream("job", "rename", "v2:app", "--stream", "orders=orders_v2", "--dsn", pg_dsn,
-                    cwd=tmp_path, env=env)
+    done = pgstream(
+        "job",
+        "rename",
+        "v2:app",
+        "--stream",
+        "orders=orders_v2",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert [p[1] for p in partitions(pg_conn)] == ["orders_v2"]
 
@@ -343,8 +377,11 @@ def test_rename_refuses_names_that_do_not_fit(
     cases = [
         (("v2:app", "--stream", "orders=nope"), 2, "stream 'nope' is not in app 'shop'"),
         (("both:app", "--stream", "clicks=orders"), 2, "stream 'clicks' is still in app 'shop'"),
-        (("v2:app", "--stream", "ghost=orders_v2"), 1,
-         "stream 'ghost' of job 'shop' has no checkpoint: nothing to rename"),
+        (
+            ("v2:app", "--stream", "ghost=orders_v2"),
+            1,
+            "stream 'ghost' of job 'shop' has no checkpoint: nothing to rename",
+        ),
         (("v2:app", "--from-job", "ghost"), 1, "job 'ghost' has no checkpoint"),
         (("v2:app", "--from-job", "shop"), 2, "--from-job 'shop' is the app's own name"),
         (("v2:app",), 2, "nothing to rename"),
@@ -367,16 +404,24 @@ def test_rename_refuses_a_new_name_with_a_checkpoint(
     run_idle(tmp_path, "v1:app", pg_dsn, env)
     # a start under the new name that committed nothing is no obstacle: its row goes away
     pg_conn.execute(
-        "INSERT INTO pgstream.partitions (job, source, partition) VALUES ('shop', 'orders_v2', "
-        "'x')"
+        "INSERT INTO pgstream.partitions (job, source, partition) VALUES ('shop', 'orders_v2', 'x')"
     )
     pg_conn.execute(
         "INSERT INTO pgstream.partitions (job, source, partition, committed_offset) "
         "VALUES ('shop', 'orders_v2', 'y', 10)"
     )
     before = partitions(pg_conn)
-    refused = pgstream("job", "rename", "v2:app", "--stream", "orders=orders_v2", "--dsn",
-                       pg_dsn, cwd=tmp_path, env=env)
+    refused = pgstream(
+        "job",
+        "rename",
+        "v2:app",
+        "--stream",
+        "orders=orders_v2",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert refused.returncode == 1
     assert (
         "error: stream 'orders_v2' of job 'shop' already has a checkpoint (committed offsets "
@@ -385,8 +430,17 @@ def test_rename_refuses_a_new_name_with_a_checkpoint(
     assert "pgstream job reset MODULE:APP --stream orders_v2" in refused.stderr
     assert partitions(pg_conn) == before
     pg_conn.execute("DELETE FROM pgstream.partitions WHERE partition = 'y'")
-    done = pgstream("job", "rename", "v2:app", "--stream", "orders=orders_v2", "--dsn", pg_dsn,
-                    cwd=tmp_path, env=env)
+    done = pgstream(
+        "job",
+        "rename",
+        "v2:app",
+        "--stream",
+        "orders=orders_v2",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "removed 1 partition row(s) of 'orders_v2' that had committed nothing" in done.stdout
     assert [p[1:3] for p in partitions(pg_conn)] == [("orders_v2", "0")]
@@ -412,8 +466,9 @@ def test_reset_dry_run_then_reset_reads_the_stream_from_the_start(
     before, batches = partitions(pg_conn), ledger(pg_conn)
     assert batches == 11
 
-    dry = pgstream("job", "reset", "v1:app", "--stream", "orders", "--dsn", pg_dsn,
-                   cwd=tmp_path, env=env)
+    dry = pgstream(
+        "job", "reset", "v1:app", "--stream", "orders", "--dsn", pg_dsn, cwd=tmp_path, env=env
+    )
     assert dry.returncode == 0, dry.stderr
     out = dry.stdout
     assert "reset stream 'orders' of job 'shop': the next run reads it from the start" in out
@@ -424,8 +479,18 @@ def test_reset_dry_run_then_reset_reads_the_stream_from_the_start(
     assert out.rstrip().endswith("dry run: nothing was changed; run again with --yes to do it")
     assert partitions(pg_conn) == before and ledger(pg_conn) == batches
 
-    done = pgstream("job", "reset", "v1:app", "--stream", "orders", "--yes", "--dsn", pg_dsn,
-                    cwd=tmp_path, env=env)
+    done = pgstream(
+        "job",
+        "reset",
+        "v1:app",
+        "--stream",
+        "orders",
+        "--yes",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "dry run" not in done.stdout
     assert "done: the next `pgstream run` reads 'orders' from the start" in done.stdout
@@ -453,8 +518,19 @@ def test_reset_with_delete_outputs_writes_the_append_rows_again(
     write_file_app(tmp_path, "v1", clicks=True)
     run_idle(tmp_path, "v1:app", pg_dsn, env)
     pg_conn.execute("UPDATE ids SET id = -1")  # what an older version of the code wrote
-    done = pgstream("job", "reset", "v1:app", "--stream", "orders", "--delete-outputs", "--yes",
-                    "--dsn", pg_dsn, cwd=tmp_path, env=env)
+    done = pgstream(
+        "job",
+        "reset",
+        "v1:app",
+        "--stream",
+        "orders",
+        "--delete-outputs",
+        "--yes",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "append sink ids: 1000 row(s) deleted; written again on re-read" in done.stdout
     assert pg_conn.execute("SELECT count(*) FROM ids").fetchone() == (0,)
@@ -471,13 +547,24 @@ def test_reset_refuses_a_stream_not_in_the_app(
 ) -> None:
     env = file_setup(tmp_path, pg_conn)
     write_file_app(tmp_path, "v1")
-    done = pgstream("job", "reset", "v1:app", "--stream", "clicks", "--dsn", pg_dsn,
-                    cwd=tmp_path, env=env)
+    done = pgstream(
+        "job", "reset", "v1:app", "--stream", "clicks", "--dsn", pg_dsn, cwd=tmp_path, env=env
+    )
     assert done.returncode == 2
     assert "error: stream 'clicks' is not in app 'shop'" in done.stderr
     assert "pgstream job retire MODULE:APP --stream clicks --yes" in done.stderr
-    nothing = pgstream("job", "reset", "v1:app", "--stream", "orders", "--yes", "--dsn", pg_dsn,
-                       cwd=tmp_path, env=env)
+    nothing = pgstream(
+        "job",
+        "reset",
+        "v1:app",
+        "--stream",
+        "orders",
+        "--yes",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert nothing.returncode == 0
     assert "has no checkpoint: nothing to reset" in nothing.stdout
 
@@ -499,16 +586,26 @@ def test_retire_drops_a_removed_stream_and_keeps_its_outputs(
         "('shop', 'clicks:fold:t', '0', 'k', '1'), ('shop', 'orders:fold:t', '0', 'k', '1')"
     )
 
-    refused = pgstream("job", "retire", "both:app", "--stream", "clicks", "--dsn", pg_dsn,
-                       cwd=tmp_path, env=env)
+    refused = pgstream(
+        "job", "retire", "both:app", "--stream", "clicks", "--dsn", pg_dsn, cwd=tmp_path, env=env
+    )
     assert refused.returncode == 2
     assert "stream 'clicks' is still in app 'shop'; remove it from the code first" in (
         refused.stderr
     )
 
     before, batches = partitions(pg_conn), ledger(pg_conn)
-    dry = pgstream("job", "retire", "only_orders:app", "--stream", "clicks", "--dsn", pg_dsn,
-                   cwd=tmp_path, env=env)
+    dry = pgstream(
+        "job",
+        "retire",
+        "only_orders:app",
+        "--stream",
+        "clicks",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert dry.returncode == 0, dry.stderr
     assert "checkpoint: 1 partition row(s) deleted" in dry.stdout
     assert "fold state: 1 key(s) deleted (clicks:fold:t)" in dry.stdout
@@ -517,17 +614,25 @@ def test_retire_drops_a_removed_stream_and_keeps_its_outputs(
     assert "dry run: nothing was changed" in dry.stdout
     assert partitions(pg_conn) == before and ledger(pg_conn) == batches
 
-    done = pgstream("job", "retire", "only_orders:app", "--stream", "clicks", "--yes",
-                    "--dsn", pg_dsn, cwd=tmp_path, env=env)
+    done = pgstream(
+        "job",
+        "retire",
+        "only_orders:app",
+        "--stream",
+        "clicks",
+        "--yes",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "done: stream 'clicks' is retired" in done.stdout
     assert [p[1] for p in partitions(pg_conn)] == ["orders"]
     assert pg_conn.execute("SELECT DISTINCT source FROM pgstream.batches").fetchall() == [
         ("orders",)
     ]
-    assert pg_conn.execute("SELECT operator FROM pgstream.state").fetchall() == [
-        ("orders:fold:t",)
-    ]
+    assert pg_conn.execute("SELECT operator FROM pgstream.state").fetchall() == [("orders:fold:t",)]
     assert pg_conn.execute("SELECT count(*) FROM click_ids").fetchone() == (500,)
     assert pg_conn.execute(
         "SELECT count(*) FROM pgstream.dead_letters WHERE source = 'clicks'"
@@ -587,8 +692,18 @@ def test_recreated_table_names_the_reset_command_which_then_reads_it_anew(
     assert "offsets jumped" in failed.stderr
     assert "fix: pgstream job reset MODULE:APP --stream S --delete-outputs" in failed.stderr
 
-    done = pgstream("job", "reset", "shop_v1:app", "--stream", "orders", "--delete-outputs",
-                    "--yes", "--dsn", pg_dsn, cwd=tmp_path)
+    done = pgstream(
+        "job",
+        "reset",
+        "shop_v1:app",
+        "--stream",
+        "orders",
+        "--delete-outputs",
+        "--yes",
+        "--dsn",
+        pg_dsn,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     pg_conn.execute("TRUNCATE user_totals, user_last")  # the dry run says: not retracted
     run_idle(tmp_path, "shop_v1:app", pg_dsn, {})
