@@ -708,3 +708,23 @@ def test_recreated_table_names_the_reset_command_which_then_reads_it_anew(
     pg_conn.execute("TRUNCATE user_totals, user_last")  # the dry run says: not retracted
     run_idle(tmp_path, "shop_v1:app", pg_dsn, {})
     assert_outputs_match_reference(pg_conn)
+
+
+def test_commands_refuse_while_a_batch_holds_the_partition_row(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env = file_setup(tmp_path, pg_conn)
+    write_file_app(tmp_path, "v1")
+    write_file_app(tmp_path, "only_clicks", orders="unused")
+    run_idle(tmp_path, "v1:app", pg_dsn, env)
+    with psycopg.connect(pg_dsn) as batch:  # what a frozen worker's open batch looks like
+        batch.execute("SELECT 1 FROM pgstream.partitions FOR UPDATE").fetchall()
+        for args in (
+            ("reset", "v1:app", "--stream", "orders", "--yes"),
+            ("retire", "only_clicks:app", "--stream", "orders", "--yes"),
+        ):
+            refused = pgstream("job", *args, "--dsn", pg_dsn, cwd=tmp_path, env=env)
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert "a batch in flight holds its partition rows" in refused.stderr
+            assert "stop the job's workers first" in refused.stderr
+    assert [p[3] is not None for p in partitions(pg_conn)] == [True]
