@@ -43,5 +43,10 @@ class RecordFailedError(PgStreamError):
     """A record failed with ``on_error="fail"``: the worker stops without committing it."""
 
 
+class JobStateError(PgStreamError):
+    """A ``pgstream job`` command cannot act on the stored job as it is (live workers, a
+    name with no checkpoint, a new name that already has one)."""
+
+
 class LeaseLostError(Exception):
     """This worker's epoch is stale: another worker owns the partition now (internal)."""

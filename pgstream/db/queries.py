@@ -56,9 +56,14 @@ SELECT p.source, p.partition, a.pid, pg_terminate_backend(a.pid)
    AND a.xact_start < now() - make_interval(secs => %(lease)s)
 """
 
+# %(streams)s: the app's streams (NULL: every stream of the job).
+_ANY_STREAM = "%(streams)s::text[] IS NULL OR p.source = ANY(%(streams)s::text[])"
+
+# Only the app's own streams: rows of a stream removed from the code (orphans, see
+# ORPHAN_STREAMS) are never claimed, so they must not count as claimable either.
 CLAIMABLE = f"""
 SELECT p.source, p.partition FROM pgstream.partitions AS p
- WHERE p.job = %(job)s AND ({_OWNER_GONE})
+ WHERE p.job = %(job)s AND ({_ANY_STREAM}) AND ({_OWNER_GONE})
  ORDER BY p.source, p.partition
 """
 
@@ -86,7 +91,17 @@ SELECT committed_offset, epoch FROM pgstream.partitions
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
 """
 
-COUNT_PARTITIONS = "SELECT count(*) FROM pgstream.partitions WHERE job = %(job)s"
+COUNT_PARTITIONS = f"""
+SELECT count(*) FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND ({_ANY_STREAM})
+"""
+
+# Streams with partition rows in this job that the app no longer has (removed from the code).
+ORPHAN_STREAMS = """
+SELECT DISTINCT source FROM pgstream.partitions
+ WHERE job = %(job)s AND NOT (source = ANY(%(streams)s::text[]))
+ ORDER BY source
+"""
 
 # Attempts are counted outside the batch transaction (asynchronously committed: a crashed
 # worker process does not lose it, only a crashed server might) so a record that kills the
@@ -240,4 +255,140 @@ SELECT u.me, m.kind, m.schema_name, m.rel, m.privilege, m.purpose
   FROM (SELECT current_user::text AS me) AS u
   LEFT JOIN missing AS m ON true
  ORDER BY m.ord
+"""
+
+# -- job administration (pgstream job list|rename|reset|retire) -------------------------------
+# Each command runs in ONE transaction. It first locks the partition rows it changes
+# (NOWAIT: a batch in flight holds them) and refuses while a live owner holds a lease on
+# any of them; every row it keeps gets a new epoch, which fences a worker that resumes later.
+
+# %(streams)s: NULL for every stream of the job.
+ADMIN_LOCK_PARTITIONS = f"""
+SELECT p.source, p.partition, p.committed_offset, p.owner, NOT ({_OWNER_GONE}) AS held
+  FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND ({_ANY_STREAM})
+ ORDER BY p.source, p.partition
+   FOR UPDATE OF p NOWAIT
+"""
+
+ADMIN_COUNT_LEDGER = f"""
+SELECT count(*) FROM pgstream.batches AS p WHERE p.job = %(job)s AND ({_ANY_STREAM})
+"""
+
+ADMIN_COUNT_DEAD_LETTERS = f"""
+SELECT count(*) FROM pgstream.dead_letters AS p WHERE p.job = %(job)s AND ({_ANY_STREAM})
+"""
+
+# %(operators)s: NULL for every operator of the job.
+ADMIN_COUNT_STATE = """
+SELECT count(*) FROM pgstream.state
+ WHERE job = %(job)s AND (%(operators)s::text[] IS NULL OR operator = ANY(%(operators)s::text[]))
+"""
+
+# Fold operators of a stream no longer in the app: default ids are "<stream>:fold:<table>".
+ADMIN_STATE_OPERATORS_WITH_PREFIX = """
+SELECT DISTINCT operator FROM pgstream.state
+ WHERE job = %(job)s AND starts_with(operator, %(prefix)s)
+"""
+
+# Rows of a name that were registered by a start but never committed anything.
+ADMIN_DELETE_UNCOMMITTED_PARTITIONS = f"""
+DELETE FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND ({_ANY_STREAM}) AND p.committed_offset IS NULL
+"""
+
+_FENCE = """
+       epoch = epoch + 1, owner = NULL, owner_backend_pid = NULL, owner_backend_start = NULL,
+       lease_expires_at = NULL
+"""
+
+# The ledger follows through batches_partition_fkey (ON UPDATE CASCADE).
+ADMIN_RENAME_JOB_PARTITIONS = f"""
+UPDATE pgstream.partitions SET job = %(new)s, {_FENCE} WHERE job = %(old)s
+"""
+
+ADMIN_RENAME_STREAM_PARTITIONS = f"""
+UPDATE pgstream.partitions SET source = %(new)s, {_FENCE}
+ WHERE job = %(job)s AND source = %(old)s
+"""
+
+ADMIN_RENAME_JOB_DEAD_LETTERS = "UPDATE pgstream.dead_letters SET job = %(new)s WHERE job = %(old)s"
+
+ADMIN_RENAME_JOB_STATE = "UPDATE pgstream.state SET job = %(new)s WHERE job = %(old)s"
+
+ADMIN_RENAME_JOB_WORKERS = "UPDATE pgstream.workers SET job = %(new)s WHERE job = %(old)s"
+
+# plan_versions follows through plan_versions_job_fkey (ON UPDATE CASCADE).
+ADMIN_COUNT_PLAN_VERSIONS = "SELECT count(*) FROM pgstream.plan_versions WHERE job = %(job)s"
+
+ADMIN_RENAME_JOB_ROW = "UPDATE pgstream.jobs SET job = %(new)s WHERE job = %(old)s"
+
+ADMIN_DELETE_JOB_ROW = "DELETE FROM pgstream.jobs WHERE job = %(job)s"
+
+ADMIN_RENAME_STREAM_DEAD_LETTERS = """
+UPDATE pgstream.dead_letters SET source = %(new)s WHERE job = %(job)s AND source = %(old)s
+"""
+
+ADMIN_RENAME_STATE_OPERATOR = """
+UPDATE pgstream.state SET operator = %(new)s WHERE job = %(job)s AND operator = %(old)s
+"""
+
+# The job's recorded plans: its current one (version NULL) and every plan version.
+ADMIN_LOCK_PLANS = """
+SELECT NULL::int AS version, plan FROM pgstream.jobs WHERE job = %(job)s
+UNION ALL
+SELECT version, plan FROM pgstream.plan_versions WHERE job = %(job)s
+"""
+
+ADMIN_LOCK_JOB_ROW = "SELECT 1 FROM pgstream.jobs WHERE job = %(job)s FOR UPDATE"
+
+ADMIN_SET_JOB_PLAN = """
+UPDATE pgstream.jobs SET plan = %(plan)s, fingerprint = %(fingerprint)s WHERE job = %(job)s
+"""
+
+ADMIN_SET_VERSION_PLAN = """
+UPDATE pgstream.plan_versions SET plan = %(plan)s, fingerprint = %(fingerprint)s
+ WHERE job = %(job)s AND version = %(version)s
+"""
+
+# reset: the row stays (its epoch only grows, so no old owner can ever match it again);
+# everything the checkpoint remembered is forgotten.
+ADMIN_RESET_PARTITIONS = f"""
+UPDATE pgstream.partitions
+   SET committed_offset = NULL, watermark = NULL, source_head = NULL, last_commit_at = NULL,
+       batches = 0, records = 0, attempts = 0, source_identity = NULL, {_FENCE}
+ WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_DELETE_LEDGER = "DELETE FROM pgstream.batches WHERE job = %(job)s AND source = %(stream)s"
+
+ADMIN_DELETE_DEAD_LETTERS = """
+DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_DELETE_STATE = """
+DELETE FROM pgstream.state WHERE job = %(job)s AND operator = ANY(%(operators)s::text[])
+"""
+
+# retire: the ledger goes with the rows (batches_partition_fkey ON DELETE CASCADE).
+ADMIN_DELETE_PARTITIONS = """
+DELETE FROM pgstream.partitions WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_LIST_PARTITIONS = f"""
+SELECT p.job, p.source, p.partition, p.committed_offset, p.epoch, p.records, p.batches,
+       p.last_commit_at, CASE WHEN NOT ({_OWNER_GONE}) THEN p.owner END AS owner
+  FROM pgstream.partitions AS p
+ ORDER BY p.job, p.source, p.partition
+"""
+
+ADMIN_LIST_JOBS = """
+SELECT j.job, j.version, j.fingerprint, j.plan, j.updated_at, v.changes, v.accepted_by
+  FROM pgstream.jobs AS j
+  LEFT JOIN pgstream.plan_versions AS v ON v.job = j.job AND v.version = j.version
+ ORDER BY j.job
+"""
+
+ADMIN_LIST_DEAD_LETTERS = """
+SELECT job, source, count(*) FROM pgstream.dead_letters GROUP BY job, source
 """

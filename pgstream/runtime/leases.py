@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +35,23 @@ class Lease:
 class LeaseManager:
     """Lease operations of one worker of one job, on the worker's autocommit connection."""
 
-    def __init__(self, job: str, worker: str, lease_seconds: float) -> None:
+    def __init__(
+        self, job: str, worker: str, lease_seconds: float, streams: Iterable[str] | None = None
+    ) -> None:
         self.job = job
         self.worker = worker
         self.lease_seconds = lease_seconds
+        #: the app's streams: only their partitions are counted and claimable (None: all)
+        self.streams = None if streams is None else sorted(streams)
 
     def _params(self, **extra: Any) -> dict[str, Any]:
-        return {"job": self.job, "worker": self.worker, "lease": self.lease_seconds, **extra}
+        return {
+            "job": self.job,
+            "worker": self.worker,
+            "lease": self.lease_seconds,
+            "streams": self.streams,
+            **extra,
+        }
 
     def register(self, conn: psycopg.Connection[Any], source: str, partitions: list[str]) -> None:
         """Make sure a partition row exists for every partition of ``source``."""
@@ -63,9 +74,14 @@ class LeaseManager:
         return math.ceil(total / live)
 
     def claimable(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
-        """Partitions with no live owner."""
+        """Partitions of the app's streams with no live owner."""
         rows = conn.execute(queries.CLAIMABLE, self._params()).fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    def orphan_streams(self, conn: psycopg.Connection[Any]) -> list[str]:
+        """Streams with partition rows in this job that the app no longer has."""
+        rows = conn.execute(queries.ORPHAN_STREAMS, self._params()).fetchall()
+        return [str(r[0]) for r in rows]
 
     def terminate_stuck_owners(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str, int]]:
         """End the sessions of owners stuck in a transaction past their lease (see

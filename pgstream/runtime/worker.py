@@ -102,7 +102,9 @@ class Worker:
         self.install_signal_handlers = install_signal_handlers
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = WorkerConnection(dsn, f"pgstream:{app.name}:{os.getpid()}")
-        self.leases = LeaseManager(app.name, self.worker_id, self.settings.lease_seconds)
+        self.leases = LeaseManager(
+            app.name, self.worker_id, self.settings.lease_seconds, streams=app.sources
+        )
         self.tasks: dict[tuple[str, str], PartitionTask] = {}
         self.summary = RunSummary()
         self._stop = stop_event or threading.Event()
@@ -139,10 +141,25 @@ class Worker:
                 self._prepared = True
                 for name, source in self.app.sources.items():
                     self.leases.register(conn, name, list(source.partitions(conn)))
+                self._warn_orphans(conn)
                 return
             except psycopg.OperationalError as exc:
                 attempt += 1
                 self._back_off(attempt, exc, "during start-up")
+
+    def _warn_orphans(self, conn: psycopg.Connection[Any]) -> None:
+        """Name the streams whose checkpoint rows stay behind after they left the code."""
+        for name in self.leases.orphan_streams(conn):
+            log.warning(
+                "job %r has checkpoint rows for stream %r, which is no longer in the app: "
+                "it is not read; drop them with: pgstream job retire MODULE:APP --stream %s --yes "
+                "(or rename them if the stream was renamed: pgstream job rename MODULE:APP "
+                "--stream %s=NEW)",
+                self.app.name,
+                name,
+                name,
+                name,
+            )
 
     def _loop(self) -> None:
         failures = 0

@@ -481,7 +481,7 @@ class TableReader(PartitionReader):
                 f"offsets jumped in {self.source.describe()}: the committed offset {start} is "
                 f"past the table's newest offset ({self._last_max}) and past the last value "
                 f"handed out by its sequence {self._sequence} ({last}); the table or its "
-                "sequence was recreated or reset, so reading on would skip rows. fix: reset this "
-                "job's offset for the source (or restore the sequence: "
+                "sequence was recreated or reset, so reading on would skip rows. fix: pgstream job "
+                "reset MODULE:APP --stream S --delete-outputs (or restore the sequence: "
                 f"SELECT setval('{self._sequence}', {start - 1}))"
             )
