@@ -330,9 +330,12 @@ def test_commands_refuse_while_a_worker_holds_the_lease(
     )
     try:
         deadline = time.monotonic() + 60
+        size = Path(env["ORDERS"]).stat().st_size
+        # caught up and leased: from here the offsets change only through the commands
         while pg_conn.execute(
-            "SELECT count(*) FROM pgstream.partitions WHERE committed_offset IS NOT NULL "
-            "AND owner IS NOT NULL AND lease_expires_at > now()"
+            "SELECT count(*) FROM pgstream.partitions WHERE committed_offset = %s "
+            "AND owner IS NOT NULL AND lease_expires_at > now()",
+            [size],
         ).fetchone() != (1,):
             assert time.monotonic() < deadline and worker.poll() is None, "worker never claimed"
             time.sleep(0.2)
