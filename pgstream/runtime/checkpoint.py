@@ -44,11 +44,15 @@ class DuplicateOutputError(Exception):
 
 
 class SinkDataError(Exception):
-    """The database rejected a sink row (constraint, type): some record in the batch is bad."""
+    """The database rejected a sink row (constraint, type): some record in the batch is bad.
 
-    def __init__(self, cause: psycopg.Error) -> None:
+    ``table`` is the sink table that rejected it.
+    """
+
+    def __init__(self, cause: psycopg.Error, table: str) -> None:
         super().__init__(str(cause).strip())
         self.cause = cause
+        self.table = table
 
 
 class CommitOutcomeUnknown(Exception):
@@ -145,8 +149,10 @@ def _write_sinks(
     cur: psycopg.Cursor[Any], pipeline: Pipeline, out: BatchOutput, tolerate_duplicates: bool
 ) -> int:
     written = 0
+    table = ""  # the sink being written, for SinkDataError
     try:
         for plan in pipeline.append_plans:
+            table = plan.sink.info.label
             groups = out.append[plan.index]
             if not groups:
                 continue
@@ -160,10 +166,12 @@ def _write_sinks(
                     raise DuplicateOutputError(str(exc)) from exc
             written += sum(len(rows) for rows in groups.values())
         for agg_plan, key in pipeline.aggregate_plans:
+            table = agg_plan.sink.info.label
             rows = agg_plan.rows(out.aggregates[agg_plan.index], key)
             agg_plan.sink.write(cur, agg_plan.sink.value_columns(), rows)
             written += len(rows)
         for fold_plan in pipeline.fold_plans:
+            table = fold_plan.sink.info.label
             by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
             spec_key = fold_plan.sink.key_columns
             for key, blob in out.folds[fold_plan.index].values():
@@ -174,8 +182,28 @@ def _write_sinks(
                 fold_plan.sink.write(cur, cols, rows)
                 written += len(rows)
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
-        raise SinkDataError(exc) from exc
+        raise SinkDataError(exc, table) from exc
     return written
+
+
+def probe_sinks(conn: psycopg.Connection[Any], pipeline: Pipeline, out: BatchOutput) -> (
+    SinkDataError | None
+):
+    """Write ``out``'s sink rows in a transaction that is always rolled back: the sink's
+    rejection, or ``None`` when the sinks take them. Nothing is committed, nothing fenced;
+    used to tell a bad record from a sink that rejects every record."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            try:
+                _write_sinks(cur, pipeline, out, tolerate_duplicates=False)
+            except SinkDataError as exc:
+                return exc
+            except DuplicateOutputError:
+                return None  # the row is there already: not a rejection
+            return None
+    finally:
+        _rollback_quietly(conn)
 
 
 def _run_handlers(
