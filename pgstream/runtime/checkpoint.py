@@ -7,6 +7,7 @@ COMMIT`` -- the COMMIT is the checkpoint. See DESIGN.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from pgstream.db import queries
 from pgstream.errors import LeaseLostError, PgStreamError
 from pgstream.runtime.crashpoints import crash_point, maybe_inject_error
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
+from pgstream.usercode import describe, format_traceback
+
+log = logging.getLogger("pgstream.checkpoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +228,10 @@ def _run_handlers(
         except psycopg.OperationalError:
             raise  # transient (lost connection, serialization failure, deadlock...): retried
         except Exception as exc:
+            log.info("@app.batch handler %s failed:\n%s", plan.spec.name, format_traceback(exc))
             raise HandlerError(
                 f"@app.batch handler {plan.spec.name} failed on {rng.source}/{rng.partition} "
-                f"[{rng.start}, {rng.end}): {type(exc).__name__}: {exc}",
+                f"[{rng.start}, {rng.end}): {describe(exc)}",
                 hint="the batch was rolled back; fix the handler and run again",
             ) from exc
 

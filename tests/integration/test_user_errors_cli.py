@@ -112,3 +112,31 @@ def test_on_error_fail_names_file_and_line(
         "failed in to_table(per_unit): ZeroDivisionError: integer division or modulo by zero "
         "(at app.py:9 in per_unit)"
     ), done.stderr
+
+
+def test_batch_handler_error_names_file_and_line(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    import pgstream as ps
+    from pgstream.runtime.checkpoint import HandlerError
+    from pgstream.runtime.worker import run_app
+
+    orders = tmp_path / "orders.jsonl"
+    orders.write_text("".join(json.dumps({"id": i}) + "\n" for i in range(5)))
+    app = ps.App("handler")
+
+    @app.batch(app.stream("orders", ps.FileSource(orders)))
+    def audit(batch: ps.Batch) -> None:
+        totals: dict[str, int] = {}
+        batch.execute("SELECT %s", [totals["missing"]])
+
+    try:
+        run_app(app, pg_dsn, stop_when_idle=True)
+    except HandlerError as exc:
+        message = exc.message
+    else:
+        raise AssertionError("the handler's error did not stop the run")
+    line = audit.__code__.co_firstlineno + 3  # the decorator is its first line
+    assert message.endswith(
+        f"KeyError: 'missing' (at {os.path.relpath(__file__)}:{line} in audit)"
+    ), message
