@@ -15,6 +15,8 @@ from pathlib import Path
 _PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 #: filename -> whether it is the user's code (``None``: an installed package's)
 _classified: dict[str, bool | None] = {}
+#: filename -> how messages show it
+_shown_as: dict[str, str] = {}
 
 
 def _library_prefixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -58,12 +60,16 @@ def _kind(filename: str) -> bool | None:
 
 
 def _shown(filename: str) -> str:
-    """``filename`` relative to the current directory when it lies below it."""
-    try:
-        rel = os.path.relpath(filename)
-    except ValueError:  # another drive (Windows)
-        return filename
-    return filename if rel.startswith(os.pardir) else rel
+    """``filename`` relative to the current directory (when the worker started failing)
+    when it lies below it."""
+    shown = _shown_as.get(filename)
+    if shown is None:
+        try:
+            rel = os.path.relpath(filename)
+        except ValueError:  # another drive (Windows)
+            rel = os.pardir
+        shown = _shown_as[filename] = filename if rel.startswith(os.pardir) else rel
+    return shown
 
 
 def user_location(exc: BaseException) -> str | None:
@@ -95,11 +101,15 @@ def user_location(exc: BaseException) -> str | None:
 
 def describe(exc: BaseException) -> str:
     """``"ZeroDivisionError: division by zero (at app.py:14 in <lambda>)"``."""
+    return describe_at(exc, user_location(exc))
+
+
+def describe_at(exc: BaseException, where: str | None) -> str:
+    """:func:`describe` with the location already found (``None``: none)."""
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, SyntaxError) and exc.filename:
-        return text  # its text already says "(app.py, line 3)"
-    where = user_location(exc)
-    return text if where is None else f"{text} (at {where})"
+    if where is None or (isinstance(exc, SyntaxError) and exc.filename):
+        return text  # a SyntaxError's text already says "(app.py, line 3)"
+    return f"{text} (at {where})"
 
 
 def format_traceback(exc: BaseException) -> str:
@@ -107,4 +117,4 @@ def format_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
 
 
-__all__ = ["describe", "format_traceback", "user_location"]
+__all__ = ["describe", "describe_at", "format_traceback", "user_location"]

@@ -32,7 +32,7 @@ from pgstream.sinks.upsert import AggregateSink, UpsertSink
 from pgstream.sources.base import SourceRecord
 from pgstream.sources.file import JsonLines, decode_line
 from pgstream.state.store import KeyedState
-from pgstream.usercode import describe, format_traceback, user_location
+from pgstream.usercode import describe_at, format_traceback, user_location
 
 log = logging.getLogger("pgstream.pipeline")
 
@@ -396,8 +396,9 @@ class Pipeline:
         self, out: BatchOutput, rec: SourceRecord, exc: BaseException, operator: str
     ) -> None:
         """An operator raised on ``rec``: log its traceback, then set it aside (or stop)."""
-        error = describe(exc)
-        place = (operator, type(exc), user_location(exc))
+        where = user_location(exc)
+        error = describe_at(exc, where)
+        place = (operator, type(exc), where)
         first = place not in self._logged
         if first:
             self._logged.add(place)
