@@ -99,9 +99,9 @@ def rejects_everything(
         details.append(f"constraint {reason.constraint}")
     first = diag.message_primary or str(exc.cause).strip().splitlines()[0]
     return SinkRejectedError(
-        f"sink table {exc.table} rejects every record of {where}: the first {probed} records "
-        f"of the batch at offset {start}, each written alone, were all rejected for the same "
-        f"reason: {first} ({', '.join(details)}); nothing of the batch was committed",
+        f"sink table {exc.table} rejects every record of {where}: {probed} records in a row "
+        f"from offset {start}, each written alone, were rejected for the same reason: {first} "
+        f"({', '.join(details)}); nothing from that offset on was committed",
         hint=(
             f"{_fix(reason)}; then run again (it resumes at offset {start}). To dead-letter "
             "such records one by one instead, set App(..., max_sink_rejections=0)"

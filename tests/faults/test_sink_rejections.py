@@ -114,10 +114,10 @@ def test_cli_schema_mismatch_stops_fast_with_one_clear_error(
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 2 and "Traceback" not in res.stderr, res.stderr
     assert lines[0] == (
-        "error: sink table public.facts rejects every record of orders/0: the first 8 records "
-        f"of the batch at offset {before}, each written alone, were all rejected for the same "
-        'reason: invalid input syntax for type bigint: "user-0" (SQLSTATE 22P02, column '
-        "user_id); nothing of the batch was committed"
+        "error: sink table public.facts rejects every record of orders/0: 8 records in a row "
+        f"from offset {before}, each written alone, were rejected for the same reason: "
+        'invalid input syntax for type bigint: "user-0" (SQLSTATE 22P02, column user_id); '
+        "nothing from that offset on was committed"
     )
     assert lines[1].startswith(
         "  hint: the values the pipeline writes for column user_id do not fit its type: "
@@ -142,7 +142,7 @@ def test_a_producer_change_mid_batch_commits_the_good_part_and_stops_at_the_firs
     with pytest.raises(SinkRejectedError) as err:
         run_worker(app, pg_dsn)
     first_bad = offsets(orders)[1_003]
-    assert f"the batch at offset {first_bad}," in err.value.message
+    assert f" in a row from offset {first_bad}, " in err.value.message
     assert committed(pg_conn, "rejects") == first_bad
     assert dead_count(pg_conn) == 0
     assert pg_conn.execute("SELECT count(*), max(id) FROM facts").fetchone() == (1_003, 1_002)
