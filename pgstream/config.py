@@ -33,8 +33,9 @@ class Settings:
       ``max_sink_rejections`` records (all when fewer) are tried alone, rolled back; if each
       is rejected for the same reason (SQLSTATE, column, constraint, type) the sink rejects
       every record and the worker stops with one error, committing nothing of the batch.
-      Otherwise the batch is bisected and the bad records alone are dead-lettered. ``0``
-      turns the check off; otherwise at least 2.
+      Otherwise the batch is bisected and the bad records alone are dead-lettered. A batch
+      of one record counts instead: the ``max_sink_rejections``-th rejected in a row for one
+      reason stops the worker. ``0`` turns the check off; otherwise at least 2.
     """
 
     batch_size: int | None = None

@@ -7,6 +7,8 @@ bisection would turn the whole stream into one-record batches and dead letters. 
 bisecting, the task tries the batch's first ``max_sink_rejections`` records alone (in
 transactions that are rolled back): when each is rejected for the same :class:`Reason`, it
 stops with :func:`rejects_everything` instead, and nothing of the batch is committed.
+A batch of a single record has nothing after it to compare with; there the task counts such
+rejections in a row across batches instead.
 """
 
 from __future__ import annotations
@@ -86,10 +88,11 @@ def _fix(reason: Reason) -> str:
 
 
 def rejects_everything(
-    exc: SinkDataError, probed: int, where: str, start: int
+    exc: SinkDataError, probed: int, where: str, start: int, dead_lettered: int = 0
 ) -> SinkRejectedError:
-    """The error for a sink that rejected each of the first ``probed`` records of the batch
-    starting at ``start`` in ``where`` (``source/partition``) for the reason of ``exc``."""
+    """The error for a sink that rejected ``probed`` records in a row of ``where``
+    (``source/partition``), each alone, for the reason of ``exc``: from offset ``start`` on,
+    or up to the one at ``start`` when the ``dead_lettered`` before it were set aside."""
     reason = Reason.of(exc)
     diag = exc.cause.diag
     details = [f"SQLSTATE {reason.sqlstate}"]
@@ -98,10 +101,14 @@ def rejects_everything(
     if reason.constraint:
         details.append(f"constraint {reason.constraint}")
     first = diag.message_primary or str(exc.cause).strip().splitlines()[0]
+    span = f"up to offset {start}" if dead_lettered else f"from offset {start}"
+    kept = (
+        f"the {dead_lettered} before it are in pgstream.dead_letters; " if dead_lettered else ""
+    )
     return SinkRejectedError(
         f"sink table {exc.table} rejects every record of {where}: {probed} records in a row "
-        f"from offset {start}, each written alone, were rejected for the same reason: {first} "
-        f"({', '.join(details)}); nothing from that offset on was committed",
+        f"{span}, each written alone, were rejected for the same reason: {first} "
+        f"({', '.join(details)}); {kept}nothing from that offset on was committed",
         hint=(
             f"{_fix(reason)}; then run again (it resumes at offset {start}). To dead-letter "
             "such records one by one instead, set App(..., max_sink_rejections=0)"

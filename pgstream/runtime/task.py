@@ -152,6 +152,9 @@ class PartitionTask:
         self._last_latency = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[_Ahead]] | None = None  # (its start, its result)
+        #: the reason shared by the last records the sink rejected alone at the end of their
+        #: batches, and how many in a row (see :meth:`_count_lone_rejection`)
+        self._lone: tuple[Reason, int] | None = None
 
     @property
     def source(self) -> str:
@@ -372,6 +375,8 @@ class PartitionTask:
             raise exc
         self._stop_if_everything_rejected(rest, start)
         if len(records) == 1:
+            if len(rest) == 1:
+                self._count_lone_rejection(exc, start)
             self._commit_dead(records[0], start, end, f"sink rejected: {exc}", "sink")
             return
         mid = len(records) // 2
@@ -400,6 +405,20 @@ class PartitionTask:
                 return  # bad records, each bad its own way: bisect
         assert first is not None
         raise rejects_everything(first, len(probe), f"{self.source}/{self.partition}", start)
+
+    def _count_lone_rejection(self, exc: SinkDataError, start: int) -> None:
+        """A batch's last record, rejected alone, cannot be compared with the records after
+        it (batches of one record on a quiet stream): stop at the ``max_sink_rejections``-th
+        such rejection in a row for one reason with no record taken in between (the earlier
+        ones are dead letters by then)."""
+        reason = Reason.of(exc)
+        count = self._lone[1] + 1 if self._lone is not None and self._lone[0] == reason else 1
+        self._lone = (reason, count)
+        limit = self.settings.max_sink_rejections
+        if limit and count >= limit:
+            self._lone = None
+            where = f"{self.source}/{self.partition}"
+            raise rejects_everything(exc, count, where, start, dead_lettered=count - 1)
 
     def _commit_dead(
         self, record: SourceRecord, start: int, end: int, error: str, operator: str
@@ -488,6 +507,8 @@ class PartitionTask:
         for plan in self.pipeline.fold_plans:
             plan.state.merge({k: blob for k, (_, blob) in out.folds[plan.index].items()})
         self.committed = end
+        if out.records_in > len(out.dead):
+            self._lone = None  # a record was taken
         self.position = end
         self.stats.records += out.records_in
         self.stats.batches += 1

@@ -218,3 +218,34 @@ def test_max_sink_rejections_is_validated() -> None:
     with pytest.raises(ConfigError, match="max_sink_rejections must be 0"):
         ps.App("x", max_sink_rejections=1)
     assert ps.App("x").settings.max_sink_rejections == 8
+
+
+def test_one_record_batches_stop_after_max_sink_rejections_in_a_row(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    """A quiet stream commits one record per batch, so no batch holds records to compare:
+    the 8th rejection in a row for one reason stops it (the 7 before are dead letters)."""
+    pg_conn.execute(DDL)
+    orders = tmp_path / "orders.jsonl"
+    write(orders, [f"user-{i}" for i in range(20)])
+    with pytest.raises(SinkRejectedError) as err:
+        run_worker(facts_app(orders, to_fact, batch_size=1), pg_dsn)
+    at = offsets(orders)
+    assert err.value.message.startswith(
+        f"sink table public.facts rejects every record of orders/0: 8 records in a row up to "
+        f"offset {at[7]}, each written alone, were rejected for the same reason: "
+    )
+    assert "the 7 before it are in pgstream.dead_letters" in err.value.message
+    assert dead_count(pg_conn) == 7
+    assert committed(pg_conn, "rejects") == at[7]
+
+
+def test_one_record_batches_with_good_records_between_bad_ones_never_stop(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    pg_conn.execute(DDL)
+    orders = tmp_path / "orders.jsonl"
+    write(orders, [i if i % 2 else f"user-{i}" for i in range(40)])
+    summary = run_worker(facts_app(orders, to_fact, batch_size=1), pg_dsn)
+    assert summary.dead_letters == 20
+    assert committed(pg_conn, "rejects") == orders.stat().st_size
