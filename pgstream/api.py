@@ -78,6 +78,7 @@ class App:
         poll_interval: float | None = None,
         lease_seconds: float | None = None,
         on_error: OnError | None = None,
+        max_sink_rejections: int | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
@@ -89,6 +90,7 @@ class App:
             poll_interval=poll_interval,
             lease_seconds=lease_seconds,
             on_error=on_error,
+            max_sink_rejections=max_sink_rejections,
         )
         self.settings.validate()
         self.sources: dict[str, Source] = {}

@@ -29,6 +29,13 @@ class Settings:
       worker stops with the last error.
     * ``max_record_attempts``: a batch whose worker died this many times in a row is split
       down to single records and a record that still kills the worker is dead-lettered.
+    * ``max_sink_rejections``: when the database rejects a batch's sink rows, its first
+      ``max_sink_rejections`` records (all when fewer) are tried alone, rolled back; if each
+      is rejected for the same reason (SQLSTATE, column, constraint, type) the sink rejects
+      every record and the worker stops with one error, committing nothing of the batch.
+      Otherwise the batch is bisected and the bad records alone are dead-lettered. A batch
+      of one record counts instead: the ``max_sink_rejections``-th rejected in a row for one
+      reason stops the worker. ``0`` turns the check off; otherwise at least 2.
     """
 
     batch_size: int | None = None
@@ -39,6 +46,7 @@ class Settings:
     on_error: OnError = "dead_letter"
     max_retries: int = 8
     max_record_attempts: int = 3
+    max_sink_rejections: int = 8
 
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with the non-None ``changes`` applied."""
@@ -56,5 +64,10 @@ class Settings:
             raise ConfigError("max_interval must be >= 0 and poll_interval > 0")
         if self.lease_seconds < 1:
             raise ConfigError(f"lease_seconds must be >= 1, got {self.lease_seconds}")
+        if self.max_sink_rejections < 0 or self.max_sink_rejections == 1:
+            raise ConfigError(
+                f"max_sink_rejections must be 0 (no check) or >= 2, got {self.max_sink_rejections}",
+                hint="it is how many records in a row must be rejected alone for one reason",
+            )
         if self.on_error not in ("dead_letter", "fail"):
             raise ConfigError(f'on_error must be "dead_letter" or "fail", got {self.on_error!r}')

@@ -31,6 +31,11 @@ class SinkSchemaError(PgStreamError):
     """A sink table is missing or lacks a column or unique index the pipeline needs."""
 
 
+class SinkRejectedError(SinkSchemaError):
+    """The sink table rejects every record for one reason (it does not fit what the pipeline
+    writes): the worker stops instead of dead-lettering the whole stream."""
+
+
 class SourceUnavailableError(PgStreamError):
     """A source cannot be read, or its offsets jumped past what was committed."""
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
 
 from pgstream.api import App
 from pgstream.errors import ConfigError
+from pgstream.usercode import describe, format_traceback
+
+log = logging.getLogger("pgstream.loader")
 
 
 def load_app(target: str) -> App:
     """Import ``module:attribute`` (or ``path/to/file.py:attribute``) and return the App.
 
-    The current directory is put on ``sys.path`` first, as ``python -m`` would.
+    The current directory is put on ``sys.path`` first, as ``python -m`` would. An error in
+    the user's module names its file and line; its full traceback is logged at INFO (``-v``).
     """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -35,11 +40,13 @@ def load_app(target: str) -> App:
                 f"cannot import module {module_name!r}",
                 hint="run from the directory that holds it, or put it on PYTHONPATH",
             ) from exc
-        raise ConfigError(f"importing {module_name!r} failed: {exc}") from exc
+        log.info("importing %r failed:\n%s", module_name, format_traceback(exc))
+        raise ConfigError(f"importing {module_name!r} failed: {describe(exc)}") from exc
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        log.info("importing %r failed:\n%s", module_name, format_traceback(exc))
+        raise ConfigError(f"importing {module_name!r} failed: {describe(exc)}") from exc
     app = getattr(module, attr, None)
     if app is None:
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}")

@@ -7,6 +7,7 @@ COMMIT`` -- the COMMIT is the checkpoint. See DESIGN.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,9 @@ from pgstream.db import queries
 from pgstream.errors import LeaseLostError, PgStreamError
 from pgstream.runtime.crashpoints import crash_point, maybe_inject_error
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
+from pgstream.usercode import describe, format_traceback
+
+log = logging.getLogger("pgstream.checkpoint")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +48,15 @@ class DuplicateOutputError(Exception):
 
 
 class SinkDataError(Exception):
-    """The database rejected a sink row (constraint, type): some record in the batch is bad."""
+    """The database rejected a sink row (constraint, type): some record in the batch is bad.
 
-    def __init__(self, cause: psycopg.Error) -> None:
+    ``table`` is the sink table that rejected it.
+    """
+
+    def __init__(self, cause: psycopg.Error, table: str) -> None:
         super().__init__(str(cause).strip())
         self.cause = cause
+        self.table = table
 
 
 class CommitOutcomeUnknown(Exception):
@@ -145,8 +153,10 @@ def _write_sinks(
     cur: psycopg.Cursor[Any], pipeline: Pipeline, out: BatchOutput, tolerate_duplicates: bool
 ) -> int:
     written = 0
+    table = ""  # the sink being written, for SinkDataError
     try:
         for plan in pipeline.append_plans:
+            table = plan.sink.info.label
             groups = out.append[plan.index]
             if not groups:
                 continue
@@ -160,10 +170,12 @@ def _write_sinks(
                     raise DuplicateOutputError(str(exc)) from exc
             written += sum(len(rows) for rows in groups.values())
         for agg_plan, key in pipeline.aggregate_plans:
+            table = agg_plan.sink.info.label
             rows = agg_plan.rows(out.aggregates[agg_plan.index], key)
             agg_plan.sink.write(cur, agg_plan.sink.value_columns(), rows)
             written += len(rows)
         for fold_plan in pipeline.fold_plans:
+            table = fold_plan.sink.info.label
             by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
             spec_key = fold_plan.sink.key_columns
             for key, blob in out.folds[fold_plan.index].values():
@@ -174,8 +186,28 @@ def _write_sinks(
                 fold_plan.sink.write(cur, cols, rows)
                 written += len(rows)
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
-        raise SinkDataError(exc) from exc
+        raise SinkDataError(exc, table) from exc
     return written
+
+
+def probe_sinks(conn: psycopg.Connection[Any], pipeline: Pipeline, out: BatchOutput) -> (
+    SinkDataError | None
+):
+    """Write ``out``'s sink rows in a transaction that is always rolled back: the sink's
+    rejection, or ``None`` when the sinks take them. Nothing is committed, nothing fenced;
+    used to tell a bad record from a sink that rejects every record."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            try:
+                _write_sinks(cur, pipeline, out, tolerate_duplicates=False)
+            except SinkDataError as exc:
+                return exc
+            except DuplicateOutputError:
+                return None  # the row is there already: not a rejection
+            return None
+    finally:
+        _rollback_quietly(conn)
 
 
 def _run_handlers(
@@ -196,9 +228,10 @@ def _run_handlers(
         except psycopg.OperationalError:
             raise  # transient (lost connection, serialization failure, deadlock...): retried
         except Exception as exc:
+            log.info("@app.batch handler %s failed:\n%s", plan.spec.name, format_traceback(exc))
             raise HandlerError(
                 f"@app.batch handler {plan.spec.name} failed on {rng.source}/{rng.partition} "
-                f"[{rng.start}, {rng.end}): {type(exc).__name__}: {exc}",
+                f"[{rng.start}, {rng.end}): {describe(exc)}",
                 hint="the batch was rolled back; fix the handler and run again",
             ) from exc
 

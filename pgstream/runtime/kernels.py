@@ -10,7 +10,8 @@ The semantics are the general loop's: a record that fails (undecodable, an opera
 non-dict output, a bad aggregate input) is handed to ``fail`` *before* it changed anything, and
 the caller turns it into a dead letter (or stops). Edge cases the fast path does not handle
 itself (a decode error, a value of an unusual type for ``sum``) go to the same code the general
-loop uses, so both paths produce identical outputs.
+loop uses, so both paths produce identical outputs. ``fail`` gets the exception itself, with its
+traceback, so the dead letter can name the user's file and line.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ Accumulators = dict[Any, list[Any]]
 LineFail = Callable[[bytes, Any, "BaseException | None"], None]
 #: ``fail(record, exc)`` for decoded records (``exc`` ``None`` when the record has no value).
 RecordFail = Callable[[SourceRecord, "BaseException | None"], None]
+
+#: the file name of generated kernel code in tracebacks
+KERNEL_FILENAME = "<pgstream aggregate kernel>"
 
 #: ``kernel(batch, target, fail)``: ``target`` is the plan's groups (append) or accumulators
 LinesKernel = Callable[[JsonLines, Any, LineFail], None]
@@ -291,8 +295,10 @@ def aggregate_kernels(
     body += ["    " + line for line in then]
     body += [f"    acc[{j}] = a{j}" for j in range(n)]
     indented = "\n".join(" " * 12 + line for line in body)
-    exec(_LINES_HEAD.format(body=indented), ns)  # code built from fixed templates; no input text
-    exec(_RECORDS_HEAD.format(body=indented), ns)
+    # code built from fixed templates, no input text; the file name marks its frames in
+    # tracebacks as pgstream's, so an error's location is the user's function it called
+    for head in (_LINES_HEAD, _RECORDS_HEAD):
+        exec(compile(head.format(body=indented), KERNEL_FILENAME, "exec"), ns)
     run_lines: LinesKernel = ns["run_lines"]
     run_records: RecordsKernel = ns["run_records"]
     return run_lines, run_records

@@ -3,11 +3,16 @@
 Every record is evaluated against every sink plan first (``stage``, which reads but never
 changes the batch's accumulated output) and only then applied (``apply``): a record whose
 operator raises in any plan leaves no output anywhere and goes to the dead letters whole.
+
+An operator's exception is described with the user's file and line (``describe``) in the dead
+letter and in the ``on_error="fail"`` message; its traceback is logged at INFO (``-v``) the
+first time a plan fails at a place, at DEBUG after that.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +32,9 @@ from pgstream.sinks.upsert import AggregateSink, UpsertSink
 from pgstream.sources.base import SourceRecord
 from pgstream.sources.file import JsonLines, decode_line
 from pgstream.state.store import KeyedState
+from pgstream.usercode import describe_at, format_traceback, user_location
+
+log = logging.getLogger("pgstream.pipeline")
 
 
 @dataclass(slots=True)
@@ -236,6 +244,8 @@ class Pipeline:
             *self.fold_plans,
             *self.handler_plans,
         ]
+        #: (operator, exception type, user location) whose traceback was logged at INFO
+        self._logged: set[tuple[str, type[BaseException], str | None]] = set()
         self._lines_kernel: kernels.LinesKernel | None = None
         self._records_kernel: kernels.RecordsKernel | None = None
         if len(self.plans) == 1:
@@ -303,7 +313,7 @@ class Pipeline:
         def fail(line: bytes, value: Any, exc: BaseException | None) -> None:
             offset = offset_of(line)
             if exc is not None:
-                self._dead(out, SourceRecord(offset, value), _describe(exc), plan.label)
+                self._failed(out, SourceRecord(offset, value), exc, plan.label)
                 return
             rec = decode_line(offset, line)
             if rec is None:
@@ -338,7 +348,7 @@ class Pipeline:
                 if exc is None:
                     self._undecodable(out, rec)
                 else:
-                    self._dead(out, rec, _describe(exc), plan.label)
+                    self._failed(out, rec, exc, plan.label)
 
             with kernels.gc_paused():
                 self._records_kernel(records, target, fail)
@@ -360,7 +370,7 @@ class Pipeline:
                     label = plan.label
                     staged_all.append(plan.stage(value, out))
             except Exception as exc:
-                self._dead(out, rec, _describe(exc), label)
+                self._failed(out, rec, exc, label)
                 continue
             for plan, staged in zip(plans, staged_all):
                 plan.apply(staged, rec.offset, out)
@@ -378,9 +388,31 @@ class Pipeline:
         try:
             staged = plan.stage(rec.value, out)
         except Exception as exc:
-            self._dead(out, rec, _describe(exc), plan.label)
+            self._failed(out, rec, exc, plan.label)
             return
         plan.apply(staged, rec.offset, out)
+
+    def _failed(
+        self, out: BatchOutput, rec: SourceRecord, exc: BaseException, operator: str
+    ) -> None:
+        """An operator raised on ``rec``: log its traceback, then set it aside (or stop)."""
+        where = user_location(exc)
+        error = describe_at(exc, where)
+        place = (operator, type(exc), where)
+        first = place not in self._logged
+        if first:
+            self._logged.add(place)
+        if first or log.isEnabledFor(logging.DEBUG):
+            log.log(
+                logging.INFO if first else logging.DEBUG,
+                "record at offset %s of %s/%s failed in %s:\n%s",
+                rec.offset,
+                self.source,
+                self.partition,
+                operator,
+                format_traceback(exc),
+            )
+        self._dead(out, rec, error, operator)
 
     def _undecodable(self, out: BatchOutput, rec: SourceRecord) -> None:
         self._dead(out, rec, rec.error or "record could not be decoded", "decode")
@@ -403,6 +435,3 @@ def payload_of(rec: SourceRecord) -> bytes | None:
         return None
     return orjson.dumps(rec.value, default=str)
 
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

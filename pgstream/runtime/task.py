@@ -21,11 +21,13 @@ from pgstream.runtime.checkpoint import (
     DuplicateOutputError,
     SinkDataError,
     commit_batch,
+    probe_sinks,
 )
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
+from pgstream.runtime.rejections import Reason, rejects_everything
 from pgstream.runtime.retry import RetryBatch, batch_retrying
 from pgstream.sources.base import PartitionReader, SourceError, SourceRecord
 from pgstream.sources.file import JsonLines
@@ -150,6 +152,9 @@ class PartitionTask:
         self._last_latency = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[_Ahead]] | None = None  # (its start, its result)
+        #: the reason shared by the last records the sink rejected alone at the end of their
+        #: batches, and how many in a row (see :meth:`_count_lone_rejection`)
+        self._lone: tuple[Reason, int] | None = None
 
     @property
     def source(self) -> str:
@@ -216,7 +221,8 @@ class PartitionTask:
             self._commit(out, start, end)
         except SinkDataError as exc:
             self._cancel_ahead()
-            self._rejected(self._records(batch), start, end, exc)
+            records = self._records(batch)
+            self._rejected(records, start, end, exc, records)
         else:
             self._settle(len(batch), time.monotonic() - batch.read_at)
         return max(1, out.records_in)
@@ -338,27 +344,81 @@ class PartitionTask:
 
     # -- exactly-once commit -------------------------------------------------------------------
 
-    def _run(self, records: list[SourceRecord], start: int, end: int) -> None:
+    def _run(
+        self,
+        records: list[SourceRecord],
+        start: int,
+        end: int,
+        rest: list[SourceRecord] | None = None,
+    ) -> None:
+        """Evaluate and commit ``records`` as one batch; ``rest`` is them and the records
+        after them in the batch being bisected (for :meth:`_rejected`)."""
         out = self.pipeline.evaluate(records)
         try:
             self._commit(out, start, end)
         except SinkDataError as exc:
-            self._rejected(records, start, end, exc)
+            self._rejected(records, start, end, exc, records if rest is None else rest)
 
     def _rejected(
-        self, records: list[SourceRecord], start: int, end: int, exc: SinkDataError
+        self,
+        records: list[SourceRecord],
+        start: int,
+        end: int,
+        exc: SinkDataError,
+        rest: list[SourceRecord],
     ) -> None:
-        """The sink rejected a row of ``records``: bisect down to the record and set it aside."""
-        if len(records) <= 1:
-            if not records:
-                raise exc
+        """The sink rejected a row of ``records``: stop if it rejects every record, else
+        bisect down to the bad record and set it aside. ``rest`` starts with ``records`` and
+        goes on to the end of the batch read (what :meth:`_stop_if_everything_rejected` tries).
+        """
+        if not records:
+            raise exc
+        self._stop_if_everything_rejected(rest, start)
+        if len(records) == 1:
+            if len(rest) == 1:
+                self._count_lone_rejection(exc, start)
             self._commit_dead(records[0], start, end, f"sink rejected: {exc}", "sink")
             return
         mid = len(records) // 2
         split = records[mid].offset
         log.info("sink rejected a row in [%s, %s): bisecting at %s", start, end, split)
-        self._run(records[:mid], start, split)
-        self._run(records[mid:], split, end)
+        self._run(records[:mid], start, split, rest)
+        self._run(records[mid:], split, end, rest[mid:])
+
+    def _stop_if_everything_rejected(self, rest: list[SourceRecord], start: int) -> None:
+        """Raise :class:`~pgstream.errors.SinkRejectedError` when each of the first
+        ``max_sink_rejections`` records of ``rest`` (at least two; all when fewer are left),
+        written alone and rolled back, is rejected for the same reason (see
+        :mod:`pgstream.runtime.rejections`). ``start`` is the first one's offset.
+        """
+        probe = rest[: self.settings.max_sink_rejections]
+        if len(probe) < 2:
+            return
+        first: SinkDataError | None = None
+        for rec in probe:
+            rejection = probe_sinks(self.db.conn, self.pipeline, self.pipeline.evaluate([rec]))
+            if rejection is None:
+                return  # a record the sink takes: bisect
+            if first is None:
+                first = rejection
+            elif Reason.of(rejection) != Reason.of(first):
+                return  # bad records, each bad its own way: bisect
+        assert first is not None
+        raise rejects_everything(first, len(probe), f"{self.source}/{self.partition}", start)
+
+    def _count_lone_rejection(self, exc: SinkDataError, start: int) -> None:
+        """A batch's last record, rejected alone, cannot be compared with the records after
+        it (batches of one record on a quiet stream): stop at the ``max_sink_rejections``-th
+        such rejection in a row for one reason with no record taken in between (the earlier
+        ones are dead letters by then)."""
+        reason = Reason.of(exc)
+        count = self._lone[1] + 1 if self._lone is not None and self._lone[0] == reason else 1
+        self._lone = (reason, count)
+        limit = self.settings.max_sink_rejections
+        if limit and count >= limit:
+            self._lone = None
+            where = f"{self.source}/{self.partition}"
+            raise rejects_everything(exc, count, where, start, dead_lettered=count - 1)
 
     def _commit_dead(
         self, record: SourceRecord, start: int, end: int, error: str, operator: str
@@ -447,6 +507,8 @@ class PartitionTask:
         for plan in self.pipeline.fold_plans:
             plan.state.merge({k: blob for k, (_, blob) in out.folds[plan.index].items()})
         self.committed = end
+        if out.records_in > len(out.dead):
+            self._lone = None  # a record was taken
         self.position = end
         self.stats.records += out.records_in
         self.stats.batches += 1
