@@ -61,7 +61,7 @@ def build_app(path: Path, **settings: Any) -> ps.App:
         lo=ps.min("amount"),
         hi=ps.max("amount"),
         mean=ps.avg("amount"),
-    ).to_table("public.User Totals")
+    ).to_table('public."User Totals"')
     valid.key_by("user").fold(
         {"n": 0, "last_id": None}, lambda s, o: {"n": s["n"] + 1, "last_id": o["id"]}
     ).to_table("last_seen")
@@ -177,8 +177,9 @@ def test_missing_sink_pieces_are_named(tmp_path: Path, pg_dsn: str, pg_conn: Any
     write_jsonl(path, EVENTS[:3])
     app = ps.App("v")
     app.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table("nowhere")
-    with pytest.raises(SinkSchemaError, match="nowhere does not exist"):
+    with pytest.raises(SinkSchemaError, match="nowhere does not exist") as info:
         run_app(app, pg_dsn, stop_when_idle=True)
+    assert info.value.hint is not None and "create it" in info.value.hint
 
     pg_conn.execute(
         "CREATE TABLE nowhere (id bigint, _source text, _partition text, _offset bigint)"
@@ -194,6 +195,34 @@ def test_missing_sink_pieces_are_named(tmp_path: Path, pg_dsn: str, pg_conn: Any
     pg_conn.execute('CREATE TABLE agg ("user" text PRIMARY KEY)')
     with pytest.raises(SinkSchemaError, match="no column n"):
         run_app(app2, pg_dsn, stop_when_idle=True)
+
+
+def test_sink_names_fold_like_sql(tmp_path: Path, pg_dsn: str, pg_conn: Any) -> None:
+    """to_table("Facts") writes facts; only "Facts" existing is an error naming '"Facts"'."""
+    path = tmp_path / "o.jsonl"
+    write_jsonl(path, EVENTS[:3])
+    pg_conn.execute(
+        'CREATE TABLE "Facts" (id bigint, _source text, _partition text, _offset bigint,'
+        " _seq int, UNIQUE (_source, _partition, _offset, _seq))"
+    )
+    app = ps.App("names")
+    app.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table("Facts")
+    with pytest.raises(
+        SinkSchemaError, match=r"sink table Facts does not exist \(looked for facts\)"
+    ) as info:
+        run_app(app, pg_dsn, stop_when_idle=True)
+    assert info.value.hint is not None
+    assert (
+        "a table named '\"Facts\"' exists" in info.value.hint and "fold to lower" in info.value.hint
+    )
+    pg_conn.execute('CREATE TABLE facts (LIKE "Facts" INCLUDING ALL)')
+    run_app(app, pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute("SELECT count(*) FROM facts").fetchone() == (3,)
+    assert pg_conn.execute('SELECT count(*) FROM "Facts"').fetchone() == (0,)
+    app2 = ps.App("names2")
+    app2.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table('"Facts"')
+    run_app(app2, pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute('SELECT count(*) FROM "Facts"').fetchone() == (3,)
 
 
 def test_map_output_with_unknown_field_is_a_clear_error(
