@@ -10,6 +10,7 @@ below a *safe horizon*, an offset below which no row can still appear; see its d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import ConfigError
 from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
 
-__all__ = ["TableReader", "TableSource", "parse_table_name"]
+__all__ = ["HorizonHolder", "TableReader", "TableSource", "parse_table_name"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,15 @@ class TableSource(Source):
     def describe(self) -> str:
         """``table <schema.table>``."""
         return f"table {self.table}"
+
+    def horizon_holders(self, dsn: str, min_age: float = 0.0) -> list[HorizonHolder]:
+        """The sessions holding this source's safe horizon back now (see
+        :meth:`TableReader.horizon_holders`), over a short-lived connection to ``dsn``."""
+        reader = TableReader(self, dsn)
+        try:
+            return reader.horizon_holders(min_age)
+        finally:
+            reader.close()
 
     def __repr__(self) -> str:
         return f"TableSource({self.table!r}, offset_column={self.offset_column!r})"
@@ -280,6 +290,102 @@ def _scalar(
     return row[0] if row else None
 
 
+# The two sets the safe horizon waits for (see TableReader), shared by the horizon query and
+# the query that names the sessions holding it back. Both need the CTEs ``db`` and ``r``.
+_HORIZON_CTES = """
+            WITH db AS (SELECT oid FROM pg_database WHERE datname = current_database()),
+                 r AS (SELECT %(rel)s::regclass::oid AS oid)"""
+# W: transactions holding a ROW EXCLUSIVE lock on the table or one of its partitions
+_WRITER_LOCKS = """FROM pg_locks l
+                          WHERE l.locktype = 'relation'
+                            AND l.mode = 'RowExclusiveLock'
+                            AND l.database = (SELECT oid FROM db)
+                            AND l.relation IN (
+                                  SELECT oid FROM r
+                                  UNION ALL
+                                  SELECT relid
+                                    FROM pg_partition_tree((SELECT oid FROM r)::regclass))
+                            AND l.pid IS DISTINCT FROM pg_backend_pid()"""
+# X: sessions of this database holding an xid (autovacuum never inserts rows)
+_XID_SESSIONS = """FROM pg_stat_activity a
+                          WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
+                            AND a.pid <> pg_backend_pid()
+                            AND a.backend_type <> 'autovacuum worker'"""
+_HOLDERS = (
+    _HORIZON_CTES
+    + """,
+                 w AS (SELECT DISTINCT l.pid """
+    + _WRITER_LOCKS
+    + """),
+                 x AS (SELECT a.pid """
+    + _XID_SESSIONS
+    + """)
+            SELECT a.pid, a.application_name, a.state,
+                   extract(epoch FROM now() - a.xact_start)::float8 AS age,
+                   a.query, a.pid IN (SELECT pid FROM w), a.pid IN (SELECT pid FROM x)
+              FROM pg_stat_activity a
+             WHERE a.pid IN (SELECT pid FROM w UNION SELECT pid FROM x)
+               AND COALESCE(now() - a.xact_start >= make_interval(secs => %(min_age)s), true)
+            UNION ALL
+            SELECT NULL, 'prepared transaction ' || p.gid, 'prepared',
+                   extract(epoch FROM now() - p.prepared)::float8, NULL, false, true
+              FROM pg_prepared_xacts p
+             WHERE p.database = current_database()
+               AND now() - p.prepared >= make_interval(secs => %(min_age)s)
+             ORDER BY 4 DESC NULLS LAST, 1
+            """
+)
+
+
+@dataclass(slots=True, frozen=True)
+class HorizonHolder:
+    """A session whose open transaction keeps a :class:`TableSource` from reading on.
+
+    ``writes_table``: it holds a write lock on the table (it inserted, or is inserting);
+    ``holds_xid``: it holds a transaction id in this database (it wrote something and has not
+    ended; it may still commit an id it drew earlier). ``pid`` is ``None`` for a prepared
+    transaction; ``query`` is the first line of its last statement, ``None`` when the role
+    may not see it.
+    """
+
+    pid: int | None
+    application_name: str
+    state: str | None
+    xact_age_seconds: float | None
+    query: str | None
+    writes_table: bool
+    holds_xid: bool
+
+    def describe(self) -> str:
+        """``pid 4242 (psql), idle in transaction, transaction open 63s: INSERT ...``."""
+        who = "a prepared transaction" if self.pid is None else f"pid {self.pid}"
+        if self.application_name and self.pid is not None:
+            who += f" ({self.application_name})"
+        elif self.pid is None:
+            who = self.application_name
+        parts = [who]
+        if self.state:
+            parts.append(self.state)
+        if self.xact_age_seconds is not None:
+            parts.append(f"transaction open {self.xact_age_seconds:.0f}s")
+        parts.append("writes the table" if self.writes_table else "holds a transaction id")
+        text = ", ".join(parts)
+        return f"{text}: {self.query}" if self.query else text
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``HorizonHolder(**d)`` rebuilds it)."""
+        return dataclasses.asdict(self)
+
+
+def _first_line(query: str | None) -> str | None:
+    if not query or query == "<insufficient privilege>":
+        return None
+    for line in query.strip().splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class _Candidate:
     """``max(offset) = top`` observed in a snapshot whose xmax was ``xmax``, while the
@@ -367,27 +473,17 @@ class TableReader(PartitionReader):
         ).format(cols=select_list, table=table, off=off)
         self._q_max = sql.SQL("SELECT max({off}) FROM {table}").format(off=off, table=table)
         self._q_horizon = sql.SQL(
-            """
-            WITH db AS (SELECT oid FROM pg_database WHERE datname = current_database()),
-                 r AS (SELECT %(rel)s::regclass::oid AS oid)
+            _HORIZON_CTES
+            + """
             SELECT pg_snapshot_xmin(s)::text::bigint,
                    pg_snapshot_xmax(s)::text::bigint,
                    (SELECT max({off}) FROM {table}),
-                   ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l
-                          WHERE l.locktype = 'relation'
-                            AND l.mode = 'RowExclusiveLock'
-                            AND l.database = (SELECT oid FROM db)
-                            AND l.relation IN (
-                                  SELECT oid FROM r
-                                  UNION ALL
-                                  SELECT relid
-                                    FROM pg_partition_tree((SELECT oid FROM r)::regclass))
-                            AND l.pid IS DISTINCT FROM pg_backend_pid()),
-                   ARRAY(SELECT a.pid::text || ':' || a.backend_xid::text
-                           FROM pg_stat_activity a
-                          WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
-                            AND a.pid <> pg_backend_pid()
-                            AND a.backend_type <> 'autovacuum worker'
+                   ARRAY(SELECT DISTINCT l.virtualtransaction """
+            + _WRITER_LOCKS
+            + """),
+                   ARRAY(SELECT a.pid::text || ':' || a.backend_xid::text """
+            + _XID_SESSIONS
+            + """
                          UNION ALL
                          SELECT 'prepared:' || p.transaction::text FROM pg_prepared_xacts p
                           WHERE p.database = current_database())
@@ -461,6 +557,24 @@ class TableReader(PartitionReader):
         """``max(offset) + 1`` of the table now, or ``None`` when it is empty."""
         top = self._with_retry(self._max)
         return None if top is None else top + 1
+
+    def horizon_holders(self, min_age: float = 0.0) -> list[HorizonHolder]:
+        """The sessions whose open transactions hold the safe horizon back now: those that
+        write the table and those holding a transaction id in this database (the sets the
+        horizon waits for), oldest transaction first; only transactions open ``min_age``
+        seconds or more."""
+        return self._with_retry(lambda: self._holders(min_age))
+
+    def _holders(self, min_age: float) -> list[HorizonHolder]:
+        assert self._conn is not None
+        cur = self._conn.cursor(row_factory=tuple_row)
+        rows = cur.execute(
+            _HOLDERS, {"rel": self.source.regclass_text(), "min_age": float(min_age)}
+        ).fetchall()
+        return [
+            HorizonHolder(pid, app or "", state, age, _first_line(query), bool(w), bool(x))
+            for pid, app, state, age, query, w, x in rows
+        ]
 
     # -- internals -----------------------------------------------------------------------------
 

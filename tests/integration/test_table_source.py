@@ -158,6 +158,45 @@ def test_open_transaction_holds_back_later_ids(
     reader.close()
 
 
+def test_horizon_holders_name_the_open_transaction(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    """An idle transaction that inserted (a nextval() id) holds the horizon: the reader names
+    its session; a transaction elsewhere in the cluster is not named."""
+    _orders(db)
+    reader = TableSource("orders").open("0", scratch_dsn)
+    try:
+        assert reader.horizon_holders() == []
+        with (
+            psycopg.connect(scratch_dsn, application_name="slow-writer") as a,
+            psycopg.connect(SERVER_DSN) as other,
+        ):
+            other.execute("SELECT pg_current_xact_id()")  # another database: not a holder
+            a.execute("INSERT INTO orders (user_id) VALUES ('A')\n-- second line")
+            db.execute("INSERT INTO orders (user_id) SELECT 'B' FROM generate_series(1, 5)")
+            assert reader.read(MIN_OFFSET, 100).records == []
+            (holder,) = reader.horizon_holders()
+            assert holder.pid == a.info.backend_pid
+            assert holder.application_name == "slow-writer"
+            assert holder.state == "idle in transaction"
+            assert holder.writes_table and holder.holds_xid
+            assert holder.query == "INSERT INTO orders (user_id) VALUES ('A')"
+            assert holder.xact_age_seconds is not None and holder.xact_age_seconds >= 0
+            assert f"pid {holder.pid} (slow-writer), idle in transaction" in holder.describe()
+            # the same through the source, and filtered by age
+            assert [h.pid for h in TableSource("orders").horizon_holders(scratch_dsn)] == [
+                holder.pid
+            ]
+            assert TableSource("orders").horizon_holders(scratch_dsn, min_age=3600) == []
+            a.commit()
+            other.rollback()
+        assert reader.horizon_holders() == []
+        got, _ = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 6)
+        assert got == list(range(1, 7))
+    finally:
+        reader.close()
+
+
 def test_id_drawn_before_xid_is_not_skipped(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     """The id is drawn before the inserting transaction has an xid (a slow BEFORE trigger here).
 
