@@ -58,7 +58,7 @@ class Fold:
         if callable(self.initial):
             return
         try:
-            blob = _dumps_checked(self.initial)
+            blob, _ = _round_trip(self.initial)
         except _NotPlain as exc:
             raise ConfigError(
                 f"fold initial value is not plain JSON: {exc.describe('initial')}",
@@ -85,24 +85,35 @@ class Fold:
         else:
             state = self.new_state()
             if self._initial_blob is None:
-                _state_blob(state, "returned by initial()", key)
+                try:
+                    _round_trip(state)
+                except _NotPlain as exc:
+                    raise exc.fold_error("returned by initial()", key) from None
         new = self.fn(state, record)
         t = type(new)
         if t is dict:  # the common flat state, checked inline
             for k, v in new.items():
                 tv = type(v)
                 if type(k) is not str or (tv not in _SCALARS and (tv is not float or v - v != 0.0)):
-                    return _state_blob(new, "returned by the fold", key)
+                    return self._checked(new, "returned by the fold", key)
             try:  # exact scalar types only: nothing for orjson to convert
                 return orjson.dumps(new)
             except orjson.JSONEncodeError:  # an int beyond 64 bits, a lone surrogate
-                return _state_blob(new, "returned by the fold", key)
+                return self._checked(new, "returned by the fold", key)
         if t in _SCALARS:
             try:
                 return orjson.dumps(new)
             except orjson.JSONEncodeError:  # an int beyond 64 bits, a lone surrogate
                 pass
-        return _state_blob(new, "returned by the fold", key)
+        return self._checked(new, "returned by the fold", key)
+
+    def _checked(self, state: Any, origin: str, key: Any) -> bytes:
+        """The serialised ``state`` after the full round-trip check, or
+        :class:`FoldStateError` naming what is not plain JSON."""
+        try:
+            return _round_trip(state)[0]
+        except _NotPlain as exc:
+            raise exc.fold_error(origin, key) from None
 
     @staticmethod
     def output(state_blob: bytes) -> tuple[tuple[str, ...], tuple[Any, ...]]:
@@ -131,31 +142,29 @@ class _NotPlain(Exception):
         """How to store the offending value instead."""
         return _advice(self.value, "state")
 
+    def fold_error(self, origin: str, key: Any) -> FoldStateError:
+        """The record's error: what is not plain JSON, where, on which key, and the fix."""
+        return FoldStateError(
+            f"fold state is not plain JSON: {self.describe('state')} ({origin} on key "
+            f"{key!r}); {self.advice}"
+        )
+
 
 def _refuse(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not plain JSON")
 
 
-def _dumps_checked(value: Any) -> bytes:
-    """``value`` serialised, or :class:`_NotPlain` when decoding would not give it back."""
+def _round_trip(value: Any) -> tuple[bytes, Any]:
+    """``value`` serialised and decoded again, or :class:`_NotPlain` when decoding would not
+    give it back."""
     try:
         blob = orjson.dumps(value, default=_refuse, option=_STRICT)
     except orjson.JSONEncodeError as exc:
         raise _NotPlain(value, str(exc)) from None
-    if orjson.loads(blob) != value:
+    decoded = orjson.loads(blob)
+    if decoded != value:
         raise _NotPlain(value, "it decodes from JSON to a different value")
-    return blob
-
-
-def _state_blob(state: Any, origin: str, key: Any) -> bytes:
-    """The serialised ``state``, or :class:`FoldStateError` naming what is not plain JSON."""
-    try:
-        return _dumps_checked(state)
-    except _NotPlain as exc:
-        raise FoldStateError(
-            f"fold state is not plain JSON: {exc.describe('state')} ({origin} on key {key!r}); "
-            + exc.advice
-        ) from None
+    return blob, decoded
 
 
 def not_plain_json(value: Any, path: str) -> str | None:
