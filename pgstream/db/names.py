@@ -32,9 +32,10 @@ _SAME_BUT_CASE = """
 SELECT n.nspname, c.relname
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
-   AND lower(c.relname) = lower(%(name)s) AND c.relname <> %(name)s
+   AND lower(c.relname) = lower(%(name)s)
    AND CASE WHEN %(schema)s::text IS NULL THEN n.nspname = ANY (current_schemas(false))
             ELSE lower(n.nspname) = lower(%(schema)s) END
+   AND NOT (c.relname = %(name)s AND n.nspname = COALESCE(%(schema)s, n.nspname))
  ORDER BY n.nspname = %(schema)s DESC, n.nspname, c.relname
  LIMIT 3
 """

@@ -127,7 +127,8 @@ class TableSource(Source):
             reader.close()
 
     def __repr__(self) -> str:
-        return f"TableSource({self.table!r}, offset_column={self.offset_column!r})"
+        unsafe = ", unsafe_offsets_may_skip_rows=True" if self.unsafe_offsets_may_skip_rows else ""
+        return f"TableSource({self.table!r}, offset_column={self.offset_column!r}{unsafe})"
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:
         """Check the table, the offset column (an integer) and ``columns`` exist.
@@ -358,11 +359,12 @@ class HorizonHolder:
 
     def describe(self) -> str:
         """``pid 4242 (psql), idle in transaction, transaction open 63s: INSERT ...``."""
-        who = "a prepared transaction" if self.pid is None else f"pid {self.pid}"
-        if self.application_name and self.pid is not None:
-            who += f" ({self.application_name})"
-        elif self.pid is None:
-            who = self.application_name
+        if self.pid is None:
+            who = self.application_name  # "prepared transaction <gid>"
+        else:
+            who = f"pid {self.pid}"
+            if self.application_name:
+                who += f" ({self.application_name})"
         parts = [who]
         if self.state:
             parts.append(self.state)

@@ -599,6 +599,8 @@ def test_missing_folded_name_hints_at_quoting(
         TableSource("Amb").open("0", scratch_dsn)
     with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):
         TableSource("Sales.Lines").validate(db)
+    with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):  # only the schema
+        TableSource('Sales."Lines"').validate(db)
     with pytest.raises(SourceError, match=r"fix: create it"):
         TableSource("nothing_like_it").validate(db)
 
