@@ -182,7 +182,11 @@ class KeyedStream:
     def fold(
         self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None
     ) -> FoldedStream:
-        """Per-key state ``fn(state, record) -> state`` starting at ``initial``."""
+        """Per-key state ``fn(state, record) -> state`` starting at ``initial``.
+
+        States are stored as JSON and must come back exactly as returned: plain dicts with str
+        keys, lists, str, int, finite float, bool, None (see :mod:`pgstream.operators.fold`).
+        """
         return FoldedStream(self, Fold(initial, fn), name)
 
     def window(self, window: Tumbling, *, time: str | Callable[[Any], Any]) -> KeyedStream:

@@ -47,7 +47,7 @@ from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.keys import KeySpec
 from pgstream.runtime.pipeline import Pipeline
 from pgstream.sources.base import PartitionReader, Source, SourceError, SourceRecord
-from pgstream.sources.table import TableReader
+from pgstream.sources.table import MIN_OFFSET, TableReader
 from pgstream.state.store import KeyedState
 
 __all__ = [
@@ -454,19 +454,19 @@ def _segments(
     for start, end, n in ledger:
         if start > pos:
             report.violations.append(
-                Violation("ledger-gap", offset=pos, detail=f"no batch covers [{pos}, {start})",
-                          **where)
+                Violation("ledger-gap", offset=_real(pos),
+                          detail=f"no batch covers {_offsets(pos, start)}", **where)
             )
             segs.append(_Segment(pos, min(start, committed), None))
         elif start < pos:
             report.violations.append(
                 Violation("ledger-overlap", offset=start,
-                          detail=f"batch [{start}, {end}) overlaps what ends at {pos}", **where)
+                          detail=f"{_batch(start, end)} overlaps what ends at {pos}", **where)
             )
         if end > committed:
             report.violations.append(
                 Violation("ledger-overlap", offset=max(start, committed),
-                          detail=f"batch [{start}, {end}) reaches past the committed offset "
+                          detail=f"{_batch(start, end)} reaches past the committed offset "
                           f"{committed}", **where)
             )
         lo, hi = max(start, pos), min(end, committed)
@@ -476,8 +476,8 @@ def _segments(
         pos = max(pos, end)
     if pos < committed:
         report.violations.append(
-            Violation("ledger-gap", offset=pos,
-                      detail=f"the ledger ends at {pos} but the committed offset is {committed}",
+            Violation("ledger-gap", offset=_real(pos),
+                      detail=f"{_ledger_end(pos)} but the committed offset is {committed}",
                       **where)
         )
         segs.append(_Segment(pos, committed, None))
@@ -592,7 +592,7 @@ def _audit_partition(
                         pending = rec
                         break
                     records.append(rec)
-            _check_count(seg, len(records), source, p, report)
+            _check_count(seg, records, source, p, report)
             report.records += len(records)
             live = [r for r in records if r.offset not in runtime_dead]
             dead.update(r.offset for r in records if r.offset in runtime_dead)
@@ -604,23 +604,58 @@ def _audit_partition(
 
 
 def _check_count(
-    seg: _Segment, n: int, source: Source, p: _Partition, report: VerifyReport
+    seg: _Segment,
+    records: list[SourceRecord],
+    source: Source,
+    p: _Partition,
+    report: VerifyReport,
 ) -> None:
+    n = len(records)
     if seg.records_in is None or n == seg.records_in:
         return
+    first = records[0].offset if records else None
+    batch = _batch(seg.start, seg.end, first)
     if n < seg.records_in:
         raise CannotVerify(
-            f"{source.describe()} no longer holds the committed range: batch "
-            f"[{seg.start}, {seg.end}) of {p.source}/{p.partition} processed {seg.records_in} "
-            f"records, the source now holds {n} there (deleted or truncated?)"
+            f"{source.describe()} no longer holds the committed range: {batch} of "
+            f"{p.source}/{p.partition} processed {seg.records_in} records, the source now holds "
+            f"{n} there (deleted or truncated?)"
         )
     report.violations.append(
         Violation(
-            "lost", "pgstream.batches", p.source, p.partition, seg.start,
-            detail=f"batch [{seg.start}, {seg.end}) processed {seg.records_in} records but the "
-            f"source holds {n} there: {n - seg.records_in} record(s) were skipped",
+            "lost", "pgstream.batches", p.source, p.partition, _real(seg.start, first),
+            detail=f"{batch} processed {seg.records_in} records but the source holds {n} there: "
+            f"{n - seg.records_in} record(s) were skipped",
         )
     )
+
+
+# -- offset ranges in messages ------------------------------------------------------------------
+# A table source starts at -2**63 ("before every row"): a ledger range starting there is shown
+# by the offset of its first record, never as the sentinel.
+
+
+def _real(offset: int, first: int | None = None) -> int | None:
+    """``offset`` for a report, or the first record's offset (or None) for the sentinel."""
+    return first if offset <= MIN_OFFSET else offset
+
+
+def _batch(start: int, end: int, first: int | None = None) -> str:
+    """``batch [start, end)``; from the sentinel, ``batch [first record, end)``."""
+    if start > MIN_OFFSET:
+        return f"batch [{start}, {end})"
+    if first is not None:
+        return f"batch [{first}, {end})"
+    return f"the first batch (offsets below {end})"
+
+
+def _offsets(start: int, end: int) -> str:
+    """``[start, end)``, or ``the offsets below end`` from the sentinel."""
+    return f"[{start}, {end})" if start > MIN_OFFSET else f"the offsets below {end}"
+
+
+def _ledger_end(pos: int) -> str:
+    return f"the ledger ends at {pos}" if pos > MIN_OFFSET else "the ledger has no batch"
 
 
 def _collect(pipeline: Pipeline, out: Any, expected: _Expected, app: App) -> None:

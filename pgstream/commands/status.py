@@ -30,7 +30,8 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
     """Show committed offset, source head, lag, last commit, owner and epoch per partition.
 
     With MODULE:APP, only that job, and the source head is read live from its sources
-    (otherwise it is the head seen at the last commit)."""
+    (otherwise it is the head seen at the last commit); a table partition behind its head also
+    names the sessions whose open transactions hold its safe horizon back (``held_by``)."""
     from pgstream.db.connect import connect, resolve_dsn
     from pgstream.db.migrate import ensure_migrated
 
@@ -57,7 +58,7 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         "leased",
         "dead_letters",
     ]
-    items = [dict(zip(names, r)) for r in rows]
+    items = [{**dict(zip(names, r)), "held_by": None} for r in rows]
     if app is not None:
         _live_heads(app, resolved, items)
     for item in items:
@@ -71,7 +72,16 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
     _print_table(items)
 
 
+#: a transaction open at least this long that the safe horizon waits for is named as holding
+#: a table source back (shorter ones are ordinary traffic, not a hold)
+HOLD_MIN_AGE = 1.0
+
+
 def _live_heads(app: Any, dsn: str, items: list[dict[str, Any]]) -> None:
+    """Read each partition's head live; for a table partition whose committed offset is below
+    its head, also the sessions holding its safe horizon back (``held_by``)."""
+    from pgstream.sources.table import TableReader
+
     for item in items:
         source = app.sources.get(item["source"])
         if source is None:
@@ -79,6 +89,10 @@ def _live_heads(app: Any, dsn: str, items: list[dict[str, Any]]) -> None:
         reader = source.open(item["partition"], dsn)
         try:
             head = reader.head()
+            done = item["committed_offset"]
+            behind = head is not None and (done is None or done < head)
+            if behind and isinstance(reader, TableReader):
+                item["held_by"] = [h.as_dict() for h in reader.horizon_holders(HOLD_MIN_AGE)]
         finally:
             reader.close()
         if head is not None:
@@ -137,6 +151,26 @@ def _print_table(items: list[dict[str, Any]]) -> None:
     if not console.is_terminal:
         console = Console(width=160)
     console.print(table)
+    _print_holders(items)
+
+
+def _print_holders(items: list[dict[str, Any]]) -> None:
+    """Below the table: which sessions hold a table source's safe horizon back, and the fix."""
+    from pgstream.sources.table import HorizonHolder
+
+    for it in items:
+        holders = it.get("held_by") or []
+        if not holders:
+            continue
+        where = f"{it['job']} {it['source']}/{it['partition']}"
+        click.echo(f"{where} is held back by an open transaction (newer rows wait until it ends):")
+        for h in holders:
+            click.echo(f"  {HorizonHolder(**h).describe()}")
+        pids = [str(h["pid"]) for h in holders if h["pid"] is not None]
+        fix = "commit or roll back that transaction"
+        if pids:
+            fix += f" (or end the session: SELECT pg_terminate_backend({pids[0]}))"
+        click.echo(f"  fix: {fix}")
 
 
 def _fmt(value: int | None) -> str:

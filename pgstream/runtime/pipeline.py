@@ -179,7 +179,7 @@ class FoldPlan(Plan):
             kj = orjson.dumps(key).decode()
             hit = local.get(kj) or overlay.get(kj) or pending.get(kj)
             blob = hit[1] if hit is not None else committed.get(kj)
-            local[kj] = (key, self.fold.step(blob, o))
+            local[kj] = (key, self.fold.step(blob, o, key))
         return local
 
     def apply(self, staged: dict[str, tuple[Any, bytes]], offset: int, out: BatchOutput) -> None:

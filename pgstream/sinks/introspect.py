@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgstream.db.names import parse_table_name
+from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import SinkSchemaError
 
 _FIND = """
@@ -87,14 +87,18 @@ class TableInfo:
 
 
 def load_table(conn: psycopg.Connection[Any], qualified: str) -> TableInfo:
-    """Look up ``qualified`` (exact spelling, no case folding) or raise naming it."""
+    """Look up ``qualified`` (resolved like SQL: see :mod:`pgstream.db.names`) or raise naming
+    it, with the quoted spelling when only its case differs from an existing table."""
     schema, name = parse_table_name(qualified)
     with conn.cursor() as cur:
         row = cur.execute(_FIND, {"schema": schema, "name": name}).fetchone()
         if row is None:
+            looked = display_name(schema, name)
+            also = f" (looked for {looked})" if looked != qualified.strip() else ""
             raise SinkSchemaError(
-                f"sink table {qualified} does not exist",
-                hint="create it in your own Alembic migration (pgstream.schema has helpers)",
+                f"sink table {qualified} does not exist{also}",
+                hint=case_hint(conn, schema, name)
+                or "create it in your own Alembic migration (pgstream.schema has helpers)",
             )
         oid, nsp, rel = row
         cols = {

@@ -10,9 +10,10 @@ below a *safe horizon*, an offset below which no row can still appear; see its d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,11 +21,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
-from pgstream.db.names import parse_table_name
+from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import ConfigError
 from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
 
-__all__ = ["TableReader", "TableSource", "parse_table_name"]
+__all__ = ["HorizonHolder", "TableReader", "TableSource", "parse_table_name"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,25 @@ class TableSource(Source):
     Records are the rows as dicts (only ``columns`` if given); a record's offset is its
     ``offset_column`` value and the initial offset is ``-2**63`` (read everything).
 
-    Preconditions for exactly-once reading (see :class:`TableReader` for why):
+    ``table`` is resolved like PostgreSQL resolves a name in SQL (:mod:`pgstream.db.names`):
+    unquoted parts fold to lower case, double-quoted parts keep their case
+    (``TableSource('public."Order Lines"')``).
+
+    Preconditions for exactly-once reading (see :class:`TableReader` for why), checked by
+    :meth:`validate` at start:
 
     * the offset column is filled at insert time from a sequence or identity column (``bigserial``,
-      ``GENERATED ... AS IDENTITY``) that only increases, with ``CACHE 1`` (the default);
+      ``GENERATED ... AS IDENTITY``, ``DEFAULT nextval(...)``) that only increases, with
+      ``CACHE 1`` (the default);
     * rows are inserted through this table (for a partitioned table, through the parent or its
       partitions), and the table is append-only from the job's point of view (updates and deletes
       of already-read rows are not seen);
     * the offset column is indexed (btree), so every read is an index range scan.
+
+    ``unsafe_offsets_may_skip_rows=True`` accepts an offset column that no sequence fills (the
+    application writes the values). The safe horizon cannot protect such a column: a row
+    committed after a row with a larger offset was read is skipped for good. Use it only when
+    one writer commits rows in increasing offset order; a warning is logged at start.
     """
 
     kind = "table"
@@ -57,6 +69,7 @@ class TableSource(Source):
         *,
         offset_column: str = "id",
         columns: Sequence[str] | None = None,
+        unsafe_offsets_may_skip_rows: bool = False,
     ) -> None:
         if not offset_column:
             raise ConfigError("TableSource needs an offset_column name")
@@ -66,6 +79,7 @@ class TableSource(Source):
         self.columns: tuple[str, ...] | None = tuple(columns) if columns is not None else None
         if self.columns is not None and not self.columns:
             raise ConfigError(f"TableSource({table!r}) got an empty columns list")
+        self.unsafe_offsets_may_skip_rows = unsafe_offsets_may_skip_rows
 
     # -- SQL building blocks -----------------------------------------------------------------
 
@@ -103,32 +117,30 @@ class TableSource(Source):
         """``table <schema.table>``."""
         return f"table {self.table}"
 
+    def horizon_holders(self, dsn: str, min_age: float = 0.0) -> list[HorizonHolder]:
+        """The sessions holding this source's safe horizon back now (see
+        :meth:`TableReader.horizon_holders`), over a short-lived connection to ``dsn``."""
+        reader = TableReader(self, dsn)
+        try:
+            return reader.horizon_holders(min_age)
+        finally:
+            reader.close()
+
     def __repr__(self) -> str:
-        return f"TableSource({self.table!r}, offset_column={self.offset_column!r})"
+        unsafe = ", unsafe_offsets_may_skip_rows=True" if self.unsafe_offsets_may_skip_rows else ""
+        return f"TableSource({self.table!r}, offset_column={self.offset_column!r}{unsafe})"
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:
         """Check the table, the offset column (an integer) and ``columns`` exist.
 
-        Also refuses a sequence with ``CACHE`` > 1 behind the offset column (values would not be
-        handed out in commit-compatible order across sessions), and logs a warning when the offset
-        column has no btree index or is not filled by a sequence. Runs only catalog queries that
-        cannot fail, so it is safe inside the caller's transaction.
+        Also refuses an offset column that no sequence or identity fills (unless
+        ``unsafe_offsets_may_skip_rows``) and a sequence with ``CACHE`` > 1 (values would not be
+        handed out in commit-compatible order across sessions), and logs a warning when the
+        offset column has no btree index. Runs only catalog queries that cannot fail, so it is
+        safe inside the caller's transaction.
         """
         cur = conn.cursor(row_factory=tuple_row)
-        row = cur.execute("SELECT to_regclass(%s)::oid", [self.regclass_text()]).fetchone()
-        relid = row[0] if row else None
-        if relid is None:
-            where = (
-                f"schema {self.schema!r}"
-                if self.schema is not None
-                else "the search_path ("
-                + str(_scalar(cur, "SELECT current_setting('search_path')"))
-                + ")"
-            )
-            raise SourceError(
-                f"source table {self.table!r} does not exist (looked in {where}); "
-                "fix: create it (e.g. in your migrations) or correct the name given to TableSource"
-            )
+        relid = self._relid(conn, cur)
         cols = cur.execute(
             """
             SELECT a.attname, a.attnum,
@@ -141,6 +153,36 @@ class TableSource(Source):
         ).fetchall()
         types = {name: typ for name, _, typ in cols}
         attnums = {name: num for name, num, _ in cols}
+        self._check_columns(types)
+        self._check_index(conn, cur, relid, attnums[self.offset_column])
+        self._check_sequence(cur, relid, attnums[self.offset_column])
+
+    def _relid(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[tuple[Any, ...]]) -> int:
+        """The table's oid, or :class:`SourceError` saying where it was looked for."""
+        row = cur.execute("SELECT to_regclass(%s)::oid", [self.regclass_text()]).fetchone()
+        relid = row[0] if row else None
+        if relid is not None:
+            return int(relid)
+        where = (
+            f"schema {self.schema!r}"
+            if self.schema is not None
+            else "the search_path ("
+            + str(_scalar(cur, "SELECT current_setting('search_path')"))
+            + ")"
+        )
+        raise SourceError(
+            f"source table {self.table!r} does not exist (looked for "
+            f"{display_name(None, self.relname)} in {where}); " + self._missing_fix(conn)
+        )
+
+    def _missing_fix(self, conn: psycopg.Connection[Any]) -> str:
+        """The fix for a missing table: its quoted spelling when only its case differs."""
+        hint = case_hint(conn, self.schema, self.relname)
+        if hint is not None:
+            return f"fix: {hint}"
+        return "fix: create it (e.g. in your migrations) or correct the name given to TableSource"
+
+    def _check_columns(self, types: dict[str, str]) -> None:
         off = self.offset_column
         if off not in types:
             raise SourceError(
@@ -162,6 +204,14 @@ class TableSource(Source):
                     f"{', '.join(map(repr, missing))}; "
                     "fix: correct the columns= given to TableSource"
                 )
+
+    def _check_index(
+        self,
+        conn: psycopg.Connection[Any],
+        cur: psycopg.Cursor[tuple[Any, ...]],
+        relid: int,
+        attnum: int,
+    ) -> None:
         indexed = _scalar(
             cur,
             """
@@ -171,22 +221,52 @@ class TableSource(Source):
                WHERE i.indrelid = %s AND i.indkey[0] = %s AND am.amname = 'btree'
                  AND i.indisvalid AND i.indpred IS NULL)
             """,
-            [relid, attnums[off]],
+            [relid, attnum],
         )
         if not indexed:
             log.warning(
                 "offset column %r of source table %r has no btree index: every read will scan the "
                 "table; fix: CREATE INDEX ON %s (%s)",
-                off,
+                self.offset_column,
                 self.table,
                 self.regclass_text(),
-                sql.Identifier(off).as_string(conn),
+                sql.Identifier(self.offset_column).as_string(conn),
             )
-        seq = _scalar(cur, "SELECT pg_get_serial_sequence(%s, %s)", [self.regclass_text(), off])
+
+    def _check_sequence(
+        self, cur: psycopg.Cursor[tuple[Any, ...]], relid: int, attnum: int
+    ) -> None:
+        """Refuse an offset column no sequence fills, or a sequence with ``CACHE`` > 1."""
+        off = self.offset_column
+        seq = _scalar(
+            cur,
+            """
+            SELECT COALESCE(
+              pg_get_serial_sequence(%(rel)s, %(col)s),
+              (SELECT d.refobjid::regclass::text
+                 FROM pg_attrdef ad
+                 JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                                 AND d.refclassid = 'pg_class'::regclass
+                 JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+                WHERE ad.adrelid = %(relid)s AND ad.adnum = %(attnum)s
+                LIMIT 1))
+            """,
+            {"rel": self.regclass_text(), "col": off, "relid": relid, "attnum": attnum},
+        )
         if seq is None:
+            if not self.unsafe_offsets_may_skip_rows:
+                raise SourceError(
+                    f"offset column {off!r} of source table {self.table!r} is not filled by a "
+                    "sequence or identity (the application writes its values): a row committed "
+                    "after a row with a larger offset was read would be skipped for good; fix: "
+                    "make it bigserial / GENERATED ALWAYS AS IDENTITY (or DEFAULT nextval(...) "
+                    "of a CACHE 1 sequence), or accept the risk with "
+                    "TableSource(..., unsafe_offsets_may_skip_rows=True)"
+                )
             log.warning(
                 "offset column %r of source table %r is not filled by a sequence or identity; "
-                "TableSource relies on values assigned at insert time that only increase",
+                "reading it anyway (unsafe_offsets_may_skip_rows=True): a row committed after a "
+                "row with a larger offset was read is skipped for good",
                 off,
                 self.table,
             )
@@ -202,9 +282,110 @@ class TableSource(Source):
             )
 
 
-def _scalar(cur: psycopg.Cursor[tuple[Any, ...]], query: str, params: Sequence[Any] = ()) -> Any:
+def _scalar(
+    cur: psycopg.Cursor[tuple[Any, ...]],
+    query: str,
+    params: Sequence[Any] | Mapping[str, Any] = (),
+) -> Any:
     row = cur.execute(query, params).fetchone()
     return row[0] if row else None
+
+
+# The two sets the safe horizon waits for (see TableReader), shared by the horizon query and
+# the query that names the sessions holding it back. Both need the CTEs ``db`` and ``r``.
+_HORIZON_CTES = """
+            WITH db AS (SELECT oid FROM pg_database WHERE datname = current_database()),
+                 r AS (SELECT %(rel)s::regclass::oid AS oid)"""
+# W: transactions holding a ROW EXCLUSIVE lock on the table or one of its partitions
+_WRITER_LOCKS = """FROM pg_locks l
+                          WHERE l.locktype = 'relation'
+                            AND l.mode = 'RowExclusiveLock'
+                            AND l.database = (SELECT oid FROM db)
+                            AND l.relation IN (
+                                  SELECT oid FROM r
+                                  UNION ALL
+                                  SELECT relid
+                                    FROM pg_partition_tree((SELECT oid FROM r)::regclass))
+                            AND l.pid IS DISTINCT FROM pg_backend_pid()"""
+# X: sessions of this database holding an xid (autovacuum never inserts rows)
+_XID_SESSIONS = """FROM pg_stat_activity a
+                          WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
+                            AND a.pid <> pg_backend_pid()
+                            AND a.backend_type <> 'autovacuum worker'"""
+_HOLDERS = (
+    _HORIZON_CTES
+    + """,
+                 w AS (SELECT DISTINCT l.pid """
+    + _WRITER_LOCKS
+    + """),
+                 x AS (SELECT a.pid """
+    + _XID_SESSIONS
+    + """)
+            SELECT a.pid, a.application_name, a.state,
+                   extract(epoch FROM now() - a.xact_start)::float8 AS age,
+                   a.query, a.pid IN (SELECT pid FROM w), a.pid IN (SELECT pid FROM x)
+              FROM pg_stat_activity a
+             WHERE a.pid IN (SELECT pid FROM w UNION SELECT pid FROM x)
+               AND COALESCE(now() - a.xact_start >= make_interval(secs => %(min_age)s), true)
+            UNION ALL
+            SELECT NULL, 'prepared transaction ' || p.gid, 'prepared',
+                   extract(epoch FROM now() - p.prepared)::float8, NULL, false, true
+              FROM pg_prepared_xacts p
+             WHERE p.database = current_database()
+               AND now() - p.prepared >= make_interval(secs => %(min_age)s)
+             ORDER BY 4 DESC NULLS LAST, 1
+            """
+)
+
+
+@dataclass(slots=True, frozen=True)
+class HorizonHolder:
+    """A session whose open transaction keeps a :class:`TableSource` from reading on.
+
+    ``writes_table``: it holds a write lock on the table (it inserted, or is inserting);
+    ``holds_xid``: it holds a transaction id in this database (it wrote something and has not
+    ended; it may still commit an id it drew earlier). ``pid`` is ``None`` for a prepared
+    transaction; ``query`` is the first line of its last statement, ``None`` when the role
+    may not see it.
+    """
+
+    pid: int | None
+    application_name: str
+    state: str | None
+    xact_age_seconds: float | None
+    query: str | None
+    writes_table: bool
+    holds_xid: bool
+
+    def describe(self) -> str:
+        """``pid 4242 (psql), idle in transaction, transaction open 63s: INSERT ...``."""
+        if self.pid is None:
+            who = self.application_name  # "prepared transaction <gid>"
+        else:
+            who = f"pid {self.pid}"
+            if self.application_name:
+                who += f" ({self.application_name})"
+        parts = [who]
+        if self.state:
+            parts.append(self.state)
+        if self.xact_age_seconds is not None:
+            parts.append(f"transaction open {self.xact_age_seconds:.0f}s")
+        parts.append("writes the table" if self.writes_table else "holds a transaction id")
+        text = ", ".join(parts)
+        return f"{text}: {self.query}" if self.query else text
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``HorizonHolder(**d)`` rebuilds it)."""
+        return dataclasses.asdict(self)
+
+
+def _first_line(query: str | None) -> str | None:
+    if not query or query == "<insufficient privilege>":
+        return None
+    for line in query.strip().splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -294,27 +475,17 @@ class TableReader(PartitionReader):
         ).format(cols=select_list, table=table, off=off)
         self._q_max = sql.SQL("SELECT max({off}) FROM {table}").format(off=off, table=table)
         self._q_horizon = sql.SQL(
-            """
-            WITH db AS (SELECT oid FROM pg_database WHERE datname = current_database()),
-                 r AS (SELECT %(rel)s::regclass::oid AS oid)
+            _HORIZON_CTES
+            + """
             SELECT pg_snapshot_xmin(s)::text::bigint,
                    pg_snapshot_xmax(s)::text::bigint,
                    (SELECT max({off}) FROM {table}),
-                   ARRAY(SELECT DISTINCT l.virtualtransaction FROM pg_locks l
-                          WHERE l.locktype = 'relation'
-                            AND l.mode = 'RowExclusiveLock'
-                            AND l.database = (SELECT oid FROM db)
-                            AND l.relation IN (
-                                  SELECT oid FROM r
-                                  UNION ALL
-                                  SELECT relid
-                                    FROM pg_partition_tree((SELECT oid FROM r)::regclass))
-                            AND l.pid IS DISTINCT FROM pg_backend_pid()),
-                   ARRAY(SELECT a.pid::text || ':' || a.backend_xid::text
-                           FROM pg_stat_activity a
-                          WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
-                            AND a.pid <> pg_backend_pid()
-                            AND a.backend_type <> 'autovacuum worker'
+                   ARRAY(SELECT DISTINCT l.virtualtransaction """
+            + _WRITER_LOCKS
+            + """),
+                   ARRAY(SELECT a.pid::text || ':' || a.backend_xid::text """
+            + _XID_SESSIONS
+            + """
                          UNION ALL
                          SELECT 'prepared:' || p.transaction::text FROM pg_prepared_xacts p
                           WHERE p.database = current_database())
@@ -338,11 +509,11 @@ class TableReader(PartitionReader):
             conn.close()
             raise
         if row is None or row[0] is None:
-            conn.close()
-            raise SourceError(
-                f"source table {self.source.table!r} does not exist; fix: create it or correct "
-                "the name given to TableSource"
-            )
+            try:
+                fix = self.source._missing_fix(conn)
+            finally:
+                conn.close()
+            raise SourceError(f"source table {self.source.table!r} does not exist; {fix}")
         self._conn = conn
 
     def _reconnect(self) -> None:
@@ -388,6 +559,24 @@ class TableReader(PartitionReader):
         """``max(offset) + 1`` of the table now, or ``None`` when it is empty."""
         top = self._with_retry(self._max)
         return None if top is None else top + 1
+
+    def horizon_holders(self, min_age: float = 0.0) -> list[HorizonHolder]:
+        """The sessions whose open transactions hold the safe horizon back now: those that
+        write the table and those holding a transaction id in this database (the sets the
+        horizon waits for), oldest transaction first; only transactions open ``min_age``
+        seconds or more."""
+        return self._with_retry(lambda: self._holders(min_age))
+
+    def _holders(self, min_age: float) -> list[HorizonHolder]:
+        assert self._conn is not None
+        cur = self._conn.cursor(row_factory=tuple_row)
+        rows = cur.execute(
+            _HOLDERS, {"rel": self.source.regclass_text(), "min_age": float(min_age)}
+        ).fetchall()
+        return [
+            HorizonHolder(pid, app or "", state, age, _first_line(query), bool(w), bool(x))
+            for pid, app, state, age, query, w, x in rows
+        ]
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,59 @@ def test_user_errors_are_one_clear_line(
     assert_one_line_error(
         pgstream("run", "app:app", "--dsn", pg_dsn, cwd=tmp_path, env=missing_file), "nope.jsonl"
     )
+
+
+TABLE_APP = """
+import pgstream as ps
+
+app = ps.App("held-job")
+orders = app.stream("orders", ps.TableSource("orders"))
+orders.map(lambda o: {"id": o["id"]}).to_table("ids")
+"""
+
+
+def test_status_names_the_session_holding_a_table_source(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any
+) -> None:
+    """An idle transaction holding a nextval() insert keeps the job behind its table's head:
+    `status app:app` says which session (pid, application_name, state, age, query)."""
+    (tmp_path / "app.py").write_text(TABLE_APP)
+    pg_conn.execute(
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, who text);"
+        "CREATE TABLE ids (id bigint, _source text, _partition text, _offset bigint, _seq int,"
+        " UNIQUE (_source, _partition, _offset, _seq));"
+        "INSERT INTO orders (who) VALUES ('early')"
+    )
+    done = pgstream("run", "app:app", "--dsn", pg_dsn, "--stop-when-idle", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(pg_dsn, application_name="stuck-importer") as holder:
+        holder.execute("INSERT INTO orders (who) VALUES ('held')")  # id 2, not committed
+        pg_conn.execute("INSERT INTO orders (who) SELECT 'later' FROM generate_series(1, 5)")
+        done = pgstream("run", "app:app", "--dsn", pg_dsn, "--stop-when-idle", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert pg_conn.execute("SELECT array_agg(id) FROM ids").fetchone() == ([1],)
+        time.sleep(1.1)  # status names transactions open for a second or more
+        status = pgstream("status", "app:app", "--dsn", pg_dsn, "--json", cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        (row,) = json.loads(status.stdout)
+        assert row["committed_offset"] == 2 and row["source_head"] == 8 and row["lag"] == 6
+        (held,) = row["held_by"]
+        pid = holder.info.backend_pid
+        assert held["pid"] == pid and held["application_name"] == "stuck-importer"
+        assert held["state"] == "idle in transaction" and held["xact_age_seconds"] >= 1
+        assert held["query"] == "INSERT INTO orders (who) VALUES ('held')"
+        assert held["writes_table"] is True
+        table = pgstream("status", "app:app", "--dsn", pg_dsn, cwd=tmp_path)
+        assert table.returncode == 0, table.stderr
+        assert "held-job orders/0 is held back by an open transaction" in table.stdout
+        assert f"pid {pid} (stuck-importer), idle in transaction, transaction open" in table.stdout
+        assert f"SELECT pg_terminate_backend({pid})" in table.stdout
+        holder.commit()
+    done = pgstream("run", "app:app", "--dsn", pg_dsn, "--stop-when-idle", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    status = pgstream("status", "app:app", "--dsn", pg_dsn, "--json", cwd=tmp_path)
+    (row,) = json.loads(status.stdout)
+    assert row["lag"] == 0 and row["held_by"] is None
+    # without MODULE:APP the sources are unknown: nothing is looked up
+    (row,) = json.loads(pgstream("status", "--dsn", pg_dsn, "--json", cwd=tmp_path).stdout)
+    assert row["held_by"] is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def build_app(path: Path, **settings: Any) -> ps.App:
         lo=ps.min("amount"),
         hi=ps.max("amount"),
         mean=ps.avg("amount"),
-    ).to_table("public.User Totals")
+    ).to_table('public."User Totals"')
     valid.key_by("user").fold(
         {"n": 0, "last_id": None}, lambda s, o: {"n": s["n"] + 1, "last_id": o["id"]}
     ).to_table("last_seen")
@@ -172,13 +173,77 @@ def test_on_error_fail_stops_without_committing(tmp_path: Path, pg_dsn: str, pg_
     assert pg_conn.execute("SELECT count(*) FROM pgstream.dead_letters").fetchone() == (0,)
 
 
+def fold_app(path: Path, **settings: Any) -> ps.App:
+    """A fold whose state must come back exactly as returned (a datetime on "bad" records)."""
+    app = ps.App("fold-json", batch_size=10, **settings)
+
+    def step(state: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+        assert type(state["n"]) is int and type(state["last"]) in (str, type(None)), state
+        last: Any = rec["ts"]
+        if rec.get("bad"):
+            last = datetime.fromisoformat(rec["ts"])  # not plain JSON: would come back a str
+        return {"n": state["n"] + 1, "last": last}
+
+    s = app.stream("s", ps.FileSource(path))
+    s.key_by("k").fold({"n": 0, "last": None}, step).to_table("fold_out")
+    return app
+
+
+def test_fold_state_that_does_not_round_trip_is_dead_lettered(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any
+) -> None:
+    path = tmp_path / "f.jsonl"
+    rows = [
+        {"k": i % 3, "ts": f"2026-01-01T00:00:{i:02d}+00:00", "bad": i in (4, 25)}
+        for i in range(40)
+    ]
+    write_jsonl(path, rows)
+    pg_conn.execute("CREATE TABLE fold_out (k int PRIMARY KEY, n bigint, last text)")
+    run_app(fold_app(path), pg_dsn, stop_when_idle=True)
+    dead = pg_conn.execute(
+        'SELECT payload, operator, error FROM pgstream.dead_letters ORDER BY "offset"'
+    ).fetchall()
+    assert [json.loads(p)["ts"][-11:-6] for p, _, _ in dead] == ["00:04", "00:25"]
+    assert {op for _, op, _ in dead} == {"fold->fold_out"}
+    assert (
+        "fold state is not plain JSON: state['last'] is a datetime (returned by the fold on "
+        "key 1); store a str instead, e.g. ts.isoformat()"
+    ) in dead[0][2]
+    good = [r for r in rows if not r["bad"]]
+    want = {
+        k: (sum(1 for r in good if r["k"] == k), [r for r in good if r["k"] == k][-1]["ts"])
+        for k in range(3)
+    }
+    got = {k: (n, last) for k, n, last in pg_conn.execute("SELECT k, n, last FROM fold_out")}
+    assert got == want
+    states = pg_conn.execute("SELECT count(*) FROM pgstream.state").fetchone()
+    assert states == (3,)
+
+
+def test_fold_state_that_does_not_round_trip_stops_with_on_error_fail(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any
+) -> None:
+    path = tmp_path / "f.jsonl"
+    write_jsonl(path, [{"k": 7, "ts": "2026-01-01T00:00:00+00:00", "bad": True}])
+    pg_conn.execute("CREATE TABLE fold_out (k int PRIMARY KEY, n bigint, last text)")
+    with pytest.raises(
+        RecordFailedError,
+        match=r"fold state is not plain JSON: state\['last'\] is a datetime \(returned by the "
+        r"fold on key 7\); store a str instead",
+    ):
+        run_app(fold_app(path, on_error="fail"), pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute("SELECT count(*) FROM fold_out").fetchone() == (0,)
+    assert pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone() == (0,)
+
+
 def test_missing_sink_pieces_are_named(tmp_path: Path, pg_dsn: str, pg_conn: Any) -> None:
     path = tmp_path / "o.jsonl"
     write_jsonl(path, EVENTS[:3])
     app = ps.App("v")
     app.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table("nowhere")
-    with pytest.raises(SinkSchemaError, match="nowhere does not exist"):
+    with pytest.raises(SinkSchemaError, match="nowhere does not exist") as info:
         run_app(app, pg_dsn, stop_when_idle=True)
+    assert info.value.hint is not None and "create it" in info.value.hint
 
     pg_conn.execute(
         "CREATE TABLE nowhere (id bigint, _source text, _partition text, _offset bigint)"
@@ -194,6 +259,34 @@ def test_missing_sink_pieces_are_named(tmp_path: Path, pg_dsn: str, pg_conn: Any
     pg_conn.execute('CREATE TABLE agg ("user" text PRIMARY KEY)')
     with pytest.raises(SinkSchemaError, match="no column n"):
         run_app(app2, pg_dsn, stop_when_idle=True)
+
+
+def test_sink_names_fold_like_sql(tmp_path: Path, pg_dsn: str, pg_conn: Any) -> None:
+    """to_table("Facts") writes facts; only "Facts" existing is an error naming '"Facts"'."""
+    path = tmp_path / "o.jsonl"
+    write_jsonl(path, EVENTS[:3])
+    pg_conn.execute(
+        'CREATE TABLE "Facts" (id bigint, _source text, _partition text, _offset bigint,'
+        " _seq int, UNIQUE (_source, _partition, _offset, _seq))"
+    )
+    app = ps.App("names")
+    app.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table("Facts")
+    with pytest.raises(
+        SinkSchemaError, match=r"sink table Facts does not exist \(looked for facts\)"
+    ) as info:
+        run_app(app, pg_dsn, stop_when_idle=True)
+    assert info.value.hint is not None
+    assert (
+        "a table named '\"Facts\"' exists" in info.value.hint and "fold to lower" in info.value.hint
+    )
+    pg_conn.execute('CREATE TABLE facts (LIKE "Facts" INCLUDING ALL)')
+    run_app(app, pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute("SELECT count(*) FROM facts").fetchone() == (3,)
+    assert pg_conn.execute('SELECT count(*) FROM "Facts"').fetchone() == (0,)
+    app2 = ps.App("names2")
+    app2.stream("o", ps.FileSource(path)).map(lambda o: {"id": o["id"]}).to_table('"Facts"')
+    run_app(app2, pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute('SELECT count(*) FROM "Facts"').fetchone() == (3,)
 
 
 def test_map_output_with_unknown_field_is_a_clear_error(

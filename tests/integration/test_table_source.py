@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgstream.errors import ConfigError
 from pgstream.sources.base import ReadResult, SourceError
 from pgstream.sources.table import MIN_OFFSET, TableReader, TableSource, parse_table_name
 
@@ -155,6 +156,45 @@ def test_open_transaction_holds_back_later_ids(
     # nothing more, and nothing twice
     assert reader.read(end, 100).records == []
     reader.close()
+
+
+def test_horizon_holders_name_the_open_transaction(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    """An idle transaction that inserted (a nextval() id) holds the horizon: the reader names
+    its session; a transaction elsewhere in the cluster is not named."""
+    _orders(db)
+    reader = TableSource("orders").open("0", scratch_dsn)
+    try:
+        assert reader.horizon_holders() == []
+        with (
+            psycopg.connect(scratch_dsn, application_name="slow-writer") as a,
+            psycopg.connect(SERVER_DSN) as other,
+        ):
+            other.execute("SELECT pg_current_xact_id()")  # another database: not a holder
+            a.execute("INSERT INTO orders (user_id) VALUES ('A')\n-- second line")
+            db.execute("INSERT INTO orders (user_id) SELECT 'B' FROM generate_series(1, 5)")
+            assert reader.read(MIN_OFFSET, 100).records == []
+            (holder,) = reader.horizon_holders()
+            assert holder.pid == a.info.backend_pid
+            assert holder.application_name == "slow-writer"
+            assert holder.state == "idle in transaction"
+            assert holder.writes_table and holder.holds_xid
+            assert holder.query == "INSERT INTO orders (user_id) VALUES ('A')"
+            assert holder.xact_age_seconds is not None and holder.xact_age_seconds >= 0
+            assert f"pid {holder.pid} (slow-writer), idle in transaction" in holder.describe()
+            # the same through the source, and filtered by age
+            assert [h.pid for h in TableSource("orders").horizon_holders(scratch_dsn)] == [
+                holder.pid
+            ]
+            assert TableSource("orders").horizon_holders(scratch_dsn, min_age=3600) == []
+            a.commit()
+            other.rollback()
+        assert reader.horizon_holders() == []
+        got, _ = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 6)
+        assert got == list(range(1, 7))
+    finally:
+        reader.close()
 
 
 def test_id_drawn_before_xid_is_not_skipped(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
@@ -427,6 +467,58 @@ def test_validate_errors(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
         assert c.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_offset_column_without_sequence_is_refused(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    """Application-filled offsets: refused like a text column, unless explicitly accepted."""
+    db.execute("CREATE TABLE manual (id bigint PRIMARY KEY, v text)")
+    with pytest.raises(
+        SourceError,
+        match=r"offset column 'id' of source table 'manual' is not filled by a sequence or "
+        r"identity.*skipped for good; fix: make it bigserial.*unsafe_offsets_may_skip_rows=True",
+    ):
+        TableSource("manual").validate(db)
+
+
+def test_unsafe_offsets_opt_in_warns_and_really_skips(
+    scratch_dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the opt-in the source runs, warns at start, and a row committed later with a
+    smaller id is skipped for good: the risk the option's name states."""
+    db.execute("CREATE TABLE manual (id bigint PRIMARY KEY, v text)")
+    src = TableSource("manual", unsafe_offsets_may_skip_rows=True)
+    with caplog.at_level("WARNING", logger="pgstream.sources.table"):
+        src.validate(db)
+    assert "unsafe_offsets_may_skip_rows=True" in caplog.text and "skipped" in caplog.text
+    db.execute("INSERT INTO manual VALUES (1, 'a'), (2, 'b'), (5, 'e')")
+    reader = src.open("0", scratch_dsn)
+    try:
+        got, end = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 3)
+        assert got == [1, 2, 5] and end == 6
+        db.execute("INSERT INTO manual VALUES (3, 'c')")  # committed later, smaller id
+        for _ in range(3):
+            assert reader.read(end, 100).records == []
+    finally:
+        reader.close()
+
+
+def test_sequence_default_counts_as_a_sequence(
+    scratch_dsn: str, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """DEFAULT nextval() of a sequence the column does not own is accepted, and its CACHE is
+    checked like a bigserial's."""
+    db.execute(
+        "CREATE SEQUENCE shared_seq; CREATE SEQUENCE fast_seq CACHE 10;"
+        "CREATE TABLE a (id bigint NOT NULL DEFAULT nextval('shared_seq') PRIMARY KEY);"
+        "CREATE TABLE b (id bigint NOT NULL DEFAULT nextval('fast_seq') PRIMARY KEY)"
+    )
+    with caplog.at_level("WARNING", logger="pgstream.sources.table"):
+        TableSource("a").validate(db)
+    assert caplog.text == ""
+    with pytest.raises(SourceError, match=r"sequence fast_seq .* has CACHE 10"):
+        TableSource("b").validate(db)
+
+
 def test_mixed_case_reserved_and_spaced_names(
     scratch_dsn: str, db: psycopg.Connection[Any]
 ) -> None:
@@ -435,7 +527,8 @@ def test_mixed_case_reserved_and_spaced_names(
         'CREATE TABLE "my schema"."Order Lines" ("Order" bigserial PRIMARY KEY, "select" text);'
         'INSERT INTO "my schema"."Order Lines" ("select") VALUES (\'x\'), (\'y\');'
     )
-    src = TableSource("my schema.Order Lines", offset_column="Order", columns=["select"])
+    name = '"my schema"."Order Lines"'
+    src = TableSource(name, offset_column="Order", columns=["select"])
     src.validate(db)
     reader = src.open("0", scratch_dsn)
     res = reader.read(MIN_OFFSET, 10)
@@ -445,22 +538,85 @@ def test_mixed_case_reserved_and_spaced_names(
     ]
     assert reader.head() == 3
     reader.close()
-    reader = TableSource("my schema.Order Lines", offset_column="Order").open("0", scratch_dsn)
+    reader = TableSource(name, offset_column="Order").open("0", scratch_dsn)
     assert reader.read(MIN_OFFSET, 1).records[0].value == {"Order": 1, "select": "x"}
     reader.close()
-    # a lower-case name does not match the mixed-case table: names are taken literally
-    with pytest.raises(SourceError):
-        TableSource("my schema.order lines", offset_column="Order").validate(db)
+    # the old literal spelling is refused with the quoted one as the fix, never guessed
+    with pytest.raises(ConfigError, match="space outside double quotes") as info:
+        TableSource("my schema.Order Lines", offset_column="Order")
+    assert info.value.hint is not None and '\'"my schema"."Order Lines"\'' in info.value.hint
+    # a quoted part is taken exactly: the lower-case spelling is another (missing) table
+    with pytest.raises(SourceError, match=r"does not exist.*'\"my schema\"\.\"Order Lines\"'"):
+        TableSource('"my schema"."order lines"', offset_column="Order").validate(db)
+
+
+def test_unquoted_names_fold_to_lower_case(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
+    """TableSource("Amb") reads amb, like SQL; TableSource('"Amb"') reads "Amb"."""
+    db.execute(
+        """
+        CREATE TABLE amb (id bigserial PRIMARY KEY, who text);
+        CREATE TABLE "Amb" (id bigserial PRIMARY KEY, who text);
+        INSERT INTO amb (who) VALUES ('lower');
+        INSERT INTO "Amb" (who) VALUES ('Mixed');
+        CREATE SCHEMA "Sales";
+        CREATE TABLE "Sales"."Order Lines" (id bigserial PRIMARY KEY, who text);
+        INSERT INTO "Sales"."Order Lines" (who) VALUES ('quoted');
+        """
+    )
+    for name, who in [
+        ("Amb", "lower"),
+        ("AMB", "lower"),
+        ("public.Amb", "lower"),
+        ('"Amb"', "Mixed"),
+        ('PUBLIC."Amb"', "Mixed"),
+        ('"Sales"."Order Lines"', "quoted"),
+    ]:
+        src = TableSource(name)
+        src.validate(db)
+        reader = src.open("0", scratch_dsn)
+        try:
+            assert [r.value["who"] for r in reader.read(MIN_OFFSET, 10).records if r.value] == [
+                who
+            ], name
+        finally:
+            reader.close()
+
+
+def test_missing_folded_name_hints_at_quoting(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    """Only "Amb" exists: TableSource("Amb") must not read it, and says how to quote it."""
+    db.execute(
+        'CREATE TABLE "Amb" (id bigserial PRIMARY KEY); CREATE SCHEMA "Sales";'
+        'CREATE TABLE "Sales"."Lines" (id bigserial PRIMARY KEY)'
+    )
+    hint = r"a table named '\"Amb\"' exists: unquoted names fold to lower case.*'\"Amb\"'"
+    with pytest.raises(SourceError, match=r"'Amb' does not exist \(looked for amb in the search"):
+        TableSource("Amb").validate(db)
+    with pytest.raises(SourceError, match=hint):
+        TableSource("Amb").validate(db)
+    with pytest.raises(SourceError, match=hint):
+        TableSource("Amb").open("0", scratch_dsn)
+    with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):
+        TableSource("Sales.Lines").validate(db)
+    with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):  # only the schema
+        TableSource('Sales."Lines"').validate(db)
+    with pytest.raises(SourceError, match=r"fix: create it"):
+        TableSource("nothing_like_it").validate(db)
 
 
 def test_parse_table_name() -> None:
     assert parse_table_name("orders") == (None, "orders")
+    assert parse_table_name("Orders") == (None, "orders")
     assert parse_table_name("public.orders") == ("public", "orders")
-    assert parse_table_name("my schema.Order Lines") == ("my schema", "Order Lines")
+    assert parse_table_name('Sales."Order Lines"') == ("sales", "Order Lines")
+    assert parse_table_name('"Amb"') == (None, "Amb")
+    assert parse_table_name(" public . orders ") == ("public", "orders")
+    assert parse_table_name("ÄÖ.Ü") == ("ÄÖ", "Ü")  # like PostgreSQL: only ASCII folds
     assert parse_table_name('"odd.schema".t') == ("odd.schema", "t")
     assert parse_table_name('"a""b".c') == ('a"b', "c")
-    for bad in ("a.b.c", ".t", "s.", "", '"unterminated'):
-        with pytest.raises(Exception, match="table name"):
+    for bad in ("a.b.c", ".t", "s.", "", '"unterminated', '"ab"cd', "my schema.t", 'x.""'):
+        with pytest.raises(ConfigError, match="table name"):
             parse_table_name(bad)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import re
 import secrets
 import textwrap
 from collections.abc import Iterator
@@ -356,6 +357,51 @@ def test_skipped_records_are_lost(job: Setup) -> None:
     report = job.verify()
     assert [v.kind for v in report.violations] == ["lost"]
     assert "skipped" in report.violations[0].detail
+    # the first batch of a table starts at -2**63 in the ledger: the line shows real offsets
+    line = report.violations[0].describe()
+    assert "-9223372036854775808" not in line
+    assert re.search(r"orders/0 offset 1: batch \[1, \d+\) processed \d+ records", line), line
+
+
+UNSAFE_APP = """
+import pgstream as ps
+
+app = ps.App("unsafe", max_interval=0.0)
+manual = app.stream(
+    "manual", ps.TableSource("manual", offset_column="id", unsafe_offsets_may_skip_rows=True)
+)
+manual.map(lambda r: {"id": r["id"]}).to_table("manual_out")
+"""
+
+
+def test_unsafe_offsets_skip_is_reported_with_a_real_range(pg_dsn: str, tmp_path: Path) -> None:
+    """Under the opt-in, a row committed later with a smaller id is skipped (exit 0); verify
+    names it as lost, with the batch's real offsets instead of the -2**63 sentinel."""
+    (tmp_path / "unsafe_app.py").write_text(UNSAFE_APP)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE manual (id bigint PRIMARY KEY);"
+            "CREATE TABLE manual_out (id bigint, _source text, _partition text, _offset bigint,"
+            " _seq int, UNIQUE (_offset, _seq, _source, _partition));"
+            "INSERT INTO manual SELECT i FROM generate_series(1, 10) i WHERE i <> 4"
+        )
+        runner = CliRunner()
+        target = f"{tmp_path / 'unsafe_app.py'}:app"
+        run = runner.invoke(main, ["run", target, "--dsn", pg_dsn, "--stop-when-idle"])
+        assert run.exit_code == 0, run.output
+        conn.execute("INSERT INTO manual VALUES (4)")  # committed later, smaller id
+        run = runner.invoke(main, ["run", target, "--dsn", pg_dsn, "--stop-when-idle"])
+        assert run.exit_code == 0, run.output
+        assert conn.execute("SELECT count(*) FROM manual_out").fetchone() == (9,)
+    res = runner.invoke(main, ["verify", target, "--dsn", pg_dsn])
+    assert res.exit_code == 1, res.output
+    assert "-9223372036854775808" not in res.output
+    assert re.search(
+        r"lost +pgstream\.batches manual/0 offset 1: batch \[1, 11\) processed 9 records but "
+        r"the source holds 10 there: 1 record\(s\) were skipped",
+        res.output,
+    ), res.output
+    assert re.search(r"lost +manual_out manual/0 offset 4", res.output), res.output
 
 
 @pytest.mark.parametrize(

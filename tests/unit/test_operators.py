@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import enum
+import uuid
+from collections import defaultdict
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -9,7 +13,7 @@ import pytest
 
 import pgstream as ps
 from pgstream.errors import ConfigError
-from pgstream.operators.fold import Fold
+from pgstream.operators.fold import Fold, FoldStateError
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, compile_chain
 
@@ -98,6 +102,65 @@ def test_fold_steps_on_private_copies() -> None:
         ("value",),
         (5,),
     )
+
+
+class _Color(enum.Enum):
+    RED = "red"
+
+
+@pytest.mark.parametrize(
+    ("state", "problem", "advice"),
+    [
+        ({"last_seen": datetime(2026, 1, 1)}, "state['last_seen'] is a datetime", "isoformat()"),
+        ({"d": date(2026, 1, 1)}, "state['d'] is a date", "isoformat()"),
+        ({"amount": Decimal("1.5")}, "state['amount'] is a Decimal", "str(amount)"),
+        ({"pair": (1, 2)}, "state['pair'] is a tuple", "a list"),
+        ((1, 2), "state is a tuple", "a list"),
+        ({"tags": {"a"}}, "state['tags'] is a set", "sorted list"),
+        ({"by_id": {1: "x"}}, "state['by_id'] has the key 1 of type int", "str keys"),
+        ({"avg": float("nan")}, "state['avg'] is nan, which JSON cannot hold", "None"),
+        ({"xs": [1.0, float("inf")]}, "state['xs'][1] is inf", "None"),
+        ({"raw": b"\x00"}, "state['raw'] is a bytes", "hex()"),
+        ({"id": uuid.UUID(int=1)}, "state['id'] is a UUID", "str(value)"),
+        ({"c": _Color.RED}, "state['c'] is a _Color", ".value"),
+        ({"o": object()}, "state['o'] is an object", "only dicts with str keys"),
+        (defaultdict(int), "state is a defaultdict (a subclass of dict)", "dict(value)"),
+        ({"deep": [{"at": datetime(2026, 1, 1)}]}, "state['deep'][0]['at'] is a datetime", ""),
+        ({"big": 2**70}, "Integer exceeds 64-bit range", ""),
+    ],
+)
+def test_fold_state_must_survive_json(state: Any, problem: str, advice: str) -> None:
+    fold = Fold(None, lambda s, r: state)
+    with pytest.raises(FoldStateError) as info:
+        fold.step(None, {}, 42)
+    text = str(info.value)
+    assert text.startswith(f"fold state is not plain JSON: {problem}"), text
+    assert "(returned by the fold on key 42)" in text and advice in text
+
+
+def test_fold_gets_back_exactly_what_it_returned() -> None:
+    seen: list[Any] = []
+    plain = {"n": 1, "x": 2.5, "s": "é", "none": None, "ok": True, "l": [1, [2.0], {"a": "b"}]}
+
+    def step(state: Any, rec: Any) -> Any:
+        seen.append(state)
+        return plain
+
+    fold = Fold({"n": 0}, step)
+    blob = fold.step(fold.step(None, {}), {})
+    assert seen == [{"n": 0}, plain] and fold.output(blob)[0] == tuple(plain)
+    assert Fold(0, lambda s, r: s + 1).step(b"41", {}) == b"42"
+
+
+def test_fold_initial_must_be_plain_json() -> None:
+    with pytest.raises(ConfigError, match=r"initial\['since'\] is a datetime") as info:
+        Fold({"since": datetime(2026, 1, 1)}, lambda s, r: s)
+    assert info.value.hint is not None and "isoformat()" in info.value.hint
+    with pytest.raises(ConfigError, match="initial is a tuple"):
+        ps.App("x").stream("a", ps.FileSource("/dev/null")).key_by("k").fold((0, 0), max)
+    factory = Fold(lambda: {"since": datetime(2026, 1, 1)}, lambda s, r: s)
+    with pytest.raises(FoldStateError, match=r"returned by initial\(\) on key 'k'"):
+        factory.step(None, {}, "k")
 
 
 def test_app_rejects_bad_definitions() -> None:
