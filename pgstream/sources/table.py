@@ -311,7 +311,7 @@ _WRITER_LOCKS = """FROM pg_locks l
 _XID_SESSIONS = """FROM pg_stat_activity a
                           WHERE a.datid = (SELECT oid FROM db) AND a.backend_xid IS NOT NULL
                             AND a.pid <> pg_backend_pid()
-                            AND a.backend_type <> 'autovacuum worker'"""
+                            AND a.backend_type IS DISTINCT FROM 'autovacuum worker'"""
 _HOLDERS = (
     _HORIZON_CTES
     + """,
