@@ -32,6 +32,11 @@ from pgstream.cli import dsn_option
     default=None,
     help="Seconds a batch may wait to fill before committing.",
 )
+@click.option(
+    "--accept-changes",
+    is_flag=True,
+    help="Accept a changed plan (sinks, operators, keys, streams): recorded as a new version.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def command(
     target: str,
@@ -40,6 +45,7 @@ def command(
     workers: int,
     batch_size: int | None,
     max_interval: float | None,
+    accept_changes: bool,
     verbose: int,
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
@@ -58,14 +64,29 @@ def command(
     resolved = resolve_dsn(dsn)
     if workers > 1:
         sys.exit(
-            _supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval, verbose)
+            _supervise(
+                target,
+                resolved,
+                workers,
+                stop_when_idle,
+                batch_size,
+                max_interval,
+                verbose,
+                accept_changes,
+            )
         )
     from pgstream.runtime.worker import run_app
 
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
     started = time.monotonic()
     summary = run_app(
-        app, resolved, stop_when_idle=stop_when_idle, settings=settings, stop_event=stop
+        app,
+        resolved,
+        stop_when_idle=stop_when_idle,
+        settings=settings,
+        stop_event=stop,
+        accept_changes=accept_changes,
+        target=target,
     )
     elapsed = time.monotonic() - started
     click.echo(
@@ -83,6 +104,7 @@ def _supervise(
     batch_size: int | None,
     max_interval: float | None,
     verbose: int,
+    accept_changes: bool = False,
 ) -> int:
     """Start ``workers`` child processes and forward SIGTERM/SIGINT to them."""
     args = [sys.executable, "-m", "pgstream", "run", target, "--dsn", dsn]
@@ -94,6 +116,8 @@ def _supervise(
         args += ["--max-interval", str(max_interval)]
     if verbose:
         args.append("-" + "v" * verbose)
+    if accept_changes:
+        args.append("--accept-changes")
     children = [subprocess.Popen(args) for _ in range(workers)]
 
     def forward(signum: int, _frame: object) -> None:
