@@ -44,6 +44,7 @@ __all__ = [
     "fingerprint",
     "renamed_streams",
     "sink_entries",
+    "sink_status",
     "stream_sources",
 ]
 
@@ -211,6 +212,19 @@ def sink_entries(plan: Plan, rename: dict[str, str] | None = None) -> dict[str, 
             n += 1
             sid = f"{base}#{n}"
         out[sid] = {**entry, "stream": stream}
+    return out
+
+
+def sink_status(old: Plan, new: Plan) -> dict[str, str]:
+    """For each sink of ``new`` (by :func:`sink_entries` id): ``"same"`` if ``old`` had it
+    unchanged (steps, key, aggregates, fold), ``"absent"`` if ``old`` had no such sink,
+    ``"changed"`` otherwise. Renamed streams are followed; sources are not compared (the
+    runtime refuses a checkpoint of another source, see :mod:`pgstream.runtime.jobcheck`)."""
+    before = sink_entries(old, renamed_streams(old, new))
+    out = {}
+    for sid, entry in sink_entries(new).items():
+        was = before.get(sid)
+        out[sid] = "absent" if was is None else "same" if was == entry else "changed"
     return out
 
 
