@@ -212,6 +212,10 @@ def sink_entries(plan: Plan, rename: dict[str, str] | None = None) -> dict[str, 
             n += 1
             sid = f"{base}#{n}"
         out[sid] = {**entry, "stream": stream}
+        operator = entry.get("operator")
+        prefix = f"{entry['stream']}:"
+        if stream != entry["stream"] and operator and operator.startswith(prefix):
+            out[sid]["operator"] = f"{stream}:{operator[len(prefix):]}"  # a default fold id
     return out
 
 
