@@ -318,3 +318,35 @@ def test_a_worker_running_the_old_code_is_fenced_after_a_change_is_accepted(
         "SELECT plan_version, count(*), sum(records_in) FROM pgstream.batches "
         "GROUP BY plan_version ORDER BY plan_version"
     ).fetchall()[1][2] == 100
+
+
+def test_a_job_from_before_plan_tracking_adopts_its_plan(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    setup_tables(pg_conn)
+    path = tmp_path / "orders.jsonl"
+    add_orders(path, 0, 100)
+    Worker(file_app(path, 100), pg_dsn, install_signal_handlers=False, stop_when_idle=True).run()
+    # what a job run before revision 0002 looks like: no plan, no identities, no versions
+    pg_conn.execute(
+        "DELETE FROM pgstream.jobs; UPDATE pgstream.partitions SET source_identity = NULL;"
+        "UPDATE pgstream.batches SET plan_version = NULL"
+    )
+    add_orders(path, 100, 50)
+    app = file_app(path, 100)
+    Worker(app, pg_dsn, install_signal_handlers=False, stop_when_idle=True).run()
+    assert "checkpoints from before plan tracking" in caplog.text
+    assert pg_conn.execute(
+        "SELECT version, changes LIKE 'adopted:%' FROM pgstream.plan_versions"
+    ).fetchall() == [(1, True)]
+    assert count(pg_conn, "SELECT source_identity FROM pgstream.partitions") == (
+        f"file {path.resolve()}"
+    )
+    from pgstream.verify import verify_app
+
+    report = verify_app(app, pg_dsn)
+    assert report.ok, [v.describe() for v in report.violations]
+    assert any(
+        "ids orders/0 [0, " in note and "before the job's plan was recorded" in note
+        for note in report.unchecked
+    ), report.unchecked
