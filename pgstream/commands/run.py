@@ -62,18 +62,13 @@ def command(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(target)
     resolved = resolve_dsn(dsn)
+    if workers > 1 and accept_changes:
+        from pgstream.runtime.worker import accept_plan
+
+        accept_plan(app, resolved, target=target)  # once, here: restarted workers never re-accept
     if workers > 1:
         sys.exit(
-            _supervise(
-                target,
-                resolved,
-                workers,
-                stop_when_idle,
-                batch_size,
-                max_interval,
-                verbose,
-                accept_changes,
-            )
+            _supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval, verbose)
         )
     from pgstream.runtime.worker import run_app
 
@@ -104,7 +99,6 @@ def _supervise(
     batch_size: int | None,
     max_interval: float | None,
     verbose: int,
-    accept_changes: bool = False,
 ) -> int:
     """Start ``workers`` child processes and forward SIGTERM/SIGINT to them."""
     args = [sys.executable, "-m", "pgstream", "run", target, "--dsn", dsn]
@@ -116,8 +110,6 @@ def _supervise(
         args += ["--max-interval", str(max_interval)]
     if verbose:
         args.append("-" + "v" * verbose)
-    if accept_changes:
-        args.append("--accept-changes")
     children = [subprocess.Popen(args) for _ in range(workers)]
 
     def forward(signum: int, _frame: object) -> None:

@@ -164,13 +164,13 @@ class Worker:
         if current == self.plan_version:
             return
         now = (
-            f"now runs plan version {current}"
+            f"now runs plan version {current}, accepted by another worker"
             if current is not None
-            else "has no recorded plan any more (renamed or reset?)"
+            else "has no recorded plan any more (was it renamed?)"
         )
         raise PlanChangedError(
-            f"job {self.app.name!r} {now}, accepted by another worker; this worker runs plan "
-            f"version {self.plan_version} and stops (its batches can no longer commit)",
+            f"job {self.app.name!r} {now}; this worker runs plan version {self.plan_version} "
+            "and stops (its batches can no longer commit)",
             hint=f"deploy the current code and start it again: pgstream run {self.target}",
         )
 
@@ -361,6 +361,20 @@ class Worker:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("received %s: stopping after the batch in flight", signal.Signals(signum).name)
         self._stop.set()
+
+
+def accept_plan(app: App, dsn: str, *, target: str = "MODULE:APP") -> int:
+    """Check ``app``'s plan and record it as the job's next version if it changed (fencing
+    older workers), without running anything; return the version. ``run --workers N
+    --accept-changes`` does this once before it starts its workers."""
+    worker = Worker(
+        app, dsn, install_signal_handlers=False, accept_changes=True, target=target
+    )
+    try:
+        worker._start_up()
+    finally:
+        worker._shutdown()
+    return worker._version()
 
 
 def run_app(

@@ -350,3 +350,19 @@ def test_a_job_from_before_plan_tracking_adopts_its_plan(
         "ids orders/0 [0, " in note and "before the job's plan was recorded" in note
         for note in report.unchecked
     ), report.unchecked
+
+
+def test_workers_accept_a_change_once(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any, env: dict[str, str]
+) -> None:
+    write_app(tmp_path, IDS)
+    assert run(tmp_path, pg_dsn, env).returncode == 0
+    write_app(tmp_path, IDS, PER_USER)
+    add_orders(Path(env["ORDERS"]), 300, 100)
+    done = run(tmp_path, pg_dsn, env, "--workers", "2", "--accept-changes")
+    assert done.returncode == 0, done.stderr
+    assert pg_conn.execute(
+        "SELECT version FROM pgstream.plan_versions ORDER BY version"
+    ).fetchall() == [(1,), (2,)]
+    assert count(pg_conn, "SELECT sum(n) FROM per_user") == 100
+    assert count(pg_conn, "SELECT count(*) FROM ids") == 400
