@@ -106,14 +106,21 @@ def create_sink(conn: psycopg.Connection[Any], workload: str) -> None:
     table = _sink_tables()[workload]
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table.name)))
+    # the jobs that wrote the old table are gone with it: forget their plans, or the next
+    # job writing the new table would be refused as a second job writing one table
+    conn.execute(
+        "DELETE FROM pgstream.jobs j WHERE EXISTS (SELECT 1 FROM jsonb_array_elements("
+        "j.plan -> 'sinks') s WHERE s ->> 'table' = %s)",
+        [table.name],
+    )
     conn.execute(str(CreateTable(table).compile(dialect=dialect)))
     for index in table.indexes:
         conn.execute(str(CreateIndex(index).compile(dialect=dialect)))
 
 
 def forget_job(conn: psycopg.Connection[Any], job: str) -> None:
-    """Delete everything pgstream recorded for ``job`` (offsets, ledger, dead letters)."""
-    for table in ("dead_letters", "state", "workers", "partitions"):  # batches cascade
+    """Delete everything pgstream recorded for ``job`` (offsets, ledger, dead letters, plan)."""
+    for table in ("dead_letters", "state", "workers", "partitions", "jobs"):  # batches cascade
         conn.execute(
             sql.SQL("DELETE FROM pgstream.{} WHERE job = %s").format(sql.Identifier(table)), [job]
         )

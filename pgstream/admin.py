@@ -15,12 +15,9 @@ default fold operator ids), and the ``_source`` column of the app's append sinks
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -29,6 +26,8 @@ from psycopg.types.json import Jsonb
 from pgstream.api import App, SinkSpec
 from pgstream.db import queries
 from pgstream.errors import ConfigError, JobStateError
+from pgstream.plan import fingerprint as plan_fingerprint
+from pgstream.plan import rename_stream
 from pgstream.sinks.introspect import load_table
 
 Cursor = psycopg.Cursor[Any]
@@ -61,36 +60,6 @@ class Outcome:
     def add(self, line: str) -> None:
         """Append one line of the report."""
         self.lines.append(line)
-
-
-# -- the recorded plan (plan_contract.md) ----------------------------------------------------
-
-
-def plan_fingerprint(plan: dict[str, Any]) -> str:
-    """The contract's fingerprint of a recorded plan: sha256 of its sorted-keys JSON."""
-    return hashlib.sha256(orjson.dumps(plan, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def rename_stream_in_plan(plan: dict[str, Any], old: str, new: str) -> dict[str, Any]:
-    """``plan`` with stream ``old`` called ``new``: the ``streams`` key, every ``"stream"``
-    value of sinks and handlers, and default fold operator ids ``"<old>:fold:<table>"``."""
-    out = copy.deepcopy(plan)
-    streams = out.get("streams")
-    if isinstance(streams, dict) and old in streams:
-        if new in streams:
-            raise JobStateError(
-                f"the recorded plan already has both streams {old!r} and {new!r}",
-                hint="`pgstream job list` shows the job; retire one of them first",
-            )
-        out["streams"] = {new if k == old else k: v for k, v in streams.items()}
-    for section in ("sinks", "handlers"):
-        for item in out.get(section) or []:
-            if not isinstance(item, dict) or item.get("stream") != old:
-                continue
-            item["stream"] = new
-            if item.get("operator") == f"{old}:fold:{item.get('table')}":
-                item["operator"] = f"{new}:fold:{item['table']}"
-    return out
 
 
 # -- shared steps ----------------------------------------------------------------------------
@@ -336,7 +305,7 @@ def _rewrite_plans(cur: Cursor, job: str, old: str, new: str) -> int:
     cur.execute(queries.ADMIN_LOCK_JOB_ROW, {"job": job})
     rewritten = 0
     for version, plan in cur.execute(queries.ADMIN_LOCK_PLANS, {"job": job}).fetchall():
-        renamed = rename_stream_in_plan(plan, old, new)
+        renamed = rename_stream(plan, old, new)
         if renamed == plan:
             continue
         params = {

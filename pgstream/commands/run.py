@@ -32,6 +32,11 @@ from pgstream.cli import dsn_option
     default=None,
     help="Seconds a batch may wait to fill before committing.",
 )
+@click.option(
+    "--accept-changes",
+    is_flag=True,
+    help="Accept a changed plan (sinks, operators, keys, streams): recorded as a new version.",
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def command(
     target: str,
@@ -40,6 +45,7 @@ def command(
     workers: int,
     batch_size: int | None,
     max_interval: float | None,
+    accept_changes: bool,
     verbose: int,
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
@@ -56,6 +62,10 @@ def command(
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = load_app(target)
     resolved = resolve_dsn(dsn)
+    if workers > 1 and accept_changes:
+        from pgstream.runtime.worker import accept_plan
+
+        accept_plan(app, resolved, target=target)  # once, here: restarted workers never re-accept
     if workers > 1:
         sys.exit(
             _supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval, verbose)
@@ -65,7 +75,13 @@ def command(
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
     started = time.monotonic()
     summary = run_app(
-        app, resolved, stop_when_idle=stop_when_idle, settings=settings, stop_event=stop
+        app,
+        resolved,
+        stop_when_idle=stop_when_idle,
+        settings=settings,
+        stop_event=stop,
+        accept_changes=accept_changes,
+        target=target,
     )
     elapsed = time.monotonic() - started
     click.echo(

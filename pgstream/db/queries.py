@@ -7,9 +7,14 @@ from __future__ import annotations
 
 # Rows that exist are skipped before the insert: ON CONFLICT alone would wait for the row
 # lock of an owner's open batch transaction (forever, if that owner is frozen).
+# A new row is stamped with the identity of the source its offsets belong to, as recorded
+# in the job's plan (the start-up check records the plan before it registers partitions).
 REGISTER_PARTITIONS = """
-INSERT INTO pgstream.partitions (job, source, partition)
-SELECT %(job)s, %(source)s, p FROM unnest(%(partitions)s::text[]) AS p
+INSERT INTO pgstream.partitions (job, source, partition, source_identity)
+SELECT %(job)s, %(source)s, p,
+       (SELECT j.plan -> 'streams' -> %(source)s ->> 'source' FROM pgstream.jobs j
+         WHERE j.job = %(job)s)
+  FROM unnest(%(partitions)s::text[]) AS p
  WHERE NOT EXISTS (SELECT 1 FROM pgstream.partitions q
                     WHERE q.job = %(job)s AND q.source = %(source)s AND q.partition = p)
 ON CONFLICT (job, source, partition) DO NOTHING
@@ -121,9 +126,71 @@ UPDATE pgstream.partitions SET attempts = GREATEST(attempts - 1, 0)
    AND epoch = %(epoch)s
 """
 
+# -- job identity and plan versions (pgstream.runtime.jobcheck) ------------------------------
+
+# Serializes the start-up checks of one job's workers (transaction-level: released at the
+# end of the check's transaction), so N workers starting at once record one plan version.
+LOCK_JOB = "SELECT pg_advisory_xact_lock(hashtext('pgstream.jobs'), hashtext(%(job)s))"
+
+LOAD_JOB = """
+SELECT version, fingerprint, plan FROM pgstream.jobs WHERE job = %(job)s FOR UPDATE
+"""
+
+JOB_VERSION = "SELECT version FROM pgstream.jobs WHERE job = %(job)s"
+
+INSERT_JOB = """
+INSERT INTO pgstream.jobs (job, version, fingerprint, plan)
+VALUES (%(job)s, %(version)s, %(fingerprint)s, %(plan)s)
+"""
+
+UPDATE_JOB = """
+UPDATE pgstream.jobs
+   SET version = %(version)s, fingerprint = %(fingerprint)s, plan = %(plan)s, updated_at = now()
+ WHERE job = %(job)s
+"""
+
+INSERT_PLAN_VERSION = """
+INSERT INTO pgstream.plan_versions (job, version, fingerprint, plan, changes, accepted_by)
+VALUES (%(job)s, %(version)s, %(fingerprint)s, %(plan)s, %(changes)s, %(accepted_by)s)
+"""
+
+# The newest earlier version with this fingerprint (a worker still running old code).
+FIND_PLAN_VERSION = """
+SELECT version, accepted_at FROM pgstream.plan_versions
+ WHERE job = %(job)s AND fingerprint = %(fingerprint)s
+ ORDER BY version DESC LIMIT 1
+"""
+
+PLAN_VERSIONS = """
+SELECT version, plan, changes FROM pgstream.plan_versions WHERE job = %(job)s ORDER BY version
+"""
+
+OTHER_JOBS = "SELECT job, plan FROM pgstream.jobs WHERE job <> %(job)s ORDER BY job"
+
+PARTITION_IDENTITIES = """
+SELECT source, partition, source_identity FROM pgstream.partitions
+ WHERE job = %(job)s ORDER BY source, partition
+"""
+
+# Rows registered before revision 0002 have no identity: they adopt the app's.
+ADOPT_SOURCE_IDENTITY = """
+UPDATE pgstream.partitions SET source_identity = %(identity)s
+ WHERE job = %(job)s AND source = %(source)s AND source_identity IS NULL
+"""
+
+# Accepting a new plan fences every worker of the job: the epoch bump fails their next
+# compare-and-set, and the leases are freed so workers running the new plan claim at once.
+FENCE_JOB = """
+UPDATE pgstream.partitions
+   SET epoch = epoch + 1, owner = NULL, owner_backend_pid = NULL, owner_backend_start = NULL,
+       lease_expires_at = NULL
+ WHERE job = %(job)s
+"""
+
 # -- the batch transaction --------------------------------------------------------------------
 
-# 1. fence + claim: the first statement of every batch transaction.
+# 1. fence + claim: the first statement of every batch transaction. A worker whose plan
+# version is no longer the job's (a newer plan was accepted) cannot commit either.
 CHECKPOINT = """
 UPDATE pgstream.partitions
    SET committed_offset = %(end)s,
@@ -135,6 +202,8 @@ UPDATE pgstream.partitions
        attempts = 0
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
    AND epoch = %(epoch)s AND committed_offset IS NOT DISTINCT FROM %(start)s
+   AND EXISTS (SELECT 1 FROM pgstream.jobs j
+                WHERE j.job = %(job)s AND j.version = %(plan_version)s)
 RETURNING 1
 """
 
@@ -142,9 +211,10 @@ RETURNING 1
 LEDGER = """
 INSERT INTO pgstream.batches (job, source, partition, start_offset, end_offset,
                               prev_end_offset, epoch, worker, records_in, records_out,
-                              dead_letters)
+                              dead_letters, plan_version)
 VALUES (%(job)s, %(source)s, %(partition)s, %(start_offset)s, %(end)s, %(start)s,
-        %(epoch)s, %(worker)s, %(records_in)s, %(records_out)s, %(dead_letters)s)
+        %(epoch)s, %(worker)s, %(records_in)s, %(records_out)s, %(dead_letters)s,
+        %(plan_version)s)
 """
 
 COPY_DEAD_LETTERS = """

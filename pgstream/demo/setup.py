@@ -14,8 +14,9 @@ from pgstream.demo import JOB
 from pgstream.demo.schema import metadata
 from pgstream.errors import PgStreamError
 
-# Children before parents: batches reference partitions.
-JOB_TABLES = ("dead_letters", "state", "batches", "partitions", "workers")
+# Children before parents: batches reference partitions; deleting the job's plan (jobs)
+# also deletes its plan versions.
+JOB_TABLES = ("dead_letters", "state", "batches", "partitions", "workers", "jobs")
 
 _LIVE_WORKERS = """
 SELECT pid, application_name FROM pg_stat_activity

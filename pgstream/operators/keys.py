@@ -16,6 +16,10 @@ class KeySpec:
 
     columns: tuple[str, ...]
     fn: Callable[[Any], Any]  # returns a scalar for one column, a tuple for several
+    #: what ``key_by`` was given (field names or the function), for the plan fingerprint
+    by: tuple[str, ...] | Callable[[Any], Any] | None = None
+    #: ``(window size in seconds, time field or function)`` of a windowed key
+    window: tuple[float, str | Callable[[Any], Any]] | None = None
 
     @classmethod
     def build(
@@ -23,20 +27,20 @@ class KeySpec:
     ) -> KeySpec:
         """``key_by("user_id")``, ``key_by(["a", "b"])`` or ``key_by(fn, name="col")``."""
         if isinstance(key, str):
-            return cls((name or key,), operator.itemgetter(key))
+            return cls((name or key,), operator.itemgetter(key), (key,))
         if callable(key):
             if not name:
                 raise ConfigError(
                     "key_by(fn) needs a column name for the key",
                     hint='write key_by(fn, name="my_key")',
                 )
-            return cls((name,), key)
+            return cls((name,), key, key)
         fields = tuple(key)
         if not fields or not all(isinstance(f, str) for f in fields):
             raise ConfigError("key_by takes a field name, a list of field names or a function")
         if len(fields) == 1:
-            return cls(fields, operator.itemgetter(fields[0]))
-        return cls(fields, operator.itemgetter(*fields))
+            return cls(fields, operator.itemgetter(fields[0]), fields)
+        return cls(fields, operator.itemgetter(*fields), fields)
 
     def values(self, key: Any) -> tuple[Any, ...]:
         """The key as a tuple of column values."""

@@ -73,4 +73,4 @@ def windowed_key(key: KeySpec, window: Tumbling, time: str | Callable[[Any], Any
         k = key_fn(record)
         return (k, start) if single else (*k, start)
 
-    return KeySpec((*key.columns, WINDOW_COLUMN), fn)
+    return KeySpec((*key.columns, WINDOW_COLUMN), fn, key.by, (step, time))

@@ -37,6 +37,7 @@ class BatchRange:
     start: int  # the batch's first offset
     end: int  # exclusive end
     head: int | None
+    plan_version: int  # the job's plan version this worker runs (see pgstream.runtime.jobcheck)
 
     def key(self) -> dict[str, Any]:
         """Parameters naming the partition."""
@@ -81,8 +82,9 @@ def commit_batch(
     ``conn`` is in autocommit mode: the transaction is an explicit ``BEGIN ... COMMIT`` so
     that a failure of the COMMIT itself is told apart from a failure before it.
 
-    Raises :class:`LeaseLostError` when the compare-and-set finds a newer epoch or a moved
-    offset, :class:`CommitOutcomeUnknown` when the connection fails during COMMIT.
+    Raises :class:`LeaseLostError` when the compare-and-set finds a newer epoch, a moved
+    offset or a newer plan version of the job, :class:`CommitOutcomeUnknown` when the
+    connection fails during COMMIT.
     """
     try:
         with conn.cursor() as cur:
@@ -97,10 +99,14 @@ def commit_batch(
                     "lease": lease_seconds,
                     "head": rng.head,
                     "records": out.records_in,
+                    "plan_version": rng.plan_version,
                 },
             ).fetchone()
             if row is None:
-                raise LeaseLostError(f"{rng.source}/{rng.partition}: epoch {rng.epoch} is stale")
+                raise LeaseLostError(
+                    f"{rng.source}/{rng.partition}: epoch {rng.epoch} or plan version "
+                    f"{rng.plan_version} is stale"
+                )
             for plan in pipeline.fold_plans:
                 overlay = out.folds[plan.index]
                 plan.state.write(cur, {k: blob for k, (_, blob) in overlay.items()})
@@ -135,6 +141,7 @@ def commit_batch(
                     "records_in": out.records_in,
                     "records_out": written,
                     "dead_letters": len(out.dead),
+                    "plan_version": rng.plan_version,
                 },
             )
         crash_point("before_commit")

@@ -128,9 +128,11 @@ class PartitionTask:
         db: WorkerConnection,
         leases: LeaseManager,
         settings: Settings,
+        plan_version: int,
         on_commit: Callable[[PartitionTask, int], None] | None = None,
     ) -> None:
         self.job = job
+        self.plan_version = plan_version
         self.worker = worker
         self.lease = lease
         self.reader = reader
@@ -443,6 +445,7 @@ class PartitionTask:
             start=start,
             end=end,
             head=self.head,
+            plan_version=self.plan_version,
         )
         tolerate = False
         written = 0

@@ -23,6 +23,7 @@ from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
+from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import Pipeline
 from pgstream.runtime.task import PartitionTask
@@ -93,8 +94,13 @@ class Worker:
         on_commit: ProgressFn | None = None,
         install_signal_handlers: bool = True,
         stop_event: threading.Event | None = None,
+        accept_changes: bool = False,
+        target: str = "MODULE:APP",
     ) -> None:
         self.app = app
+        self.accept_changes = accept_changes
+        self.target = target
+        self.plan_version: int | None = None
         self.dsn = dsn
         self.settings = settings or app.settings
         self.stop_when_idle = stop_when_idle
@@ -132,15 +138,22 @@ class Worker:
         return self.summary
 
     def _start_up(self) -> None:
-        """Validate the app and register its partitions; a lost session is retried."""
+        """Validate the app, check its identity and plan (:mod:`pgstream.runtime.jobcheck`)
+        and register its partitions; a lost session is retried."""
         attempt = 0
         while not self._stop.is_set():
             try:
                 conn = self.db.conn
                 self._sinks = prepare(self.app, conn)
                 self._prepared = True
-                for name, source in self.app.sources.items():
-                    self.leases.register(conn, name, list(source.partitions(conn)))
+                job = check_job(
+                    conn,
+                    self.app,
+                    self._register,
+                    accept_changes=self.accept_changes,
+                    target=self.target,
+                )
+                self.plan_version = job.version
                 self._warn_orphans(conn)
                 return
             except psycopg.OperationalError as exc:
@@ -160,6 +173,26 @@ class Worker:
                 name,
                 name,
             )
+
+    def _register(self, conn: psycopg.Connection[Any]) -> None:
+        for name, source in self.app.sources.items():
+            self.leases.register(conn, name, list(source.partitions(conn)))
+
+    def _check_plan_version(self, conn: psycopg.Connection[Any]) -> None:
+        """Stop if another worker accepted a newer plan of the job (this one is fenced)."""
+        current = job_version(conn, self.app.name)
+        if current == self.plan_version:
+            return
+        now = (
+            f"now runs plan version {current}, accepted by another worker"
+            if current is not None
+            else "has no recorded plan any more (was it renamed?)"
+        )
+        raise PlanChangedError(
+            f"job {self.app.name!r} {now}; this worker runs plan version {self.plan_version} "
+            "and stops (its batches can no longer commit)",
+            hint=f"deploy the current code and start it again: pgstream run {self.target}",
+        )
 
     def _loop(self) -> None:
         failures = 0
@@ -242,6 +275,7 @@ class Worker:
         conn = self.db.conn
         self._generation = self.db.generation
         self._next_maintenance = time.monotonic() + self.settings.lease_seconds / 3
+        self._check_plan_version(conn)
         self.leases.heartbeat(conn)
         for key, task in list(self.tasks.items()):
             if not self.leases.renew(conn, task.lease):
@@ -301,8 +335,13 @@ class Worker:
             db=self.db,
             leases=self.leases,
             settings=self.settings,
+            plan_version=self._version(),
             on_commit=self.on_commit,
         )
+
+    def _version(self) -> int:
+        assert self.plan_version is not None, "the start-up check sets the plan version"
+        return self.plan_version
 
     def _drop(self, key: tuple[str, str]) -> None:
         task = self.tasks.pop(key)
@@ -344,6 +383,20 @@ class Worker:
         self._stop.set()
 
 
+def accept_plan(app: App, dsn: str, *, target: str = "MODULE:APP") -> int:
+    """Check ``app``'s plan and record it as the job's next version if it changed (fencing
+    older workers), without running anything; return the version. ``run --workers N
+    --accept-changes`` does this once before it starts its workers."""
+    worker = Worker(
+        app, dsn, install_signal_handlers=False, accept_changes=True, target=target
+    )
+    try:
+        worker._start_up()
+    finally:
+        worker._shutdown()
+    return worker._version()
+
+
 def run_app(
     app: App,
     dsn: str,
@@ -352,11 +405,14 @@ def run_app(
     settings: Settings | None = None,
     on_commit: ProgressFn | None = None,
     stop_event: threading.Event | None = None,
+    accept_changes: bool = False,
+    target: str = "MODULE:APP",
 ) -> RunSummary:
     """Run one worker for ``app`` in this process (what ``pgstream run`` does).
 
     ``stop_event`` lets a caller that installed its own early signal handling ask for a stop
-    before the worker has started.
+    before the worker has started. ``accept_changes`` records a changed plan as the job's
+    next version instead of refusing it; ``target`` (``MODULE:APP``) is named in hints.
     """
     return Worker(
         app,
@@ -365,4 +421,6 @@ def run_app(
         stop_when_idle=stop_when_idle,
         on_commit=on_commit,
         stop_event=stop_event,
+        accept_changes=accept_changes,
+        target=target,
     ).run()

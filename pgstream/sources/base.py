@@ -87,3 +87,14 @@ class Source(abc.ABC):
     def describe(self) -> str:
         """A one-line human description."""
         return self.kind
+
+    def identity(self) -> str:
+        """What the offsets of this source mean: the same string for the same data.
+
+        Stamped into ``partitions.source_identity`` when a stream's partitions are registered;
+        a stream whose stored identity differs is refused at start instead of resumed
+        (offsets of one table or file mean nothing in another). Sources override this with
+        what they read (a table and its offset column, a resolved file path, a topic); the
+        default is the one-line description.
+        """
+        return f"{self.kind} {self.describe()}"

@@ -72,6 +72,10 @@ class FileSource(Source):
         """Raise :class:`SourceError` if the file does not exist or cannot be read."""
         _check_readable(self.abspath, self.path)
 
+    def identity(self) -> str:
+        """``file <absolute path, symlinks resolved>``."""
+        return f"file {os.path.realpath(self.abspath)}"
+
     def describe(self) -> str:
         """``file <path>``."""
         return f"file {self.name}"

@@ -99,6 +99,10 @@ class TableSource(Source):
 
     # -- Source --------------------------------------------------------------------------------
 
+    def identity(self) -> str:
+        """``table <schema>.<table> offset <column>``; an unqualified name counts as ``public``."""
+        return f"table {self.schema or 'public'}.{self.relname} offset {self.offset_column}"
+
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         """A table is a single partition, ``"0"``."""
         return ["0"]

@@ -57,6 +57,7 @@ DELETE FROM pgstream.partitions WHERE job = '{JOB}';
 DELETE FROM pgstream.dead_letters WHERE job = '{JOB}';
 DELETE FROM pgstream.state WHERE job = '{JOB}';
 DELETE FROM pgstream.workers WHERE job = '{JOB}';
+DELETE FROM pgstream.jobs WHERE job = '{JOB}';
 """
 
 

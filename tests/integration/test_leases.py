@@ -71,10 +71,7 @@ def test_stale_epoch_cannot_commit(tmp_path: Path, pg_dsn: str, pg_conn: Any) ->
     _make_out(pg_conn)
     app = _app(tmp_path, streams=1, n=200)
     old = Worker(app, pg_dsn, install_signal_handlers=False)
-    from pgstream.runtime.worker import prepare
-
-    old._sinks = prepare(app, old.db.conn)
-    old.leases.register(old.db.conn, "s0", ["0"])
+    old._start_up()  # prepare, check the plan, register the partitions
     old._maintain()
     task = old.tasks[("s0", "0")]
     assert task.poll() == 50

@@ -7,8 +7,9 @@ import hashlib
 import orjson
 import pytest
 
-from pgstream.admin import plan_fingerprint, rename_stream_in_plan
 from pgstream.errors import JobStateError
+from pgstream.plan import fingerprint as plan_fingerprint
+from pgstream.plan import rename_stream as rename_stream_in_plan
 
 PLAN = {
     "streams": {"orders": {"source": "table:public.orders(id)"}, "clicks": {"source": "f"}},
