@@ -76,10 +76,12 @@ def file_setup(tmp: Path, conn: psycopg.Connection[Any], n: int = 1000) -> dict[
     return {"ORDERS": str(orders), "CLICKS": str(clicks)}
 
 
-def run_idle(tmp: Path, target: str, dsn: str, env: dict[str, str], timeout: float = 120) -> str:
-    """``pgstream run TARGET --stop-when-idle``; returns its stderr (asserts exit 0)."""
+def run_idle(
+    tmp: Path, target: str, dsn: str, env: dict[str, str], *extra: str, timeout: float = 120
+) -> str:
+    """``pgstream run TARGET --stop-when-idle [EXTRA]``; returns its stderr (asserts exit 0)."""
     done = pgstream(
-        "run", target, "--dsn", dsn, "--stop-when-idle", cwd=tmp, env=env, timeout=timeout
+        "run", target, "--dsn", dsn, "--stop-when-idle", *extra, cwd=tmp, env=env, timeout=timeout
     )
     assert done.returncode == 0, done.stderr
     return done.stderr
@@ -96,7 +98,7 @@ def test_removed_stream_does_not_block_stop_when_idle(
     write_file_app(tmp_path, "only_orders")
     run_idle(tmp_path, "both:app", pg_dsn, env)
     # clicks is gone from the code; its partition row stays until retired
-    stderr = run_idle(tmp_path, "only_orders:app", pg_dsn, env, timeout=60)
+    stderr = run_idle(tmp_path, "only_orders:app", pg_dsn, env, "--accept-changes", timeout=60)
     assert "'clicks'" in stderr and "pgstream job retire" in stderr, stderr
     assert pg_conn.execute("SELECT count(*) FROM ids").fetchone() == (1000,)
 
@@ -217,16 +219,6 @@ def test_job_and_stream_rename_together_move_plan_and_workers(
     write_file_app(tmp_path, "v1", job="shop")
     write_file_app(tmp_path, "v2", job="shop2", orders="orders_v2")
     run_idle(tmp_path, "v1:app", pg_dsn, env)
-    plan = {
-        "streams": {"orders": {"source": "file:orders.jsonl"}},
-        "sinks": [
-            {"stream": "orders", "table": "ids", "kind": "append"},
-            {"stream": "orders", "table": "t", "kind": "fold", "operator": "orders:fold:t"},
-            {"stream": "orders", "table": "u", "kind": "fold", "operator": "named"},
-        ],
-        "handlers": [{"stream": "orders", "name": "audit"}],
-    }
-    record_plan(pg_conn, "shop", plan)
     pg_conn.execute(
         "INSERT INTO pgstream.workers (job, worker, hostname, pid) VALUES ('shop', 'w', 'h', 1)"
     )
@@ -264,20 +256,20 @@ def test_job_and_stream_rename_together_move_plan_and_workers(
         "SELECT job, source, committed_offset, epoch FROM pgstream.partitions"
     ).fetchall() == [("shop2", "orders_v2", before[0], before[1] + 2)]  # fenced twice
     assert pg_conn.execute("SELECT DISTINCT job FROM pgstream.workers").fetchall() == [("shop2",)]
-    renamed = {
-        "streams": {"orders_v2": {"source": "file:orders.jsonl"}},
-        "sinks": [
-            {"stream": "orders_v2", "table": "ids", "kind": "append"},
-            {"stream": "orders_v2", "table": "t", "kind": "fold", "operator": "orders_v2:fold:t"},
-            {"stream": "orders_v2", "table": "u", "kind": "fold", "operator": "named"},
-        ],
-        "handlers": [{"stream": "orders_v2", "name": "audit"}],
-    }
-    fingerprint = hashlib.sha256(orjson.dumps(renamed, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    assert pg_conn.execute(
+    # the plan v1 recorded, rewritten to the new names (the run below needs no
+    # --accept-changes: it equals the plan of the renamed code)
+    rows = pg_conn.execute(
         "SELECT j.job, j.plan, j.fingerprint, v.plan, v.fingerprint FROM pgstream.jobs j "
         "JOIN pgstream.plan_versions v USING (job)"
-    ).fetchall() == [("shop2", renamed, fingerprint, renamed, fingerprint)]
+    ).fetchall()
+    assert len(rows) == 1
+    job, renamed, fingerprint, version_plan, version_fingerprint = rows[0]
+    assert job == "shop2" and renamed == version_plan and fingerprint == version_fingerprint
+    assert list(renamed["streams"]) == ["orders_v2"]
+    assert {sink["stream"] for sink in renamed["sinks"]} == {"orders_v2"}
+    assert fingerprint == hashlib.sha256(
+        orjson.dumps(renamed, option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
 
     with open(env["ORDERS"], "a") as f:
         f.write("".join(json.dumps({"id": i, "user": i % 10}) + "\n" for i in range(1000, 1200)))
@@ -640,7 +632,7 @@ def test_retire_drops_a_removed_stream_and_keeps_its_outputs(
     assert pg_conn.execute(
         "SELECT count(*) FROM pgstream.dead_letters WHERE source = 'clicks'"
     ).fetchone() == (1,)
-    stderr = run_idle(tmp_path, "only_orders:app", pg_dsn, env, timeout=60)
+    stderr = run_idle(tmp_path, "only_orders:app", pg_dsn, env, "--accept-changes", timeout=60)
     assert "no longer in the app" not in stderr
 
 
@@ -653,17 +645,21 @@ def test_list_shows_jobs_offsets_plans_and_orphans(
     env = file_setup(tmp_path, pg_conn)
     write_file_app(tmp_path, "both", clicks=True)
     write_file_app(tmp_path, "other", job="legacy")
+    write_file_app(tmp_path, "only_orders")
     run_idle(tmp_path, "both:app", pg_dsn, env)
-    run_idle(tmp_path, "other:app", pg_dsn, env)
+    # a second job over the same tables, from before plans were recorded
+    run_idle(tmp_path, "other:app", pg_dsn, env, "--accept-changes")
+    pg_conn.execute("DELETE FROM pgstream.jobs WHERE job = 'legacy'")
+    # clicks leaves the code of job shop: plan version 2, its partition row an orphan
+    run_idle(tmp_path, "only_orders:app", pg_dsn, env, "--accept-changes")
     size = Path(env["ORDERS"]).stat().st_size
-    record_plan(pg_conn, "shop", {"streams": {"orders": {"source": "x"}}, "sinks": []})
 
     listed = pgstream("job", "list", "--json", "--dsn", pg_dsn, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     legacy, shop = json.loads(listed.stdout)
     assert legacy["job"] == "legacy" and legacy["plan_version"] is None
     assert [s["orphan"] for s in legacy["streams"]] == [None]  # no recorded plan to judge by
-    assert shop["plan_version"] == 1 and shop["last_change"] == "first plan"
+    assert shop["plan_version"] == 2 and "stream 'clicks'" in shop["last_change"]
     assert shop["orphan_streams"] == ["clicks"]
     by_name = {s["stream"]: s for s in shop["streams"]}
     assert by_name["orders"]["partitions"][0]["committed_offset"] == size
@@ -671,7 +667,7 @@ def test_list_shows_jobs_offsets_plans_and_orphans(
 
     text = pgstream("job", "list", "--dsn", pg_dsn, cwd=tmp_path)
     assert text.returncode == 0, text.stderr
-    assert "job shop: plan version 1, last change" in text.stdout
+    assert "job shop: plan version 2, last change" in text.stdout
     assert "job legacy: no recorded plan" in text.stdout
     assert f"partition 0: committed {size}, 1000 record(s)" in text.stdout
     assert "stream clicks: 1 partition(s), 0 dead letter(s)  ORPHAN" in text.stdout
