@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -24,6 +23,8 @@ from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
+from pgstream.runtime.stopping import stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
@@ -90,6 +91,7 @@ class Worker:
         on_commit: ProgressFn | None = None,
         install_signal_handlers: bool = True,
         stop_event: threading.Event | None = None,
+        progress: ProgressReporter | None = None,
     ) -> None:
         self.app = app
         self.dsn = dsn
@@ -107,6 +109,8 @@ class Worker:
         self._generation = 0
         self._next_maintenance = 0.0
         self._prepared = False
+        self.progress = progress
+        self.partitions = 0  # partitions of the app's streams, as registered at start-up
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in flight."""
@@ -134,8 +138,13 @@ class Worker:
                 conn = self.db.conn
                 self._sinks = prepare(self.app, conn)
                 self._prepared = True
+                self.partitions = 0
                 for name, source in self.app.sources.items():
-                    self.leases.register(conn, name, list(source.partitions(conn)))
+                    partitions = list(source.partitions(conn))
+                    self.leases.register(conn, name, partitions)
+                    self.partitions += len(partitions)
+                if self.progress is not None:
+                    self.progress.started(self.app.name, len(self.app.sources), self.partitions)
                 return
             except psycopg.OperationalError as exc:
                 attempt += 1
@@ -156,6 +165,8 @@ class Worker:
                 failures += 1
                 self._back_off(failures, exc, "while running")
                 continue
+            if self.progress is not None and self.progress.due():
+                self.progress.report(self.app.name, self.current())
             if done == 0:
                 if self.stop_when_idle and self._caught_up():
                     return
@@ -194,6 +205,17 @@ class Worker:
                 self._forgive(task)
                 raise
         return done
+
+    def current(self) -> Progress:
+        """Totals so far: the partitions given up plus the ones held now."""
+        tasks = list(self.tasks.values())
+        return Progress(
+            records=self.summary.records + sum(t.stats.records for t in tasks),
+            batches=self.summary.batches + sum(t.stats.batches for t in tasks),
+            dead_letters=self.summary.dead_letters + sum(t.stats.dead_letters for t in tasks),
+            lag=total_lag((t.head, t.position) for t in tasks),
+            partitions=len(tasks),
+        )
 
     def _forgive(self, task: PartitionTask) -> None:
         """A poll failed and this process lives on: its attempt was no death. Without this,
@@ -315,13 +337,10 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous: dict[int, Any] = {}
+        handler = stop_on_signal(self._stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, self._on_signal)
+            previous[sig] = signal.signal(sig, handler)
         return previous
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: stopping after the batch in flight", signal.Signals(signum).name)
-        self._stop.set()
 
 
 def run_app(
@@ -332,11 +351,12 @@ def run_app(
     settings: Settings | None = None,
     on_commit: ProgressFn | None = None,
     stop_event: threading.Event | None = None,
+    progress: ProgressReporter | None = None,
 ) -> RunSummary:
     """Run one worker for ``app`` in this process (what ``pgstream run`` does).
 
     ``stop_event`` lets a caller that installed its own early signal handling ask for a stop
-    before the worker has started.
+    before the worker has started; ``progress`` prints the start and progress lines.
     """
     return Worker(
         app,
@@ -345,4 +365,5 @@ def run_app(
         stop_when_idle=stop_when_idle,
         on_commit=on_commit,
         stop_event=stop_event,
+        progress=progress,
     ).run()

@@ -1,0 +1,58 @@
+"""Stopping on SIGTERM/SIGINT the way users expect from uvicorn and friends.
+
+The first signal asks the worker to stop after the batch in flight (its COMMIT is the clean
+end). A second one exits at once with ``128 + signum`` (130 for SIGINT, 143 for SIGTERM): the
+batch in flight is never committed, the server rolls its transaction back when the session
+closes with the process, and the next owner of the partitions takes over. Nothing is lost: a
+COMMIT whose outcome is unknown is decided by the next run from the partition row.
+
+This module only uses the standard library, so ``pgstream run`` can install the handler
+before it imports the app and the runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn
+
+__all__ = ["SignalHandler", "exit_now", "stop_on_signal"]
+
+#: lines ``pgstream run`` shows by default (start, progress, stop requests)
+notice = logging.getLogger("pgstream.progress")
+
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
+def stop_on_signal(stop: threading.Event) -> SignalHandler:
+    """A SIGTERM/SIGINT handler: the first signal sets ``stop``, a second one calls
+    :func:`exit_now`."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            exit_now(signum)
+        stop.set()
+        notice.info(
+            "received %s: stopping after the batch in flight (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    return handler
+
+
+def exit_now(signum: int) -> NoReturn:
+    """Leave the process at once with ``128 + signum``; the batch in flight rolls back."""
+    notice.warning(
+        "received %s again: exiting now; the batch in flight is rolled back",
+        signal.Signals(signum).name,
+    )
+    for stream in (sys.stderr, sys.stdout):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(128 + signum)
