@@ -45,6 +45,13 @@ def hide_passwords() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
+        with open("/proc/self/cmdline", "rb") as f:
+            shown = f.read()
+    except OSError:
+        return False
+    if _masked(shown) == shown:
+        return False  # nothing to hide: never touch the memory
+    try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()
         # the fields after the command name (which may hold spaces) in parentheses
@@ -53,12 +60,10 @@ def hide_passwords() -> bool:
         with open("/proc/self/mem", "r+b", buffering=0) as mem:
             mem.seek(start)
             raw = mem.read(end - start)
-            masked = b"\0".join(mask_password(arg) for arg in raw.split(b"\0"))
-            if masked == raw:
-                return False
-            assert len(masked) == len(raw)
-            mem.seek(start)
-            mem.write(masked)
+            masked = _masked(raw)
+            if masked != raw:
+                mem.seek(start)
+                mem.write(masked)
         return True
     except (OSError, ValueError, IndexError) as exc:
         log.warning(
@@ -67,3 +72,8 @@ def hide_passwords() -> bool:
             exc,
         )
         return False
+
+
+def _masked(args: bytes) -> bytes:
+    """NUL-separated arguments with each one's passwords masked (the same length)."""
+    return b"\0".join(mask_password(arg) for arg in args.split(b"\0"))

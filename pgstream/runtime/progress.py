@@ -43,6 +43,7 @@ class ProgressReporter:
         self.workers = workers
         self._last_at = time.monotonic()
         self._last_records = 0
+        self._last: Progress | None = None
 
     def started(self, job: str, streams: int, partitions: int) -> None:
         """The start line: job, streams and partitions, database (no password), workers."""
@@ -61,10 +62,14 @@ class ProgressReporter:
         return self.interval > 0 and time.monotonic() - self._last_at >= self.interval
 
     def report(self, job: str, progress: Progress) -> None:
-        """Log one progress line (records/s since the last line)."""
+        """Log one progress line (records/s since the last line); skipped while the worker
+        is idle and caught up with nothing new since the last line."""
         now = time.monotonic()
         rate = (progress.records - self._last_records) / max(now - self._last_at, 1e-9)
-        self._last_at, self._last_records = now, progress.records
+        idle = progress.lag == 0 and self._last == progress
+        self._last_at, self._last_records, self._last = now, progress.records, progress
+        if idle:
+            return
         lag = "lag unknown" if progress.lag is None else f"lag {progress.lag:,}"
         log.info(
             'job "%s": %s records (%s/s), %s, %s, %s on %s',

@@ -18,16 +18,32 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import NoReturn
 
-__all__ = ["SignalHandler", "exit_now", "stop_on_signal"]
+__all__ = ["SignalHandler", "cancel_on_exit_now", "exit_now", "stop_on_signal"]
 
 #: lines ``pgstream run`` shows by default (start, progress, stop requests)
 notice = logging.getLogger("pgstream.progress")
 
 SignalHandler = Callable[[int, FrameType | None], None]
+
+#: called by :func:`exit_now` before the process leaves (cancel the statement in flight)
+_cancels: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def cancel_on_exit_now(cancel: Callable[[], None]) -> Iterator[None]:
+    """While in this block, :func:`exit_now` first calls ``cancel``, which must be safe in a
+    signal handler (libpq's ``PQcancel`` is). A server busy in a statement (``pg_sleep``, a
+    lock wait) notices a vanished client only when it next talks to it; the cancel makes it
+    roll back and let go of the partition at once."""
+    _cancels.append(cancel)
+    try:
+        yield
+    finally:
+        _cancels.remove(cancel)
 
 
 def stop_on_signal(stop: threading.Event) -> SignalHandler:
@@ -52,6 +68,9 @@ def exit_now(signum: int) -> NoReturn:
         "received %s again: exiting now; the batch in flight is rolled back",
         signal.Signals(signum).name,
     )
+    for cancel in list(_cancels):
+        with contextlib.suppress(Exception):
+            cancel()
     for stream in (sys.stderr, sys.stdout):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

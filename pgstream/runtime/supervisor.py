@@ -49,7 +49,8 @@ PARENT_ENV = "PGSTREAM_SUPERVISOR_PID"
 QUICK_DEATH_SECONDS = 10.0
 #: this many quick deaths in a row of one worker stop the group
 MAX_QUICK_DEATHS = 5
-#: restart delays: ``FIRST_DELAY * 2**k`` for the k-th quick death in a row, at most ``MAX_DELAY``
+#: restart delays: ``FIRST_DELAY`` after a death, doubling with each quick death in a row
+#: (1, 2, 4, 8 s), at most ``MAX_DELAY``
 FIRST_DELAY = 1.0
 MAX_DELAY = 30.0
 #: exit code of a usage or configuration error (:class:`~pgstream.errors.ConfigError`, click)
@@ -98,7 +99,9 @@ class Supervisor:
         self.dsn = dsn
         self.slots = [_Slot(i + 1) for i in range(workers)]
         self.stop_when_idle = stop_when_idle
-        self._signals: list[int] = []  # signals received, in order
+        self._signals: list[int] = []  # stop requests (signals received), in order
+        self._forwarded = 0  # how many of them were passed on to the children
+        self._unclean = False  # a child ended badly while the group was stopping
         self._wake = threading.Event()
 
     # -- the loop -------------------------------------------------------------------------------
@@ -111,30 +114,32 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._start(slot)
-            return self._supervise()
-        except GroupStopped as stopped:
-            self._stop_all(signal.SIGTERM)
-            self._wait_all(None)
-            return stopped.code
+            try:
+                return self._supervise()
+            except GroupStopped as stopped:
+                # stop the others like a first signal would (a real one then stops at once)
+                self._signals.insert(self._forwarded, signal.SIGTERM)
+                return self._supervise() or stopped.code
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _supervise(self) -> int:
-        forwarded = 0
+        """Until every worker is done (0) or stopped: 0 if they all stopped cleanly, else 1;
+        ``128 + signum`` after a second stop signal."""
         while True:
-            while forwarded < len(self._signals):
-                signum = self._signals[forwarded]
-                forwarded += 1
-                if forwarded == 1:
+            while self._forwarded < len(self._signals):
+                signum = self._signals[self._forwarded]
+                self._forwarded += 1
+                if self._forwarded == 1:
                     self._stop_all(signum)
                 else:
                     return self._hard_stop(signum)
-            stopping = forwarded > 0
+            stopping = self._forwarded > 0
             for slot in self.slots:
                 self._check(slot, stopping)
             if all(slot.proc is None and (slot.done or stopping) for slot in self.slots):
-                return 0
+                return 1 if self._unclean else 0
             self._wake.wait(0.1)
             self._wake.clear()
 
@@ -154,6 +159,7 @@ class Supervisor:
         who = f"worker {slot.number} (pid {pid})"
         if stopping:
             if code != 0:
+                self._unclean = True
                 log.warning("%s %s while stopping", who, how_it_ended(code))
             return
         if code == 0 and self.stop_when_idle:
@@ -177,7 +183,7 @@ class Supervisor:
                 QUICK_DEATH_SECONDS,
             )
             raise GroupStopped(1)
-        delay = min(MAX_DELAY, FIRST_DELAY * 2**slot.quick_deaths)
+        delay = min(MAX_DELAY, FIRST_DELAY * 2 ** max(0, slot.quick_deaths - 1))
         slot.restart_at = time.monotonic() + delay
         log.warning("%s %s; restarting in %.1fs", who, how_it_ended(code), delay)
 
@@ -200,12 +206,13 @@ class Supervisor:
             if slot.proc is not None and slot.proc.poll() is None:
                 slot.proc.send_signal(signum)
 
-    def _wait_all(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _wait_all(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the children, then kill the ones left."""
+        deadline = time.monotonic() + timeout
         for slot in self.slots:
             if slot.proc is None:
                 continue
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = max(0.0, deadline - time.monotonic())
             try:
                 slot.proc.wait(left)
             except subprocess.TimeoutExpired:

@@ -24,7 +24,7 @@ from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import Pipeline
 from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
-from pgstream.runtime.stopping import stop_on_signal
+from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
@@ -122,8 +122,9 @@ class Worker:
         """Run until stopped (signal, :meth:`stop`, or idle with ``stop_when_idle``)."""
         previous = self._install_signals() if self.install_signal_handlers else {}
         try:
-            self._start_up()
-            self._loop()
+            with cancel_on_exit_now(self.db.cancel):
+                self._start_up()
+                self._loop()
         finally:
             self._shutdown()
             for sig, handler in previous.items():
