@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from pgstream.cli import dsn_option
-from pgstream.runtime.stopping import stop_on_signal
+from pgstream.runtime.stopping import stop_on_signal, supervised_handlers
 
 #: shown by default: start, progress and stop lines, and the supervisor's restarts
 NOTICE_LOGGERS = ("pgstream.progress", "pgstream.supervisor")
@@ -73,6 +73,8 @@ def command(
     _setup_logging(verbose, label)
     hide_passwords()
     if label:
+        for signum, supervised in supervised_handlers(stop).items():
+            signal.signal(signum, supervised)
         die_with_parent()
     app = load_app(target)
     resolved = resolve_dsn(dsn)

@@ -22,12 +22,26 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import NoReturn
 
-__all__ = ["SignalHandler", "cancel_on_exit_now", "exit_now", "stop_on_signal"]
+__all__ = [
+    "HARD_STOP",
+    "SOFT_STOP",
+    "SignalHandler",
+    "cancel_on_exit_now",
+    "exit_now",
+    "stop_on_signal",
+    "supervised_handlers",
+]
 
 #: lines ``pgstream run`` shows by default (start, progress, stop requests)
 notice = logging.getLogger("pgstream.progress")
 
 SignalHandler = Callable[[int, FrameType | None], None]
+
+#: what ``run --workers N`` sends its workers: stop after the batch in flight (any number of
+#: times), and exit at once. Not SIGTERM: a service manager that signals the whole group
+#: (systemd's default ``KillMode=control-group``) would make one stop request count twice.
+SOFT_STOP = signal.SIGUSR1
+HARD_STOP = signal.SIGUSR2
 
 #: called by :func:`exit_now` before the process leaves (cancel the statement in flight)
 _cancels: list[Callable[[], None]] = []
@@ -62,11 +76,25 @@ def stop_on_signal(stop: threading.Event) -> SignalHandler:
     return handler
 
 
-def exit_now(signum: int) -> NoReturn:
+def supervised_handlers(stop: threading.Event) -> dict[int, SignalHandler]:
+    """Handlers for :data:`SOFT_STOP` and :data:`HARD_STOP` in a worker of ``--workers N``."""
+
+    def soft(_signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            notice.info("the supervisor asked to stop: stopping after the batch in flight")
+        stop.set()
+
+    def hard(signum: int, _frame: FrameType | None) -> None:
+        exit_now(signum, "the supervisor asked to stop at once")
+
+    return {SOFT_STOP: soft, HARD_STOP: hard}
+
+
+def exit_now(signum: int, why: str | None = None) -> NoReturn:
     """Leave the process at once with ``128 + signum``; the batch in flight rolls back."""
     notice.warning(
-        "received %s again: exiting now; the batch in flight is rolled back",
-        signal.Signals(signum).name,
+        "%s: exiting now; the batch in flight is rolled back",
+        why or f"received {signal.Signals(signum).name} again",
     )
     for cancel in list(_cancels):
         with contextlib.suppress(Exception):

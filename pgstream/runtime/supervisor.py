@@ -9,9 +9,10 @@
   that exits 0 under ``--stop-when-idle`` is done. A child that fails with a usage or
   configuration error (exit 2), or dies right after its start :data:`MAX_QUICK_DEATHS` times
   in a row, stops the whole group with a clear line and a non-zero exit code.
-* The first SIGTERM/SIGINT is passed on to every child (each stops after its batch in flight)
-  and the group exits 0 once they all stopped cleanly; a second one is passed on too (the
-  children exit at once, their batches roll back) and the group exits ``128 + signum``.
+* The first SIGTERM/SIGINT is passed on to every child (as
+  :data:`~pgstream.runtime.stopping.SOFT_STOP`: each stops after its batch in flight) and the
+  group exits 0 once they all stopped cleanly; a second one is passed on too (as ``HARD_STOP``:
+  the children exit at once, their batches roll back) and the group exits ``128 + signum``.
 * The children run in their own session (process group), so a Ctrl-C in the terminal reaches them
   once, through the supervisor; they ask the kernel for a SIGTERM should the supervisor die.
 """
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from pgstream.runtime.argv import DSN_ENV
+from pgstream.runtime.stopping import HARD_STOP, SOFT_STOP
 
 __all__ = [
     "LABEL_ENV",
@@ -118,7 +120,7 @@ class Supervisor:
                 return self._supervise()
             except GroupStopped as stopped:
                 # stop the others like a first signal would (a real one then stops at once)
-                self._signals.insert(self._forwarded, signal.SIGTERM)
+                self._signals.insert(self._forwarded, SOFT_STOP)
                 return self._supervise() or stopped.code
         finally:
             for sig, handler in previous.items():
@@ -132,7 +134,7 @@ class Supervisor:
                 signum = self._signals[self._forwarded]
                 self._forwarded += 1
                 if self._forwarded == 1:
-                    self._stop_all(signum)
+                    self._stop_all(SOFT_STOP)
                 else:
                     return self._hard_stop(signum)
             stopping = self._forwarded > 0
@@ -158,7 +160,8 @@ class Supervisor:
         """Decide what a child's end means: done, a stop, a restart or the group's end."""
         who = f"worker {slot.number} (pid {pid})"
         if stopping:
-            if code != 0:
+            # a worker still starting up may die of the stop signal itself: nothing was lost
+            if code not in (0, -SOFT_STOP, -signal.SIGTERM, -signal.SIGINT):
                 self._unclean = True
                 log.warning("%s %s while stopping", who, how_it_ended(code))
             return
@@ -225,7 +228,7 @@ class Supervisor:
             "received %s again: stopping the workers at once; their batches in flight roll back",
             signal.Signals(signum).name,
         )
-        self._stop_all(signum)
+        self._stop_all(HARD_STOP)
         self._wait_all(HARD_STOP_GRACE)
         return 128 + signum
 

@@ -162,3 +162,41 @@ def test_a_worker_dying_at_start_again_and_again_stops_the_group(
     ), out
     assert "restarting in 1.0s" in out and "restarting in 8.0s" in out, out
     assert out.count("nowhere") >= 5, out
+
+
+def test_sigterm_to_the_whole_group_is_one_clean_stop(pg_dsn: str, tmp_path: Path) -> None:
+    """A service manager (systemd's default ``KillMode=control-group``) signals the supervisor
+    and every worker: that is one stop request, not two. Every worker finishes its batch in
+    flight, the group exits 0 and the job then finishes exactly."""
+    job = Job(pg_dsn, tmp_path, tables=["events", "more"], batch=100).setup()
+    insert_events(pg_dsn, "events", 20_000, seed=3)
+    insert_events(pg_dsn, "more", 20_000, seed=4)
+    parent = job.start(args=["--workers", "2"])
+    kids: list[int] = []
+    try:
+        kids = wait_for(
+            lambda: len(children_of(parent.pid)) == 2 and children_of(parent.pid),
+            30, what="two workers",
+        )
+        wait_for(lambda: len([p for p in job.partitions().values() if p["owner"]]) == 2, 30,
+                 what="both partitions claimed")
+        before = job.total_batches()
+        wait_for(lambda: job.total_batches() > before, 30, what="a commit")
+        time.sleep(max(0.0, parent.started + 3.0 - time.monotonic()))  # all past start-up
+        # the workers first, the supervisor a moment later: each worker has surely handled
+        # its own SIGTERM before the supervisor passes the stop on
+        for pid in kids:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        os.kill(parent.pid, signal.SIGTERM)
+        rc = parent.wait(60)
+        out = parent.output()
+        assert rc == 0, f"exit {rc}:\n{out[-3000:]}"
+        assert "exiting now" not in out, out[-3000:]
+        assert not [pid for pid in kids if alive(pid)], "workers left behind"
+        job.run_to_idle()
+        job.assert_outputs_exact()
+        job.assert_verify_clean()
+    finally:
+        kill_all(kids)
+        job.cleanup()
