@@ -40,8 +40,8 @@ SignalHandler = Callable[[int, FrameType | None], None]
 #: what ``run --workers N`` sends its workers: stop after the batch in flight (any number of
 #: times), and exit at once. Not SIGTERM: a service manager that signals the whole group
 #: (systemd's default ``KillMode=control-group``) would make one stop request count twice.
-SOFT_STOP = signal.SIGUSR1
-HARD_STOP = signal.SIGUSR2
+SOFT_STOP: int = getattr(signal, "SIGUSR1", signal.SIGTERM)  # (no SIGUSR* on Windows)
+HARD_STOP: int = getattr(signal, "SIGUSR2", signal.SIGINT)
 
 #: called by :func:`exit_now` before the process leaves (cancel the statement in flight)
 _cancels: list[Callable[[], None]] = []
