@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import click
+from click.core import ParameterSource
 
 from pgstream.cli import dsn_option
+from pgstream.runtime.stopping import stop_on_signal, supervised_handlers
+
+#: shown by default: start, progress and stop lines, and the supervisor's restarts
+NOTICE_LOGGERS = ("pgstream.progress", "pgstream.supervisor")
 
 
 @click.command("run")
@@ -38,6 +43,14 @@ from pgstream.cli import dsn_option
     help="Accept a changed plan (sinks, operators, keys, streams): recorded as a new version.",
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between progress lines on stderr (0: none).",
+)
 def command(
     target: str,
     dsn: str | None,
@@ -47,32 +60,43 @@ def command(
     max_interval: float | None,
     accept_changes: bool,
     verbose: int,
+    progress_interval: float,
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
-    SIGTERM or Ctrl-C stop cleanly after the batch in flight."""
+    SIGTERM or Ctrl-C stop cleanly after the batch in flight, a second one stops at once."""
     stop = threading.Event()
     if workers == 1:
         # Stop requests that arrive while the app is still loading end the run cleanly too.
+        handler = stop_on_signal(stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda _signum, _frame: stop.set())
-    from pgstream.db.connect import resolve_dsn
+            signal.signal(sig, handler)
+    from pgstream.db.connect import describe_dsn, resolve_dsn
     from pgstream.loader import load_app
+    from pgstream.runtime.argv import hide_passwords
+    from pgstream.runtime.supervisor import LABEL_ENV, die_with_parent
 
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    label = os.environ.get(LABEL_ENV)
+    _setup_logging(verbose, label)
+    hide_passwords()
+    if label:
+        for signum, supervised in supervised_handlers(stop).items():
+            signal.signal(signum, supervised)
+        die_with_parent()
     app = load_app(target)
     resolved = resolve_dsn(dsn)
+    where = describe_dsn(resolved)
     if workers > 1 and accept_changes:
         from pgstream.runtime.worker import accept_plan
 
         accept_plan(app, resolved, target=target)  # once, here: restarted workers never re-accept
     if workers > 1:
-        sys.exit(
-            _supervise(target, resolved, workers, stop_when_idle, batch_size, max_interval, verbose)
-        )
+        sys.exit(_supervise(app.name, len(app.sources), resolved, where, workers, stop_when_idle))
+    from pgstream.runtime.progress import ProgressReporter
     from pgstream.runtime.worker import run_app
 
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
+    who = f"worker {label}" if label else "1 worker"
+    progress = ProgressReporter(progress_interval, where, who)
     started = time.monotonic()
     summary = run_app(
         app,
@@ -82,42 +106,81 @@ def command(
         stop_event=stop,
         accept_changes=accept_changes,
         target=target,
+        progress=progress,
     )
     elapsed = time.monotonic() - started
     click.echo(
-        f"{app.name}: {summary.records} records in {summary.batches} batches "
-        f"({summary.dead_letters} dead letters) in {elapsed:.1f}s",
+        f"{f'worker {label}: ' if label else ''}{app.name}: {summary.records} records in "
+        f"{summary.batches} batches ({summary.dead_letters} dead letters) in {elapsed:.1f}s",
         err=True,
     )
 
 
+def _setup_logging(verbose: int, label: str | None) -> None:
+    """Warnings by default, plus the start, progress and stop lines; -v info, -vv debug.
+
+    A worker started by ``--workers N`` names itself in every line (``[worker 2/3]``).
+    """
+    from pgstream.db.migrate import quiet_alembic_logging
+
+    level = logging.WARNING - 10 * min(verbose, 2)
+    who = f"[worker {label}] " if label else ""
+    logging.basicConfig(level=level, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
+    for name in NOTICE_LOGGERS:
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
+    quiet_alembic_logging(verbose)
+
+
 def _supervise(
-    target: str,
-    dsn: str,
-    workers: int,
-    stop_when_idle: bool,
-    batch_size: int | None,
-    max_interval: float | None,
-    verbose: int,
+    job: str, streams: int, dsn: str, where: str, workers: int, stop_when_idle: bool
 ) -> int:
-    """Start ``workers`` child processes and forward SIGTERM/SIGINT to them."""
-    args = [sys.executable, "-m", "pgstream", "run", target, "--dsn", dsn]
-    if stop_when_idle:
-        args.append("--stop-when-idle")
-    if batch_size is not None:
-        args += ["--batch-size", str(batch_size)]
-    if max_interval is not None:
-        args += ["--max-interval", str(max_interval)]
-    if verbose:
-        args.append("-" + "v" * verbose)
-    children = [subprocess.Popen(args) for _ in range(workers)]
+    """Start ``workers`` child processes of this same command and supervise them."""
+    from pgstream.runtime.supervisor import Supervisor
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+    logging.getLogger("pgstream.progress").info(
+        'job "%s": %d stream%s; %s; %d workers',
+        job,
+        streams,
+        "" if streams == 1 else "s",
+        where,
+        workers,
+    )
+    supervisor = Supervisor(
+        _child_args(click.get_current_context()), dsn, workers, stop_when_idle=stop_when_idle
+    )
+    return supervisor.run()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, key=abs)
+
+_NOT_FOR_WORKERS = ("dsn", "workers", "accept_changes")
+
+
+def _child_args(ctx: click.Context) -> list[str]:
+    """This command line for one worker: every option given, except ``--dsn`` (the DSN goes
+    in the child's environment, never on a command line), ``--workers`` and
+    ``--accept-changes`` (the supervisor accepts a changed plan once, before it starts them)."""
+    args = [sys.executable, "-m", "pgstream", "run", str(ctx.params["target"])]
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or name is None or name in _NOT_FOR_WORKERS:
+            continue
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        value = ctx.params[name]
+        opt = max(param.opts, key=len)
+        if param.count:
+            args += [opt] * int(value)
+        elif param.is_flag:
+            if value:
+                args.append(opt)
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif param.multiple:
+            for item in value:
+                args += [opt, *_strings(item)]
+        elif value is not None:
+            args += [opt, *_strings(value)]
+    return args
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, tuple) else [str(value)]

@@ -7,6 +7,7 @@ looked at or changed: user tables in other schemas are invisible to these migrat
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ __all__ = [
     "head",
     "include_name",
     "migration_context_options",
+    "quiet_alembic_logging",
     "schema_diff",
     "script_location",
     "upgrade",
@@ -45,6 +47,15 @@ ADVISORY_LOCK_KEY = 0x7067737472_6D67  # "pgstrmg"
 # Alembic keeps the running migration in module globals (``alembic.context``/``alembic.op``),
 # so runs in one process must not overlap; the advisory lock covers other processes.
 _ALEMBIC_LOCK = threading.RLock()
+
+
+def quiet_alembic_logging(verbose: int) -> None:
+    """Hide Alembic's INFO lines (plugin set-up, context notes) unless ``verbose >= 2``.
+
+    ``pgstream run -v`` then shows pgstream's own lines only; ``-vv`` shows everything.
+    """
+    if verbose < 2:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def script_location() -> Path:

@@ -58,6 +58,12 @@ class WorkerConnection:
             conn.execute(stmt)
         return conn
 
+    def cancel(self) -> None:
+        """Cancel the statement in flight, if any (safe from a signal handler)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel()
+
     def reset(self) -> None:
         """Drop the connection (after an error that may have broken it)."""
         if self._conn is not None:

@@ -173,7 +173,9 @@ def _first_version(
     target: str,
 ) -> int:
     """Record version 1 of a job with no recorded plan."""
-    has_partitions = conn.execute(queries.COUNT_PARTITIONS, {"job": app.name, "streams": None}).fetchone()
+    has_partitions = conn.execute(
+        queries.COUNT_PARTITIONS, {"job": app.name, "streams": None}
+    ).fetchone()
     if has_partitions is not None and has_partitions[0] > 0:
         log.warning(
             "job %r has checkpoints from before plan tracking: its current plan is recorded as "

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -26,6 +25,8 @@ from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
+from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
@@ -96,6 +97,7 @@ class Worker:
         stop_event: threading.Event | None = None,
         accept_changes: bool = False,
         target: str = "MODULE:APP",
+        progress: ProgressReporter | None = None,
     ) -> None:
         self.app = app
         self.accept_changes = accept_changes
@@ -118,6 +120,8 @@ class Worker:
         self._generation = 0
         self._next_maintenance = 0.0
         self._prepared = False
+        self.progress = progress
+        self.partitions = 0  # partitions of the app's streams, as registered at start-up
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in flight."""
@@ -129,8 +133,9 @@ class Worker:
         """Run until stopped (signal, :meth:`stop`, or idle with ``stop_when_idle``)."""
         previous = self._install_signals() if self.install_signal_handlers else {}
         try:
-            self._start_up()
-            self._loop()
+            with cancel_on_exit_now(self.db.cancel):
+                self._start_up()
+                self._loop()
         finally:
             self._shutdown()
             for sig, handler in previous.items():
@@ -155,6 +160,8 @@ class Worker:
                 )
                 self.plan_version = job.version
                 self._warn_orphans(conn)
+                if self.progress is not None:
+                    self.progress.started(self.app.name, len(self.app.sources), self.partitions)
                 return
             except psycopg.OperationalError as exc:
                 attempt += 1
@@ -175,8 +182,11 @@ class Worker:
             )
 
     def _register(self, conn: psycopg.Connection[Any]) -> None:
+        self.partitions = 0
         for name, source in self.app.sources.items():
-            self.leases.register(conn, name, list(source.partitions(conn)))
+            partitions = list(source.partitions(conn))
+            self.leases.register(conn, name, partitions)
+            self.partitions += len(partitions)
 
     def _check_plan_version(self, conn: psycopg.Connection[Any]) -> None:
         """Stop if another worker accepted a newer plan of the job (this one is fenced)."""
@@ -209,6 +219,8 @@ class Worker:
                 failures += 1
                 self._back_off(failures, exc, "while running")
                 continue
+            if self.progress is not None and self.progress.due():
+                self.progress.report(self.app.name, self.current())
             if done == 0:
                 if self.stop_when_idle and self._caught_up():
                     return
@@ -247,6 +259,17 @@ class Worker:
                 self._forgive(task)
                 raise
         return done
+
+    def current(self) -> Progress:
+        """Totals so far: the partitions given up plus the ones held now."""
+        tasks = list(self.tasks.values())
+        return Progress(
+            records=self.summary.records + sum(t.stats.records for t in tasks),
+            batches=self.summary.batches + sum(t.stats.batches for t in tasks),
+            dead_letters=self.summary.dead_letters + sum(t.stats.dead_letters for t in tasks),
+            lag=total_lag((t.head, t.position) for t in tasks),
+            partitions=len(tasks),
+        )
 
     def _forgive(self, task: PartitionTask) -> None:
         """A poll failed and this process lives on: its attempt was no death. Without this,
@@ -374,13 +397,10 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous: dict[int, Any] = {}
+        handler = stop_on_signal(self._stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, self._on_signal)
+            previous[sig] = signal.signal(sig, handler)
         return previous
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("received %s: stopping after the batch in flight", signal.Signals(signum).name)
-        self._stop.set()
 
 
 def accept_plan(app: App, dsn: str, *, target: str = "MODULE:APP") -> int:
@@ -407,12 +427,14 @@ def run_app(
     stop_event: threading.Event | None = None,
     accept_changes: bool = False,
     target: str = "MODULE:APP",
+    progress: ProgressReporter | None = None,
 ) -> RunSummary:
     """Run one worker for ``app`` in this process (what ``pgstream run`` does).
 
     ``stop_event`` lets a caller that installed its own early signal handling ask for a stop
     before the worker has started. ``accept_changes`` records a changed plan as the job's
-    next version instead of refusing it; ``target`` (``MODULE:APP``) is named in hints.
+    next version instead of refusing it; ``target`` (``MODULE:APP``) is named in hints;
+    ``progress`` prints the start and progress lines.
     """
     return Worker(
         app,
@@ -423,4 +445,5 @@ def run_app(
         stop_event=stop_event,
         accept_changes=accept_changes,
         target=target,
+        progress=progress,
     ).run()
