@@ -101,6 +101,10 @@ def test_removed_stream_does_not_block_stop_when_idle(
     stderr = run_idle(tmp_path, "only_orders:app", pg_dsn, env, "--accept-changes", timeout=60)
     assert "'clicks'" in stderr and "pgstream job retire" in stderr, stderr
     assert pg_conn.execute("SELECT count(*) FROM ids").fetchone() == (1000,)
+    # verify checks what the app still has and names the orphan it cannot check
+    verified = pgstream("verify", "only_orders:app", "--dsn", pg_dsn, cwd=tmp_path, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "stream 'clicks' (partition 0) is no longer in the app" in verified.stdout
 
 
 # --- rename: 20,000 orders from a table, exactly once across the rename ---------------------
