@@ -56,9 +56,9 @@ from psycopg import sql
 from pgstream import plan as plans
 from pgstream.api import App, SinkSpec
 from pgstream.db import queries
-from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.keys import KeySpec
 from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.sinkplans import Expectations, aggregate_row
 from pgstream.sources.base import PartitionReader, Source, SourceError, SourceRecord
 from pgstream.sources.table import MIN_OFFSET, TableReader
 from pgstream.state.store import KeyedState
@@ -277,28 +277,6 @@ def _show(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# -- accumulator merging (mirrors the SQL merge of batch deltas) ----------------------------
-
-
-def _merge_acc(agg: Aggregate, a: Any, b: Any) -> Any:
-    kind = agg.kind
-    if kind == "count":
-        return a + b
-    if kind == "avg":
-        (ta, na), (tb, nb) = a, b
-        total = tb if ta is None else ta if tb is None else ta + tb
-        return (total, na + nb)
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if kind == "sum":
-        return a + b
-    if kind == "min":
-        return b if b < a else a
-    return b if b > a else a
-
-
 # -- the audit --------------------------------------------------------------------------------
 
 
@@ -314,18 +292,7 @@ class _Partition:
 class _Expected:
     """What re-evaluation says every sink must hold."""
 
-    # append table -> position -> (columns, values)
-    append: dict[str, dict[AppendKey, tuple[tuple[str, ...], tuple[Any, ...]]]] = field(
-        default_factory=lambda: defaultdict(dict)
-    )
-    # aggregate table -> key -> accumulators
-    aggregates: dict[str, dict[Any, list[Any]]] = field(default_factory=lambda: defaultdict(dict))
-    # fold table -> normalized key -> {partition: (key, state)}
-    folds: dict[str, dict[tuple[Any, ...], dict[str, tuple[Any, Any]]]] = field(
-        default_factory=lambda: defaultdict(dict)
-    )
-    # (operator id, partition, json key) -> state
-    states: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    plans: Expectations = field(default_factory=Expectations)
     # (source, partition) -> offsets that must be dead letters
     dead: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     # append table -> (source, partition) -> offset ranges ran under another plan (skipped)
@@ -793,35 +760,9 @@ def _ledger_end(pos: int) -> str:
 
 
 def _collect(pipeline: Pipeline, out: Any, expected: _Expected, app: App) -> None:
-    for plan in pipeline.append_plans:
-        table = plan.sink.table_name
-        bucket = expected.append[table]
-        for cols, rows in out.append[plan.index].items():
-            n = len(cols)
-            for row in rows:
-                bucket[(row[n], row[n + 1], row[n + 2], row[n + 3])] = (cols, row[:n])
-    for agg_plan, _key in pipeline.aggregate_plans:
-        accs = expected.aggregates[agg_plan.sink.table_name]
-        for k, acc in out.aggregates[agg_plan.index].items():
-            prev = accs.get(k)
-            accs[k] = (
-                list(acc)
-                if prev is None
-                else [_merge_acc(a, x, y) for a, x, y in zip(agg_plan.aggs, prev, acc)]
-            )
-    for fold_plan in pipeline.fold_plans:
-        overlay = out.folds[fold_plan.index]
-        fold_plan.state.merge({kj: blob for kj, (_, blob) in overlay.items()})
-        table = fold_plan.sink.table_name
-        width = len(fold_plan.sink.key_columns)
-        for kj, (k, blob) in overlay.items():
-            state = orjson.loads(blob)
-            kvals = tuple(k) if width > 1 else (k,)
-            expected.folds[table].setdefault(_norm_key(kvals), {})[pipeline.partition] = (
-                kvals,
-                state,
-            )
-            expected.states[(fold_plan.state.operator, pipeline.partition, kj)] = state
+    for plan in pipeline.plans:
+        plan.committed(out)
+        plan.expect(out, pipeline.partition, expected.plans)
 
 
 # -- comparisons against what is stored ---------------------------------------------------------
@@ -845,7 +786,7 @@ def _compare_append(
     committed_of: dict[tuple[str, str], int | None],
     report: VerifyReport,
 ) -> None:
-    exp = expected.append.get(table, {})
+    exp = expected.plans.rows.get(table, {})
     sources = sorted({s.stream for s in app.sinks if s.table == table})
     cols = sorted({c for shape, _ in exp.values() for c in shape})
     from pgstream.sinks.introspect import load_table
@@ -951,11 +892,10 @@ def _compare_aggregate(
     aggs = spec.aggregates
     cols = [c for a in aggs for c in a.columns()]
     want: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Any, ...]]] = {}
-    for k, acc in expected.aggregates.get(table, {}).items():
-        kvals = key.values(k)
-        values = tuple(v for a, x in zip(aggs, acc) for v in a.outputs(x))
-        want[_norm_key(kvals)] = (kvals, values)
     width = len(key.columns)
+    for k, acc in expected.plans.accumulators.get(table, {}).items():
+        row = aggregate_row(key, aggs, k, acc)
+        want[_norm_key(row[:width])] = (row[:width], row[width:])
     seen: set[tuple[Any, ...]] = set()
     for row in _keyed_rows(conn, table, key.columns, cols):
         report.keyed_rows += 1
@@ -993,7 +933,9 @@ def _compare_fold(
     table = spec.table
     key_cols = spec.key.columns
     width = len(key_cols)
-    want = expected.folds.get(table, {})
+    want: dict[tuple[Any, ...], dict[str, tuple[Any, Any]]] = {}
+    for (partition, _kj), (kvals, state) in expected.plans.folds.get(table, {}).items():
+        want.setdefault(_norm_key(kvals), {})[partition] = (kvals, state)
     cols: set[str] = set()
     for per_part in want.values():
         for _k, state in per_part.values():
@@ -1051,20 +993,20 @@ def _compare_states(
         [app.name, operators],
     ):
         k = (op, part, key)
-        if k not in expected.states:
+        if k not in expected.plans.states:
             report.violations.append(
                 Violation("unexpected", "pgstream.state", "-", part, key=f"{op} {key}",
                           detail="state for a key no committed input touched")
             )
             continue
         seen.add(k)
-        want = expected.states[k]
+        want = expected.plans.states[k]
         if not values_equal(want, value):
             report.violations.append(
                 Violation("wrong-value", "pgstream.state", "-", part, key=f"{op} {key}",
                           detail=f"expected {_show(want)}, found {_show(value)}")
             )
-    for op, part, key in expected.states.keys() - seen:
+    for op, part, key in expected.plans.states.keys() - seen:
         report.violations.append(
             Violation("lost", "pgstream.state", "-", part, key=f"{op} {key}",
                       detail="fold state missing")
