@@ -103,71 +103,81 @@ def commit_batch(
     try:
         with conn.cursor() as cur:
             cur.execute("BEGIN")
-            row = cur.execute(
-                queries.CHECKPOINT,
-                {
-                    **rng.key(),
-                    "end": rng.end,
-                    "start": rng.committed,
-                    "epoch": rng.epoch,
-                    "lease": lease_seconds,
-                    "head": rng.head,
-                    "records": out.records_in,
-                    "plan_version": rng.plan_version,
-                },
-            ).fetchone()
-            if row is None:
-                raise LeaseLostError(
-                    f"{rng.source}/{rng.partition}: epoch {rng.epoch} or plan version "
-                    f"{rng.plan_version} is stale"
-                )
-            for plan in pipeline.plans:
+            _fence(cur, rng, out, lease_seconds)  # 1
+            for plan in pipeline.plans:  # 2
                 plan.write_state(cur, out)
             crash_point("after_state")
             maybe_inject_error(cur)
-            written = _write_sinks(cur, pipeline, out, tolerate_duplicates)
+            written = _write_sinks(cur, pipeline, out, tolerate_duplicates)  # 3
             crash_point("after_sinks")
-            for plan in pipeline.plans:
+            for plan in pipeline.plans:  # 4
                 plan.run_handler(cur, rng, out)
-            if out.dead:
-                with cur.copy(queries.COPY_DEAD_LETTERS) as copy:
-                    for d in out.dead:
-                        copy.write_row(
-                            (
-                                rng.job,
-                                rng.source,
-                                rng.partition,
-                                d.offset,
-                                d.payload,
-                                d.error,
-                                d.operator,
-                            )
-                        )
-            cur.execute(
-                queries.LEDGER,
-                {
-                    **rng.key(),
-                    "start_offset": rng.start,
-                    "end": rng.end,
-                    "start": rng.committed,
-                    "epoch": rng.epoch,
-                    "worker": rng.worker,
-                    "records_in": out.records_in,
-                    "records_out": written,
-                    "dead_letters": len(out.dead),
-                    "plan_version": rng.plan_version,
-                },
-            )
+            _write_dead_letters(cur, rng, out)  # 5
+            _write_ledger(cur, rng, out, written)  # 6
         crash_point("before_commit")
     except BaseException:
         _rollback_quietly(conn)
         raise
     try:
-        conn.execute("COMMIT")
+        conn.execute("COMMIT")  # 7
     except psycopg.OperationalError as exc:
         raise CommitOutcomeUnknown(str(exc)) from exc
     crash_point("after_commit")
     return written
+
+
+def _fence(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, lease: float) -> None:
+    """Step 1: the compare-and-set of the partition row, or :class:`LeaseLostError`."""
+    row = cur.execute(
+        queries.CHECKPOINT,
+        {
+            **rng.key(),
+            "end": rng.end,
+            "start": rng.committed,
+            "epoch": rng.epoch,
+            "lease": lease,
+            "head": rng.head,
+            "records": out.records_in,
+            "plan_version": rng.plan_version,
+        },
+    ).fetchone()
+    if row is None:
+        raise LeaseLostError(
+            f"{rng.source}/{rng.partition}: epoch {rng.epoch} or plan version "
+            f"{rng.plan_version} is stale"
+        )
+
+
+def _write_dead_letters(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput) -> None:
+    """Step 5: the batch's dead letters."""
+    if not out.dead:
+        return
+    with cur.copy(queries.COPY_DEAD_LETTERS) as copy:
+        for d in out.dead:
+            copy.write_row(
+                (rng.job, rng.source, rng.partition, d.offset, d.payload, d.error, d.operator)
+            )
+
+
+def _write_ledger(
+    cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, written: int
+) -> None:
+    """Step 6: the batch's ledger row."""
+    cur.execute(
+        queries.LEDGER,
+        {
+            **rng.key(),
+            "start_offset": rng.start,
+            "end": rng.end,
+            "start": rng.committed,
+            "epoch": rng.epoch,
+            "worker": rng.worker,
+            "records_in": out.records_in,
+            "records_out": written,
+            "dead_letters": len(out.dead),
+            "plan_version": rng.plan_version,
+        },
+    )
 
 
 def _write_sinks(
