@@ -47,8 +47,9 @@ RawFail = Callable[[bytes, Any, "BaseException | None"], None]
 #: ``fail(record, exc)`` for decoded records (``exc`` ``None`` when the record has no value).
 RecordFail = Callable[[SourceRecord, "BaseException | None"], None]
 
-#: the file name of generated kernel code in tracebacks
+#: the file names of generated kernel code in tracebacks
 KERNEL_FILENAME = "<pgstream aggregate kernel>"
+APPEND_KERNEL_FILENAME = "<pgstream append kernel>"
 
 #: ``kernel(batch, target, fail)``: ``target`` is the plan's groups (append) or accumulators
 RawKernel = Callable[[RawBatch, Any, RawFail], None]
@@ -70,32 +71,6 @@ def append_kernels(
 
     def not_a_dict(o: Any) -> TypeError:
         return TypeError(f"{label} needs dict records, got {type(o).__name__}")
-
-    def run_raw(batch: RawBatch, groups: Groups, fail: RawFail) -> None:
-        cols_prev: tuple[str, ...] | None = None
-        rows: list[Row] = []
-        for payload, pos in zip(batch.payloads, batch.offsets()):
-            try:
-                v = loads(payload)
-            except decode_error:
-                fail(payload, None, None)
-                continue
-            if type(v) is not dict:
-                fail(payload, None, None)
-                continue
-            try:
-                o = fn(v)
-                if type(o) is not dict and o is not skip:
-                    raise not_a_dict(o)
-            except Exception as exc:
-                fail(payload, v, exc)
-                continue
-            if o is not skip:
-                cols = tuple(o)
-                if cols != cols_prev:
-                    rows = groups.setdefault(cols, [])
-                    cols_prev = cols
-                rows.append((*o.values(), source, partition, pos, 0))
 
     def run_records(records: Sequence[SourceRecord], groups: Groups, fail: RecordFail) -> None:
         cols_prev: tuple[str, ...] | None = None
@@ -119,7 +94,71 @@ def append_kernels(
                     cols_prev = cols
                 rows.append((*o.values(), source, partition, rec.offset, 0))
 
+    ns: dict[str, Any] = {
+        "loads": loads,
+        "decode_error": decode_error,
+        "fn": fn,
+        "skip": skip,
+        "not_a_dict": not_a_dict,
+        "source": source,
+        "partition": partition,
+    }
+    # code built from fixed templates, no input text (see aggregate_kernels)
+    for name, offsets in _APPEND_OFFSETS.items():
+        code = _APPEND_RAW.format(name=name, **offsets)
+        exec(compile(code, APPEND_KERNEL_FILENAME, "exec"), ns)
+    run_packed: RawKernel = ns["run_packed"]
+    run_listed: RawKernel = ns["run_listed"]
+
+    def run_raw(batch: RawBatch, groups: Groups, fail: RawFail) -> None:
+        (run_listed if batch.gap is None else run_packed)(batch, groups, fail)
+
     return run_raw, run_records
+
+
+#: the loop over undecoded payloads for an append plan; ``{first}`` and ``{next}`` make ``pos``
+#: the offset of each payload, computed from the payload lengths when the batch's payloads lie
+#: back to back ``gap`` bytes apart (``packed``, a file's lines), taken from its list otherwise
+_APPEND_RAW = """\
+def run_{name}(batch, groups, fail):
+    cols_prev = None
+    rows = []
+{first}
+    for payload in batch.payloads:
+{next}
+        try:
+            v = loads(payload)
+        except decode_error:
+            fail(payload, None, None)
+            continue
+        if type(v) is not dict:
+            fail(payload, None, None)
+            continue
+        try:
+            o = fn(v)
+            if type(o) is not dict and o is not skip:
+                raise not_a_dict(o)
+        except Exception as exc:
+            fail(payload, v, exc)
+            continue
+        if o is not skip:
+            cols = tuple(o)
+            if cols != cols_prev:
+                rows = groups.setdefault(cols, [])
+                cols_prev = cols
+            rows.append((*o.values(), source, partition, pos, 0))
+"""
+
+_APPEND_OFFSETS = {
+    "packed": {
+        "first": "    after = batch.start\n    gap = batch.gap",
+        "next": "        pos = after\n        after += len(payload) + gap",
+    },
+    "listed": {
+        "first": "    next_offset = iter(batch.offsets()).__next__",
+        "next": "        pos = next_offset()",
+    },
+}
 
 
 # -- aggregate ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, count
 from operator import add
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import psycopg
@@ -227,6 +227,8 @@ class JsonLines(RawBatch):
     ``lines`` (newline stripped) cover the bytes ``[start, end)`` exactly: line ``i`` starts
     at ``start + sum(len(lines[j]) + 1 for j < i)``. Blank lines are no records.
     """
+
+    gap: ClassVar[int | None] = 1  # the newline between lines
 
     lines: list[bytes]
     start: int

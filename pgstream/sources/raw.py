@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import orjson
 
@@ -44,6 +44,11 @@ class RawBatch(abc.ABC):
     """
 
     __slots__ = ()
+
+    #: how the kernels find each payload's offset without asking: the payloads lie back to
+    #: back in a byte stream, ``gap`` separator bytes apart (a file's lines: 1), so offsets
+    #: follow from their lengths; ``None`` when the offsets are listed (:meth:`offsets`)
+    gap: ClassVar[int | None] = None
 
     start: int
     end: int
