@@ -83,13 +83,11 @@ class AppendSink(SinkTable):
         """The slow, replay-tolerant path: ``INSERT ... ON CONFLICT DO NOTHING``."""
         self.check_columns(columns)
         all_cols = (*columns, *META_COLUMNS)
-        stmt = sql.SQL(
-            "INSERT INTO {} ({}) VALUES ({}) "
-            "ON CONFLICT (_source, _partition, _offset, _seq) DO NOTHING"
-        ).format(
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
             self.info.ident,
             _idents(all_cols),
             sql.SQL(", ").join(sql.Placeholder() * len(all_cols)),
+            _idents(META_COLUMNS),
         )
         cur.executemany(stmt, rows)
 

@@ -152,7 +152,9 @@ def _sink_rows(
     if sources is None:
         query = sql.SQL("SELECT {} FROM {}").format(select, info.ident)
         return _fetch(conn, query, [], "pgstream_verify_keyed")
-    query = sql.SQL("SELECT {} FROM {} WHERE _source = ANY(%s)").format(select, info.ident)
+    query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+        select, info.ident, sql.Identifier(META_COLUMNS[0])
+    )
     return _fetch(conn, query, [sources], "pgstream_verify_append")
 
 
