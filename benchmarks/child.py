@@ -37,10 +37,10 @@ class LoggedReader(PartitionReader):
         self.log.write(f"{res.end}\n")
         return res
 
-    def read_lines(self, start: int, max_records: int) -> JsonLines:
+    def read_raw(self, start: int, max_records: int) -> JsonLines:
         """The file reader's fast path, logged the same way."""
         assert isinstance(self.inner, FileReader)
-        lines = self.inner.read_lines(start, max_records)
+        lines = self.inner.read_raw(start, max_records)
         self.log.write(f"{lines.end}\n")
         return lines
 

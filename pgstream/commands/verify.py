@@ -13,8 +13,8 @@ import click
 
 from pgstream.cli import dsn_option
 
-EXIT_CLEAN = 0
-EXIT_VIOLATIONS = 1
+#: the exit code when the audit cannot be carried out (0 clean and 1 violations come from
+#: ``VerifyReport.exit_code``)
 EXIT_CANNOT_CHECK = 2
 
 

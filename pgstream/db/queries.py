@@ -462,3 +462,27 @@ SELECT j.job, j.version, j.fingerprint, j.plan, j.updated_at, v.changes, v.accep
 ADMIN_LIST_DEAD_LETTERS = """
 SELECT job, source, count(*) FROM pgstream.dead_letters GROUP BY job, source
 """
+
+# -- verify: read-only audit of a job (pgstream.verify), in one REPEATABLE READ snapshot -------
+
+VERIFY_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+VERIFY_PARTITIONS = """
+SELECT source, partition, committed_offset, epoch FROM pgstream.partitions
+ WHERE job = %(job)s ORDER BY source, partition
+"""
+
+VERIFY_DEAD_LETTERS = """
+SELECT source, partition, "offset", operator FROM pgstream.dead_letters WHERE job = %(job)s
+"""
+
+VERIFY_LEDGER = """
+SELECT start_offset, end_offset, records_in, plan_version FROM pgstream.batches
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+ ORDER BY start_offset, end_offset
+"""
+
+VERIFY_STATES = """
+SELECT operator, partition, key, value FROM pgstream.state
+ WHERE job = %(job)s AND operator = ANY(%(operators)s)
+"""

@@ -1,5 +1,12 @@
 """Built-in keyed aggregates. Each batch folds its records into per-key *deltas* that the
-upsert sink merges into the table in SQL, so several partitions may update one key safely."""
+upsert sink merges into the table in SQL, so several partitions may update one key safely.
+
+:class:`Aggregate` owns every rule of an aggregate: how a delta starts and grows in Python
+(:meth:`~Aggregate.add`, also inlined by the fused kernels through
+:meth:`~Aggregate.kernel_code`), how two deltas merge (:meth:`~Aggregate.merge` in Python for
+``pgstream verify``, :meth:`~Aggregate.merge_sql` in the sink's upsert) and which columns it
+writes.
+"""
 
 from __future__ import annotations
 
@@ -43,15 +50,17 @@ class Aggregate:
 
     # -- accumulation in Python (one batch) -------------------------------------------------
 
+    def empty(self) -> Any:
+        """The accumulator of no input: what :meth:`start` adds a key's first value to."""
+        if self.kind == "count":
+            return 0
+        if self.kind == "avg":
+            return (None, 0)
+        return None
+
     def start(self, value: Any) -> Any:
         """The accumulator for a key's first record in a batch."""
-        if self.kind == "count":
-            return 1 if self.field is None or value is not None else 0
-        if value is not None and self.kind in ("sum", "avg") and not isinstance(value, _NUMBER):
-            raise TypeError(f"{self.kind}({self._label()}) needs numbers, got {value!r}")
-        if self.kind == "avg":
-            return (value, 1) if value is not None else (None, 0)
-        return value
+        return self.add(self.empty(), value)
 
     def add(self, acc: Any, value: Any) -> Any:
         """Fold one more input ``value`` into ``acc`` (raises on bad input, mutating nothing)."""
@@ -72,6 +81,41 @@ class Aggregate:
             raise TypeError(f"avg({self._label()}) needs numbers, got {value!r}")
         total, n = acc
         return (value if total is None else total + value, n + 1)
+
+    def merge(self, a: Any, b: Any) -> Any:
+        """Two batches' deltas as one: the Python twin of :meth:`merge_sql`."""
+        kind = self.kind
+        if kind == "count":
+            return a + b
+        if kind == "avg":
+            (ta, na), (tb, nb) = a, b
+            total = tb if ta is None else ta if tb is None else ta + tb
+            return (total, na + nb)
+        if a is None:
+            return b
+        if b is None:
+            return a
+        if kind == "sum":
+            return a + b
+        if kind == "min":
+            return b if b < a else a
+        return b if b > a else a
+
+    def kernel_code(self, name: str, x: str, acc: str) -> tuple[str, str]:
+        """Python expressions for :meth:`start` and :meth:`add` that the fused aggregate
+        kernels inline: ``name`` is this aggregate, ``x`` the input (``None`` for
+        ``count()``), ``acc`` the accumulator. ``count()`` and ``sum`` of ints and floats cost
+        a few bytecodes; every other case calls :meth:`start` / :meth:`add`."""
+        if self.kind == "count" and self.field is None:
+            return "1", f"{acc} + 1"
+        if self.kind == "sum":
+            fast_x = f"(type({x}) is int or type({x}) is float)"
+            fast_c = f"(type({acc}) is int or type({acc}) is float)"
+            return (
+                f"{x} if {fast_x} else {name}.start({x})",
+                f"{acc} + {x} if {fast_x} and {fast_c} else {name}.add({acc}, {x})",
+            )
+        return f"{name}.start({x})", f"{name}.add({acc}, {x})"
 
     def outputs(self, acc: Any) -> tuple[Any, ...]:
         """The sink column values of a finished accumulator (see :meth:`columns`)."""

@@ -1,4 +1,9 @@
-"""Stateless record operators and their compilation into one function per sink path."""
+"""Stateless record operators and their composition into one function per sink path.
+
+This module owns step composition: :func:`compose` (map/filter into one function returning
+an output or :data:`SKIP`) is what both the general evaluation loop (:func:`compile_chain`)
+and the fused kernels (:mod:`pgstream.runtime.kernels`) run.
+"""
 
 from __future__ import annotations
 
@@ -33,18 +38,50 @@ class FlatMap:
 Step = Filter | Map | FlatMap
 
 
+class _Skip:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIP"
+
+
+#: what a composed step function returns for a record a filter dropped
+SKIP: Any = _Skip()
+
+
+def identity(record: Record) -> Record:
+    """The composition of no steps."""
+    return record
+
+
+def compose(steps: Sequence[Step]) -> Callable[[Record], Record] | None:
+    """``steps`` as one function returning the output or :data:`SKIP` (filtered out);
+    ``None`` when a ``flat_map`` makes the number of outputs vary.
+
+    The steps nest as closures that do no list work per record; no steps give
+    :func:`identity` (which the kernels recognise and leave out).
+    """
+    fn: Callable[[Record], Record] = identity
+    for step in steps:
+        if isinstance(step, FlatMap):
+            return None
+        fn = _then(fn, step)
+    return fn
+
+
 def compile_chain(steps: Sequence[Step]) -> Callable[[Record], list[Record]]:
     """Compile ``steps`` into one function returning the outputs of one input record.
 
-    Chains without ``flat_map`` are composed into nested closures that do no list work
-    per step; the general case threads a list through the steps.
+    Chains without ``flat_map`` run :func:`compose`'s function; the general case threads a
+    list through the steps.
     """
-    if not any(isinstance(s, FlatMap) for s in steps):
-        single = _compile_single(steps)
-        skip = _SKIP
+    single = compose(steps)
+    if single is not None:
+        skip = SKIP
+        run = single
 
         def run_single(record: Record) -> list[Record]:
-            out = single(record)
+            out = run(record)
             return [] if out is skip else [out]
 
         return run_single
@@ -68,33 +105,11 @@ def compile_chain(steps: Sequence[Step]) -> Callable[[Record], list[Record]]:
     return run_many
 
 
-class _Skip:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "SKIP"
-
-
-_SKIP: Any = _Skip()
-
-
-def _compile_single(steps: Sequence[Step]) -> Callable[[Record], Record]:
-    """Compose map/filter steps into one function returning a value or the skip marker."""
-    fn: Callable[[Record], Record] = _identity
-    for step in steps:
-        fn = _then(fn, step)
-    return fn
-
-
-def _identity(record: Record) -> Record:
-    return record
-
-
-def _then(prev: Callable[[Record], Record], step: Step) -> Callable[[Record], Record]:
-    skip = _SKIP
+def _then(prev: Callable[[Record], Record], step: Filter | Map) -> Callable[[Record], Record]:
+    skip = SKIP
     if isinstance(step, Filter):
         pred = step.fn
-        if prev is _identity:
+        if prev is identity:
             return lambda r: r if pred(r) else skip
 
         def filtered(r: Record) -> Record:
@@ -104,9 +119,8 @@ def _then(prev: Callable[[Record], Record], step: Step) -> Callable[[Record], Re
             return v
 
         return filtered
-    assert isinstance(step, Map)
     mf = step.fn
-    if prev is _identity:
+    if prev is identity:
         return mf
 
     def mapped(r: Record) -> Record:

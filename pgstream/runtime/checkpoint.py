@@ -1,27 +1,49 @@
 """The batch transaction: offsets, state, outputs, dead letters and the ledger, one COMMIT.
 
-``BEGIN; compare-and-set the partition row; state; sinks; handlers; dead letters; ledger;
-COMMIT`` -- the COMMIT is the checkpoint. See DESIGN.md.
+:func:`commit_batch` sends, in one explicit transaction on the worker's connection (whose
+session sets ``synchronous_commit = on``):
+
+0. ``BEGIN``.
+1. **Fence and claim**: compare-and-set the partition row (``queries.CHECKPOINT``) to the
+   batch's end offset; no row back means a newer epoch, a moved offset or a newer plan
+   version, and the batch is abandoned (:class:`LeaseLostError`).
+2. **State**: every sink plan writes its operator state (fold overlays, touched keys only).
+3. **Sinks**: every sink plan writes its rows (append ``COPY``, keyed upserts merging deltas).
+4. **Handlers**: every ``@app.batch`` handler runs with the transaction's cursor.
+5. **Dead letters**: ``COPY`` into ``pgstream.dead_letters``.
+6. **Ledger**: one ``pgstream.batches`` row for the offset range.
+7. ``COMMIT`` -- the checkpoint. A connection lost during it leaves the outcome unknown
+   (:class:`CommitOutcomeUnknown`): the caller reads the partition row instead of resending.
+
+Plans are visited in the pipeline's fixed order in each of steps 2-4, so the statements of a
+batch are always the same sequence.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import psycopg.errors
 
-from pgstream.api import Batch
 from pgstream.db import queries
-from pgstream.errors import LeaseLostError, PgStreamError
+from pgstream.errors import LeaseLostError
 from pgstream.runtime.crashpoints import crash_point, maybe_inject_error
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
-from pgstream.usercode import describe, format_traceback
+from pgstream.runtime.sinkplans import HandlerError
+from pgstream.sinks.append import DuplicateOutputError
 
-log = logging.getLogger("pgstream.checkpoint")
+__all__ = [
+    "BatchRange",
+    "CommitOutcomeUnknown",
+    "DuplicateOutputError",
+    "HandlerError",
+    "SinkDataError",
+    "commit_batch",
+    "probe_sinks",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +66,6 @@ class BatchRange:
         return {"job": self.job, "source": self.source, "partition": self.partition}
 
 
-class DuplicateOutputError(Exception):
-    """An append sink already holds an output of this batch (offsets were rewound)."""
-
-
 class SinkDataError(Exception):
     """The database rejected a sink row (constraint, type): some record in the batch is bad.
 
@@ -62,10 +80,6 @@ class SinkDataError(Exception):
 
 class CommitOutcomeUnknown(Exception):
     """The connection failed during COMMIT: the batch may or may not have landed."""
-
-
-class HandlerError(PgStreamError):
-    """An ``@app.batch`` handler raised."""
 
 
 def commit_batch(
@@ -89,71 +103,81 @@ def commit_batch(
     try:
         with conn.cursor() as cur:
             cur.execute("BEGIN")
-            row = cur.execute(
-                queries.CHECKPOINT,
-                {
-                    **rng.key(),
-                    "end": rng.end,
-                    "start": rng.committed,
-                    "epoch": rng.epoch,
-                    "lease": lease_seconds,
-                    "head": rng.head,
-                    "records": out.records_in,
-                    "plan_version": rng.plan_version,
-                },
-            ).fetchone()
-            if row is None:
-                raise LeaseLostError(
-                    f"{rng.source}/{rng.partition}: epoch {rng.epoch} or plan version "
-                    f"{rng.plan_version} is stale"
-                )
-            for plan in pipeline.fold_plans:
-                overlay = out.folds[plan.index]
-                plan.state.write(cur, {k: blob for k, (_, blob) in overlay.items()})
+            _fence(cur, rng, out, lease_seconds)  # 1
+            for plan in pipeline.plans:  # 2
+                plan.write_state(cur, out)
             crash_point("after_state")
             maybe_inject_error(cur)
-            written = _write_sinks(cur, pipeline, out, tolerate_duplicates)
+            written = _write_sinks(cur, pipeline, out, tolerate_duplicates)  # 3
             crash_point("after_sinks")
-            _run_handlers(cur, pipeline, rng, out)
-            if out.dead:
-                with cur.copy(queries.COPY_DEAD_LETTERS) as copy:
-                    for d in out.dead:
-                        copy.write_row(
-                            (
-                                rng.job,
-                                rng.source,
-                                rng.partition,
-                                d.offset,
-                                d.payload,
-                                d.error,
-                                d.operator,
-                            )
-                        )
-            cur.execute(
-                queries.LEDGER,
-                {
-                    **rng.key(),
-                    "start_offset": rng.start,
-                    "end": rng.end,
-                    "start": rng.committed,
-                    "epoch": rng.epoch,
-                    "worker": rng.worker,
-                    "records_in": out.records_in,
-                    "records_out": written,
-                    "dead_letters": len(out.dead),
-                    "plan_version": rng.plan_version,
-                },
-            )
+            for plan in pipeline.plans:  # 4
+                plan.run_handler(cur, rng, out)
+            _write_dead_letters(cur, rng, out)  # 5
+            _write_ledger(cur, rng, out, written)  # 6
         crash_point("before_commit")
     except BaseException:
         _rollback_quietly(conn)
         raise
     try:
-        conn.execute("COMMIT")
+        conn.execute("COMMIT")  # 7
     except psycopg.OperationalError as exc:
         raise CommitOutcomeUnknown(str(exc)) from exc
     crash_point("after_commit")
     return written
+
+
+def _fence(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, lease: float) -> None:
+    """Step 1: the compare-and-set of the partition row, or :class:`LeaseLostError`."""
+    row = cur.execute(
+        queries.CHECKPOINT,
+        {
+            **rng.key(),
+            "end": rng.end,
+            "start": rng.committed,
+            "epoch": rng.epoch,
+            "lease": lease,
+            "head": rng.head,
+            "records": out.records_in,
+            "plan_version": rng.plan_version,
+        },
+    ).fetchone()
+    if row is None:
+        raise LeaseLostError(
+            f"{rng.source}/{rng.partition}: epoch {rng.epoch} or plan version "
+            f"{rng.plan_version} is stale"
+        )
+
+
+def _write_dead_letters(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput) -> None:
+    """Step 5: the batch's dead letters."""
+    if not out.dead:
+        return
+    with cur.copy(queries.COPY_DEAD_LETTERS) as copy:
+        for d in out.dead:
+            copy.write_row(
+                (rng.job, rng.source, rng.partition, d.offset, d.payload, d.error, d.operator)
+            )
+
+
+def _write_ledger(
+    cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, written: int
+) -> None:
+    """Step 6: the batch's ledger row."""
+    cur.execute(
+        queries.LEDGER,
+        {
+            **rng.key(),
+            "start_offset": rng.start,
+            "end": rng.end,
+            "start": rng.committed,
+            "epoch": rng.epoch,
+            "worker": rng.worker,
+            "records_in": out.records_in,
+            "records_out": written,
+            "dead_letters": len(out.dead),
+            "plan_version": rng.plan_version,
+        },
+    )
 
 
 def _write_sinks(
@@ -162,36 +186,9 @@ def _write_sinks(
     written = 0
     table = ""  # the sink being written, for SinkDataError
     try:
-        for plan in pipeline.append_plans:
-            table = plan.sink.info.label
-            groups = out.append[plan.index]
-            if not groups:
-                continue
-            if tolerate_duplicates:
-                for cols, rows in groups.items():
-                    plan.sink.insert_ignoring_duplicates(cur, cols, rows)
-            else:
-                try:
-                    plan.sink.write(cur, groups)
-                except psycopg.errors.UniqueViolation as exc:
-                    raise DuplicateOutputError(str(exc)) from exc
-            written += sum(len(rows) for rows in groups.values())
-        for agg_plan, key in pipeline.aggregate_plans:
-            table = agg_plan.sink.info.label
-            rows = agg_plan.rows(out.aggregates[agg_plan.index], key)
-            agg_plan.sink.write(cur, agg_plan.sink.value_columns(), rows)
-            written += len(rows)
-        for fold_plan in pipeline.fold_plans:
-            table = fold_plan.sink.info.label
-            by_cols: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
-            spec_key = fold_plan.sink.key_columns
-            for key, blob in out.folds[fold_plan.index].values():
-                cols, values = fold_plan.fold.output(blob)
-                key_values = key if len(spec_key) > 1 else (key,)
-                by_cols.setdefault(cols, []).append((*key_values, *values))
-            for cols, rows in by_cols.items():
-                fold_plan.sink.write(cur, cols, rows)
-                written += len(rows)
+        for plan in pipeline.plans:
+            table = plan.sink_label
+            written += plan.write_sink(cur, out, tolerate_duplicates)
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
         raise SinkDataError(exc, table) from exc
     return written
@@ -215,32 +212,6 @@ def probe_sinks(conn: psycopg.Connection[Any], pipeline: Pipeline, out: BatchOut
             return None
     finally:
         _rollback_quietly(conn)
-
-
-def _run_handlers(
-    cur: psycopg.Cursor[Any], pipeline: Pipeline, rng: BatchRange, out: BatchOutput
-) -> None:
-    for plan in pipeline.handler_plans:
-        batch = Batch(
-            job=rng.job,
-            source=rng.source,
-            partition=rng.partition,
-            start_offset=rng.start,
-            end_offset=rng.end,
-            records=out.handler_records[plan.index],
-            cursor=cur,
-        )
-        try:
-            plan.spec.fn(batch)
-        except psycopg.OperationalError:
-            raise  # transient (lost connection, serialization failure, deadlock...): retried
-        except Exception as exc:
-            log.info("@app.batch handler %s failed:\n%s", plan.spec.name, format_traceback(exc))
-            raise HandlerError(
-                f"@app.batch handler {plan.spec.name} failed on {rng.source}/{rng.partition} "
-                f"[{rng.start}, {rng.end}): {describe(exc)}",
-                hint="the batch was rolled back; fix the handler and run again",
-            ) from exc
 
 
 def _rollback_quietly(conn: psycopg.Connection[Any]) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import psycopg
 from tenacity import RetryCallState
@@ -30,7 +29,7 @@ from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload
 from pgstream.runtime.rejections import Reason, rejects_everything
 from pgstream.runtime.retry import RetryBatch, batch_retrying
 from pgstream.sources.base import PartitionReader, SourceError, SourceRecord
-from pgstream.sources.file import JsonLines
+from pgstream.sources.raw import RawBatch, RawReader
 
 log = logging.getLogger("pgstream.task")
 
@@ -45,17 +44,10 @@ DEFAULT_BATCH = 100_000
 KEYED_BATCH = 400_000
 
 
-@runtime_checkable
-class LineReader(Protocol):
-    """A reader that can hand over undecoded JSON lines (see :class:`JsonLines`)."""
-
-    def read_lines(self, start: int, max_records: int) -> JsonLines: ...
-
-
 @dataclass(slots=True)
 class InputBatch:
     """One read of a partition, covering the offsets ``[start, end)``: decoded records, or
-    JSON lines that the pipeline decodes while it evaluates them.
+    undecoded payloads (``lines``) that the pipeline decodes while it evaluates them.
 
     Once evaluated, the input is released (:meth:`release`): only rare paths need it again
     and they read it again from the source, which is replayable by offset.
@@ -65,7 +57,7 @@ class InputBatch:
     end: int
     head: int | None
     records: list[SourceRecord] | None = None
-    lines: JsonLines | None = None
+    lines: RawBatch | None = None
     read_at: float = field(default_factory=time.monotonic)
     released: int | None = None  # the number of records, once the input is released
     limit: int = 0  # the most records it was read to hold
@@ -257,9 +249,9 @@ class PartitionTask:
         return out
 
     def _read_once(self, start: int, size: int) -> InputBatch:
-        if isinstance(self.reader, LineReader):
-            lines = self.reader.read_lines(start, size)
-            return InputBatch(start, lines.end, lines.head, lines=lines)
+        if isinstance(self.reader, RawReader):
+            raw = self.reader.read_raw(start, size)
+            return InputBatch(start, raw.end, raw.head, lines=raw)
         res = self.reader.read(start, size)
         return InputBatch(start, res.end, res.head, records=res.records)
 
@@ -267,7 +259,7 @@ class PartitionTask:
         self, batch: InputBatch, pending: BatchOutput | None, into: BatchOutput | None
     ) -> BatchOutput:
         if batch.lines is not None:
-            out = self.pipeline.evaluate_lines(batch.lines, pending, into)
+            out = self.pipeline.evaluate_raw(batch.lines, pending, into)
         else:
             out = self.pipeline.evaluate(batch.decoded(), pending, into)
         batch.release()

@@ -1,4 +1,8 @@
-"""Append sink: one row per operator output, keyed by where it came from."""
+"""Append sink: one row per operator output, keyed by where it came from.
+
+This module owns the bookkeeping layout of an append row: the output's values, then
+:data:`META_COLUMNS` (:func:`make_row` builds a row, :func:`split_row` takes it apart).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,23 @@ META_COLUMNS = ("_source", "_partition", "_offset", "_seq")
 POSITION_INDEX = ("_offset", "_seq", "_source", "_partition")
 
 Row = tuple[Any, ...]
+#: where an output came from: ``(_source, _partition, _offset, _seq)``
+Position = tuple[str, str, int, int]
+
+
+def make_row(values: Iterable[Any], source: str, partition: str, offset: int, seq: int) -> Row:
+    """The row of one output: its ``values``, then the :data:`META_COLUMNS` values."""
+    return (*values, source, partition, offset, seq)
+
+
+def split_row(row: Row) -> tuple[Row, Position]:
+    """A row of :func:`make_row` as its output values and its position."""
+    n = len(row) - len(META_COLUMNS)
+    return row[:n], (row[n], row[n + 1], row[n + 2], row[n + 3])
+
+
+class DuplicateOutputError(Exception):
+    """An append sink already holds an output of this batch (offsets were rewound)."""
 
 
 class AppendSink(SinkTable):
@@ -62,13 +83,11 @@ class AppendSink(SinkTable):
         """The slow, replay-tolerant path: ``INSERT ... ON CONFLICT DO NOTHING``."""
         self.check_columns(columns)
         all_cols = (*columns, *META_COLUMNS)
-        stmt = sql.SQL(
-            "INSERT INTO {} ({}) VALUES ({}) "
-            "ON CONFLICT (_source, _partition, _offset, _seq) DO NOTHING"
-        ).format(
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO NOTHING").format(
             self.info.ident,
             _idents(all_cols),
             sql.SQL(", ").join(sql.Placeholder() * len(all_cols)),
+            _idents(META_COLUMNS),
         )
         cur.executemany(stmt, rows)
 

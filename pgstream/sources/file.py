@@ -8,17 +8,19 @@ another process appends to a live stream.
 
 from __future__ import annotations
 
-import gc
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
-from typing import Any
+from itertools import accumulate, count
+from operator import add
+from typing import Any, ClassVar
 
 import orjson
 import psycopg
 
+from pgstream.gcpause import gc_paused
 from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.raw import RawBatch, json_type_name
 
 __all__ = ["FileReader", "FileSource", "JsonLines", "decode_line"]
 
@@ -26,16 +28,6 @@ _MIN_BLOCK = 64 * 1024
 _MAX_BLOCK = 4 * 1024 * 1024
 _NEWLINE = 0x0A
 _BOM = b"\xef\xbb\xbf"
-
-_JSON_TYPE_NAMES: dict[type, str] = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
-
 
 class FileSource(Source):
     """Records from a JSON Lines file: one JSON object per line, one partition named ``"0"``.
@@ -156,11 +148,12 @@ class FileReader(PartitionReader):
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Decode complete lines from byte ``start``; ``end`` is right after the last one used."""
-        batch = self.read_lines(start, max_records)
+        batch = self.read_raw(start, max_records)
         return ReadResult(batch.records(), batch.end, batch.head)
 
-    def read_lines(self, start: int, max_records: int) -> JsonLines:
-        """Like :meth:`read`, but hand the complete lines over undecoded.
+    def read_raw(self, start: int, max_records: int) -> JsonLines:
+        """Like :meth:`read`, but hand the complete lines over undecoded (a
+        :class:`~pgstream.sources.raw.RawBatch`).
 
         The runtime decodes them in the same loop that evaluates them, which saves building a
         :class:`SourceRecord` per line on the fast path.
@@ -228,12 +221,14 @@ class FileReader(PartitionReader):
 
 
 @dataclass(slots=True)
-class JsonLines:
+class JsonLines(RawBatch):
     """Complete lines of a JSON Lines file, not decoded yet.
 
     ``lines`` (newline stripped) cover the bytes ``[start, end)`` exactly: line ``i`` starts
-    at ``start + sum(len(lines[j]) + 1 for j < i)``.
+    at ``start + sum(len(lines[j]) + 1 for j < i)``. Blank lines are no records.
     """
+
+    gap: ClassVar[int | None] = 1  # the newline between lines
 
     lines: list[bytes]
     start: int
@@ -241,8 +236,10 @@ class JsonLines:
     head: int | None = None
     _offsets: list[int] | None = field(default=None, repr=False)
 
-    def __len__(self) -> int:
-        return len(self.lines)
+    @property
+    def payloads(self) -> list[bytes]:
+        """The lines."""
+        return self.lines
 
     def offset(self, index: int) -> int:
         """The byte offset where line ``index`` starts."""
@@ -250,11 +247,19 @@ class JsonLines:
             self._offsets = list(accumulate((len(x) + 1 for x in self.lines), initial=self.start))
         return self._offsets[index]
 
-    def extend(self, more: JsonLines) -> None:
+    def offsets(self) -> Iterable[int]:
+        """Every line's byte offset, computed from the line lengths as it is iterated."""
+        return map(add, accumulate(map(len, self.lines), initial=self.start), count())
+
+    def decode(self, index: int) -> SourceRecord | None:
+        """Line ``index`` decoded (see :func:`decode_line`)."""
+        return decode_line(self.offset(index), self.lines[index])
+
+    def extend(self, more: RawBatch) -> None:
         """Append the lines of the read that continued where this one ended."""
         if more.start != self.end:
             raise ValueError(f"lines at {more.start} do not continue lines ending at {self.end}")
-        self.lines.extend(more.lines)
+        self.lines.extend(more.payloads)
         self.end, self.head, self._offsets = more.end, more.head, None
 
     def records(self) -> list[SourceRecord]:
@@ -278,19 +283,15 @@ def _decode_lines(lines: list[bytes], start: int) -> tuple[list[SourceRecord], i
     """Decode newline-stripped ``lines`` whose first byte is at ``start``.
 
     Returns the records and the offset right after the last line's newline. This is the hot
-    loop: it does nothing per line beyond ``orjson.loads``, a type check and the record itself.
-    The cyclic garbage collector is paused while it runs (the loop creates no cycles, and
-    collections triggered by the many fresh dicts would otherwise cost about as much as parsing).
+    loop: it does nothing per line beyond ``orjson.loads``, a type check and the record itself,
+    with the cyclic garbage collector paused (:func:`~pgstream.gcpause.gc_paused`).
     """
     records: list[SourceRecord] = []
     append = records.append
     loads = orjson.loads
     record = SourceRecord
     pos = start
-    gc_was_enabled = gc.isenabled()
-    if gc_was_enabled:
-        gc.disable()
-    try:
+    with gc_paused():
         for line in lines:
             try:
                 value = loads(line)
@@ -304,9 +305,6 @@ def _decode_lines(lines: list[bytes], start: int) -> tuple[list[SourceRecord], i
                 else:
                     append(_not_an_object(pos, line, value))
             pos += len(line) + 1
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return records, pos
 
 
@@ -336,7 +334,7 @@ def _bad_line(pos: int, line: bytes, exc: orjson.JSONDecodeError) -> SourceRecor
 
 def _not_an_object(pos: int, line: bytes, value: Any) -> SourceRecord:
     """The error record for valid JSON that is not an object."""
-    kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+    kind = json_type_name(value)
     return SourceRecord(
         pos,
         None,

@@ -610,6 +610,18 @@ class TableReader(PartitionReader):
     def _head_hint(self) -> int | None:
         return None if self._last_max is None else self._last_max + 1
 
+    def safe_end(self) -> int:
+        """The offset below which every row is final as far as this reader has seen: no
+        transaction can still add a row there (the safe horizon; it only moves forward)."""
+        return self._safe_end
+
+    def read_range(self, start: int, end: int, limit: int) -> list[SourceRecord]:
+        """Up to ``limit`` rows with ``start <= offset < end``, in offset order, read as they
+        are now without waiting for the safe horizon: for a range known to be final already
+        (below a committed offset, which was below the horizon when it was committed).
+        Database errors propagate as they are (no reconnect)."""
+        return self._fetch(start, end, limit)
+
     def _fetch(self, lo: int, hi: int, limit: int) -> list[SourceRecord]:
         assert self._conn is not None
         rows = self._conn.execute(self._q_rows, [lo, hi, limit]).fetchall()

@@ -1,4 +1,4 @@
-"""``FileReader.read_lines``: the undecoded fast path covers the same bytes as ``read``."""
+"""``FileReader.read_raw``: the undecoded fast path covers the same bytes as ``read``."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ CONTENT = b'{"a": 1}\n\n{"a": 2}\n   \n[1]\n{bad\n\xef\xbb\xbf{"a": 3}\n{"a": 4}
 
 @pytest.mark.parametrize("start_line", [0, 2, 5])
 @pytest.mark.parametrize("max_records", [1, 3, 100])
-def test_read_lines_matches_read(tmp_path: Path, start_line: int, max_records: int) -> None:
+def test_read_raw_matches_read(tmp_path: Path, start_line: int, max_records: int) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(CONTENT)
     start = sum(len(x) + 1 for x in CONTENT.split(b"\n")[:start_line])
     reader = FileReader(str(path))
     res = reader.read(start, max_records)
-    lines = reader.read_lines(start, max_records)
+    lines = reader.read_raw(start, max_records)
     assert (lines.start, lines.end, lines.head) == (start, res.end, res.head)
     assert [(r.offset, r.value, r.error) for r in lines.records()] == [
         (r.offset, r.value, r.error) for r in res.records
@@ -33,9 +33,9 @@ def test_extend_requires_contiguous_lines(tmp_path: Path) -> None:
     path = tmp_path / "x.jsonl"
     path.write_bytes(CONTENT)
     reader = FileReader(str(path))
-    first = reader.read_lines(0, 2)
-    second = reader.read_lines(first.end, 3)
-    both = reader.read_lines(0, 5)
+    first = reader.read_raw(0, 2)
+    second = reader.read_raw(first.end, 3)
+    both = reader.read_raw(0, 5)
     first.offset(1)  # cached offsets are recomputed after extend
     first.extend(second)
     assert (first.lines, first.end) == (both.lines, both.end)

@@ -19,7 +19,7 @@ from pgstream.sources.file import JsonLines
 
 def general(pipeline: Pipeline) -> Pipeline:
     """The same pipeline with its kernels switched off."""
-    pipeline._lines_kernel = None
+    pipeline._raw_kernel = None
     pipeline._records_kernel = None
     return pipeline
 
@@ -36,8 +36,7 @@ def as_lines(raw: list[bytes], start: int = 17) -> JsonLines:
 def summary(out: BatchOutput) -> Any:
     return (
         out.records_in,
-        out.append,
-        out.aggregates,
+        out.slots,
         [(d.offset, d.payload, d.error, d.operator) for d in out.dead],
     )
 
@@ -108,7 +107,7 @@ APPS = [append_app, aggregate_app, plain_sum_app]
 
 @pytest.mark.parametrize("make_app", APPS)
 @pytest.mark.parametrize("seed", range(6))
-def test_lines_kernel_equals_general_loop(make_app: Any, seed: int) -> None:
+def test_raw_kernel_equals_general_loop(make_app: Any, seed: int) -> None:
     lines = random_lines(random.Random(seed), 400)
     if seed == 0:
         lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte-order mark on the very first line
@@ -116,9 +115,9 @@ def test_lines_kernel_equals_general_loop(make_app: Any, seed: int) -> None:
     else:
         batch = as_lines(lines)
     fast = pipeline_of(make_app())
-    assert fast._lines_kernel is not None
-    want = general(pipeline_of(make_app())).evaluate_lines(batch)
-    assert summary(fast.evaluate_lines(batch)) == summary(want)
+    assert fast._raw_kernel is not None
+    want = general(pipeline_of(make_app())).evaluate_raw(batch)
+    assert summary(fast.evaluate_raw(batch)) == summary(want)
 
 
 @pytest.mark.parametrize("make_app", APPS)
@@ -141,18 +140,18 @@ def test_no_kernel_for_flat_map_or_several_sinks() -> None:
     app = ps.App("k")
     events = app.stream("s", ps.FileSource("unused.jsonl"))
     events.flat_map(lambda e: [e, e]).to_table("facts")
-    assert pipeline_of(app)._lines_kernel is None
+    assert pipeline_of(app)._raw_kernel is None
     app2 = append_app()
     app2.sinks.append(aggregate_app().sinks[0])
-    assert pipeline_of(app2)._lines_kernel is None
+    assert pipeline_of(app2)._raw_kernel is None
 
 
 def test_a_failing_record_leaves_no_partial_accumulator() -> None:
     """sum fails on the second record after count could already have counted it."""
     fast = pipeline_of(plain_sum_app())
     good, bad = b'{"user": "a", "amount": 1}', b'{"user": "a", "amount": "x"}'
-    out = fast.evaluate_lines(as_lines([good, bad]))
-    assert out.aggregates == [{"a": [1, 1]}]
+    out = fast.evaluate_raw(as_lines([good, bad]))
+    assert out.slots == [{"a": [1, 1]}]
     assert [d.offset for d in out.dead] == [17 + len(good) + 1]
 
 
@@ -168,7 +167,7 @@ def test_pending_fold_state_is_seen_by_the_next_batch() -> None:
     pipeline = Pipeline(app, "s", "0", build_sinks(app), {"counter": state})
     first = pipeline.evaluate([SourceRecord(0, {"k": "x"}), SourceRecord(1, {"k": "x"})])
     second = pipeline.evaluate([SourceRecord(2, {"k": "x"})], pending=first)
-    assert second.folds[0]['"x"'][1] == b"3"
+    assert second.slots[0]['"x"'][1] == b"3"
 
 
 @pytest.mark.parametrize("make_app", APPS)
@@ -176,6 +175,6 @@ def test_repeated_one_byte_lines_get_their_own_offsets(make_app: Any) -> None:
     """Bytes objects of length 0 and 1 are shared singletons: failures are still placed."""
     good = b'{"id": 1, "user": "a", "amount": 3}'
     batch = as_lines([b"1", good, b"1", b"", b"x", b"", b"1", good, b"x"])
-    want = general(pipeline_of(make_app())).evaluate_lines(batch)
-    assert summary(pipeline_of(make_app()).evaluate_lines(batch)) == summary(want)
+    want = general(pipeline_of(make_app())).evaluate_raw(batch)
+    assert summary(pipeline_of(make_app()).evaluate_raw(batch)) == summary(want)
     assert len(want.dead) == 5

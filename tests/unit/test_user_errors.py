@@ -100,7 +100,7 @@ CASES: list[tuple[str, Callable[[], ps.App], dict[str, Any], Callable[[], str], 
 def pipeline(app: ps.App, kernel: bool) -> Pipeline:
     p = Pipeline(app, "s", "0", build_sinks(app), {})
     if not kernel:
-        p._lines_kernel = p._records_kernel = None
+        p._raw_kernel = p._records_kernel = None
     else:
         assert p._records_kernel is not None, "this app should take the kernel path"
     return p
@@ -126,11 +126,11 @@ def test_dead_letter_error_names_the_users_file_and_line(
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "general"])
-def test_json_lines_kernel_keeps_the_location(kernel: bool) -> None:
+def test_json_raw_kernel_keeps_the_location(kernel: bool) -> None:
     p = pipeline(map_app(), kernel)
     lines = [b'{"amount": 1, "units": 1}', b'{"amount": 1, "units": 0}']
     end = sum(len(x) + 1 for x in lines)
-    out = p.evaluate_lines(JsonLines(lines, 0, end, end))
+    out = p.evaluate_raw(JsonLines(lines, 0, end, end))
     [dead] = out.dead
     assert dead.error == f"ZeroDivisionError: division by zero (at {here(divide, 2)} in divide)"
 

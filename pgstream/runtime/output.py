@@ -1,0 +1,44 @@
+"""What evaluating a batch produces before it is written: one slot per sink plan, dead letters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record that could not be decoded or processed."""
+
+    offset: int
+    payload: bytes | None
+    error: str
+    operator: str
+
+
+@dataclass(slots=True)
+class BatchOutput:
+    """Everything one batch will write, before it is written.
+
+    ``slots`` holds one entry per sink plan of the pipeline, in the pipeline's plan order: each
+    plan creates, fills and writes its own (:class:`~pgstream.runtime.sinkplans.SinkPlan`) and
+    no one else looks inside.
+    """
+
+    source: str
+    partition: str
+    slots: list[Any]
+    dead: list[DeadLetter] = field(default_factory=list)
+    records_in: int = 0
+    #: the slots of the previous batch, by slot, for plans that continue its state when it was
+    #: not committed yet at evaluation time (the next batch is evaluated while it commits)
+    pending: dict[int, Any] | None = None
+
+    @property
+    def folds(self) -> list[Any]:
+        """The slots, indexed by :attr:`FoldPlan.index <pgstream.runtime.sinkplans.FoldPlan>`.
+
+        Kept for ``runtime/task.py``, which merges committed fold overlays itself until it
+        calls :meth:`Pipeline.committed <pgstream.runtime.pipeline.Pipeline.committed>`.
+        """
+        return self.slots
