@@ -59,7 +59,7 @@ from pgstream.db import queries
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.keys import KeySpec
 from pgstream.runtime.pipeline import Pipeline
-from pgstream.sources.base import PartitionReader, Source, SourceError, SourceRecord
+from pgstream.sources.base import OpenContext, PartitionReader, Source, SourceError, SourceRecord
 from pgstream.sources.table import MIN_OFFSET, TableReader
 from pgstream.state.store import KeyedState
 
@@ -697,7 +697,7 @@ def _audit_partition(
         return pipelines[indices]
 
     try:
-        reader = source.open(p.partition, dsn)
+        reader = source.open(p.partition, OpenContext(dsn))
     except SourceError as exc:
         raise CannotVerify(f"{source.describe()} cannot be opened: {exc}") from exc
     key = (p.source, p.partition)

@@ -18,7 +18,14 @@ from typing import Any
 import orjson
 import psycopg
 
-from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.base import (
+    OpenContext,
+    PartitionReader,
+    ReadResult,
+    Source,
+    SourceError,
+    SourceRecord,
+)
 
 __all__ = ["FileReader", "FileSource", "JsonLines", "decode_line"]
 
@@ -62,8 +69,8 @@ class FileSource(Source):
         """Start at the first byte of the file."""
         return 0
 
-    def open(self, partition: str, dsn: str) -> FileReader:
-        """Open the file for reading (``dsn`` is unused)."""
+    def open(self, partition: str, context: OpenContext) -> FileReader:
+        """Open the file for reading (``context`` is unused)."""
         if partition != "0":
             raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
         return FileReader(self.abspath, display=self.path)
