@@ -84,7 +84,11 @@ def prepare(app: App, conn: psycopg.Connection[Any]) -> dict[str, AppendSink | U
 
 
 class Worker:
-    """Runs an app's partitions that this process can lease, until stopped."""
+    """Runs an app's partitions that this process can lease, until stopped.
+
+    What happens is told to ``observers`` (:class:`~pgstream.runtime.observers.WorkerObserver`);
+    ``on_commit(task, records)`` and ``progress`` are observers too.
+    """
 
     def __init__(
         self,
@@ -146,9 +150,9 @@ class Worker:
                 self._loop()
         finally:
             self._shutdown()
-            self.observer.stopped(self.summary)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.observer.stopped(self.summary)
         return self.summary
 
     def _start_up(self) -> None:
