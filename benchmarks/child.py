@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.workloads import STREAM, make_app
 from pgstream.runtime.task import PartitionTask
 from pgstream.runtime.worker import Worker
-from pgstream.sources.base import PartitionReader, ReadResult
+from pgstream.sources.base import OpenContext, PartitionReader, ReadResult
 from pgstream.sources.file import FileReader, JsonLines
 
 
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     open_reader = source.open
     opened: list[float] = []
 
-    def timed_open(partition: str, dsn: str) -> PartitionReader:
+    def timed_open(partition: str, context: OpenContext) -> PartitionReader:
         opened.append(time.perf_counter())
-        reader = open_reader(partition, dsn)
+        reader = open_reader(partition, context)
         return LoggedReader(reader, args.read_log) if args.read_log else reader
 
     source.open = timed_open  # type: ignore[method-assign]

@@ -15,6 +15,7 @@ import psycopg
 from pgstream.config import OnError, Settings
 from pgstream.errors import ConfigError
 from pgstream.operators.aggregates import Aggregate
+from pgstream.operators.eventtime import EventClock
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
@@ -196,7 +197,7 @@ class KeyedStream:
         """
         if not isinstance(window, Tumbling):
             raise ConfigError("window() takes ps.tumbling(seconds=...)")
-        return KeyedStream(self.stream, windowed_key(self.key, window, time))
+        return KeyedStream(self.stream, windowed_key(self.key, window, EventClock(time)))
 
 
 @dataclass(frozen=True, slots=True)

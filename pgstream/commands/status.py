@@ -80,13 +80,14 @@ HOLD_MIN_AGE = 1.0
 def _live_heads(app: Any, dsn: str, items: list[dict[str, Any]]) -> None:
     """Read each partition's head live; for a table partition whose committed offset is below
     its head, also the sessions holding its safe horizon back (``held_by``)."""
+    from pgstream.sources.base import OpenContext
     from pgstream.sources.table import TableReader
 
     for item in items:
         source = app.sources.get(item["source"])
         if source is None:
             continue
-        reader = source.open(item["partition"], dsn)
+        reader = source.open(item["partition"], OpenContext(dsn))
         try:
             head = reader.head()
             done = item["committed_offset"]

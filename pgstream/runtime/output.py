@@ -34,11 +34,3 @@ class BatchOutput:
     #: not committed yet at evaluation time (the next batch is evaluated while it commits)
     pending: dict[int, Any] | None = None
 
-    @property
-    def folds(self) -> list[Any]:
-        """The slots, indexed by :attr:`FoldPlan.index <pgstream.runtime.sinkplans.FoldPlan>`.
-
-        Kept for ``runtime/task.py``, which merges committed fold overlays itself until it
-        calls :meth:`Pipeline.committed <pgstream.runtime.pipeline.Pipeline.committed>`.
-        """
-        return self.slots

@@ -27,7 +27,7 @@ from pgstream.errors import RecordFailedError
 from pgstream.gcpause import gc_paused
 from pgstream.runtime import kernels
 from pgstream.runtime.output import BatchOutput, DeadLetter
-from pgstream.runtime.sinkplans import PLAN_KINDS, FoldPlan, HandlerPlan, SinkPlan, ordered
+from pgstream.runtime.sinkplans import PLAN_KINDS, HandlerPlan, SinkPlan, ordered
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import UpsertSink
 from pgstream.sources.base import SourceRecord
@@ -70,11 +70,6 @@ class Pipeline:
             fused = self.plans[0].kernels(source, partition)
             if fused is not None:
                 self._raw_kernel, self._records_kernel = fused
-
-    @property
-    def fold_plans(self) -> list[FoldPlan]:
-        """The fold plans (``runtime/task.py`` merges their state after a commit)."""
-        return [p for p in self.plans if isinstance(p, FoldPlan)]
 
     def committed(self, out: BatchOutput) -> None:
         """``out``'s batch committed: every plan adopts what it changed in memory."""

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from pgstream.runtime.observers import WorkerObserver
 
 __all__ = ["Progress", "ProgressReporter", "total_lag"]
 
@@ -34,11 +36,16 @@ class Progress:
     partitions: int  # partitions this worker holds
 
 
-class ProgressReporter:
-    """Logs the start line once and a progress line every ``interval`` seconds (0: never)."""
+class ProgressReporter(WorkerObserver):
+    """Logs the start line once and a progress line every ``interval`` seconds (0: never).
+
+    As a worker's observer it logs the start line when the worker has started and a progress
+    line after a pass over the partitions when one is due.
+    """
 
     def __init__(self, interval: float, database: str, workers: str = "1 worker") -> None:
         self.interval = interval
+        self._job = ""
         self.database = database
         self.workers = workers
         self._last_at = time.monotonic()
@@ -55,7 +62,13 @@ class ProgressReporter:
             self.database,
             self.workers,
         )
+        self._job = job
         self._last_at = time.monotonic()
+
+    def polled(self, progress: Callable[[], Progress]) -> None:
+        """Log a progress line if one is due (the totals are computed only then)."""
+        if self.due():
+            self.report(self._job, progress())
 
     def due(self) -> bool:
         """Whether a progress line is due now."""

@@ -303,11 +303,6 @@ class FoldPlan(SinkPlan):
         self.fold: Fold = spec.fold
         self.state = state
 
-    @property
-    def index(self) -> int:
-        """:attr:`slot` (the name ``runtime/task.py`` reads ``BatchOutput.folds`` by)."""
-        return self.slot
-
     def new_slot(self) -> Overlay:
         return {}
 

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,13 +24,14 @@ from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
+from pgstream.runtime.observers import CommitCallback, Observers, WorkerObserver
 from pgstream.runtime.pipeline import Pipeline
 from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
 from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
-from pgstream.sources.base import SourceError
+from pgstream.sources.base import OpenContext, SourceError
 from pgstream.state.store import KeyedState
 
 log = logging.getLogger("pgstream.worker")
@@ -83,7 +84,11 @@ def prepare(app: App, conn: psycopg.Connection[Any]) -> dict[str, AppendSink | U
 
 
 class Worker:
-    """Runs an app's partitions that this process can lease, until stopped."""
+    """Runs an app's partitions that this process can lease, until stopped.
+
+    What happens is told to ``observers`` (:class:`~pgstream.runtime.observers.WorkerObserver`);
+    ``on_commit(task, records)`` and ``progress`` are observers too.
+    """
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class Worker:
         accept_changes: bool = False,
         target: str = "MODULE:APP",
         progress: ProgressReporter | None = None,
+        observers: Sequence[WorkerObserver] = (),
     ) -> None:
         self.app = app
         self.accept_changes = accept_changes
@@ -106,7 +112,6 @@ class Worker:
         self.dsn = dsn
         self.settings = settings or app.settings
         self.stop_when_idle = stop_when_idle
-        self.on_commit = on_commit
         self.install_signal_handlers = install_signal_handlers
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.db = WorkerConnection(dsn, f"pgstream:{app.name}:{os.getpid()}")
@@ -120,7 +125,14 @@ class Worker:
         self._generation = 0
         self._next_maintenance = 0.0
         self._prepared = False
-        self.progress = progress
+        #: told of every event of the run: ``observers``, then ``on_commit``, then ``progress``
+        self.observer = Observers(
+            [
+                *observers,
+                *([CommitCallback(on_commit)] if on_commit is not None else []),
+                *([progress] if progress is not None else []),
+            ]
+        )
         self.partitions = 0  # partitions of the app's streams, as registered at start-up
 
     def stop(self) -> None:
@@ -140,6 +152,7 @@ class Worker:
             self._shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.observer.stopped(self.summary)
         return self.summary
 
     def _start_up(self) -> None:
@@ -160,8 +173,7 @@ class Worker:
                 )
                 self.plan_version = job.version
                 self._warn_orphans(conn)
-                if self.progress is not None:
-                    self.progress.started(self.app.name, len(self.app.sources), self.partitions)
+                self.observer.started(self.app.name, len(self.app.sources), self.partitions)
                 return
             except psycopg.OperationalError as exc:
                 attempt += 1
@@ -219,8 +231,7 @@ class Worker:
                 failures += 1
                 self._back_off(failures, exc, "while running")
                 continue
-            if self.progress is not None and self.progress.due():
-                self.progress.report(self.app.name, self.current())
+            self.observer.polled(self.current)
             if done == 0:
                 if self.stop_when_idle and self._caught_up():
                     return
@@ -249,6 +260,7 @@ class Worker:
                 done += task.poll()
             except LeaseLostError as exc:
                 log.warning("lost the lease on %s/%s: %s", key[0], key[1], exc)
+                self.observer.fenced(task.lease, str(exc))
                 self._drop(key)
             except SourceError as exc:
                 self._forgive(task)
@@ -303,11 +315,13 @@ class Worker:
         for key, task in list(self.tasks.items()):
             if not self.leases.renew(conn, task.lease):
                 log.warning("lease on %s/%s was taken over", *key)
+                self.observer.fenced(task.lease, "taken over")
                 self._drop(key)
         share = self.leases.fair_share(conn)
         while len(self.tasks) > share:
             key = sorted(self.tasks)[-1]
             self.leases.release(conn, self.tasks[key].lease)
+            self.observer.released(self.tasks[key].lease)
             self._drop(key)
         if len(self.tasks) >= share:
             return
@@ -338,7 +352,7 @@ class Worker:
                 states[spec.operator_id] = state
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
         try:
-            reader = source.open(lease.partition, self.dsn)
+            reader = source.open(lease.partition, OpenContext(self.dsn))
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
@@ -359,8 +373,9 @@ class Worker:
             leases=self.leases,
             settings=self.settings,
             plan_version=self._version(),
-            on_commit=self.on_commit,
+            observer=self.observer,
         )
+        self.observer.claimed(lease)
 
     def _version(self) -> int:
         assert self.plan_version is not None, "the start-up check sets the plan version"
@@ -384,6 +399,7 @@ class Worker:
                 conn = self.db.conn
                 for task in self.tasks.values():
                     self.leases.release(conn, task.lease)
+                    self.observer.released(task.lease)
                 self.leases.forget(conn)
             except (psycopg.Error, DatabaseError) as exc:
                 log.warning("could not release leases cleanly: %s", exc)
@@ -428,13 +444,15 @@ def run_app(
     accept_changes: bool = False,
     target: str = "MODULE:APP",
     progress: ProgressReporter | None = None,
+    observers: Sequence[WorkerObserver] = (),
 ) -> RunSummary:
     """Run one worker for ``app`` in this process (what ``pgstream run`` does).
 
     ``stop_event`` lets a caller that installed its own early signal handling ask for a stop
     before the worker has started. ``accept_changes`` records a changed plan as the job's
     next version instead of refusing it; ``target`` (``MODULE:APP``) is named in hints;
-    ``progress`` prints the start and progress lines.
+    ``progress`` prints the start and progress lines; ``observers`` are told of every event
+    of the run (:class:`~pgstream.runtime.observers.WorkerObserver`).
     """
     return Worker(
         app,
@@ -446,4 +464,5 @@ def run_app(
         accept_changes=accept_changes,
         target=target,
         progress=progress,
+        observers=observers,
     ).run()

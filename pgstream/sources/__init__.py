@@ -1,11 +1,19 @@
 """Replayable, offset-addressed sources."""
 
-from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.base import (
+    OpenContext,
+    PartitionReader,
+    ReadResult,
+    Source,
+    SourceError,
+    SourceRecord,
+)
 from pgstream.sources.file import FileSource
 from pgstream.sources.table import TableSource
 
 __all__ = [
     "FileSource",
+    "OpenContext",
     "PartitionReader",
     "ReadResult",
     "Source",

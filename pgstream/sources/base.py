@@ -44,6 +44,17 @@ class ReadResult:
     head: int | None = field(default=None)  # the source's newest offset, when cheap to know
 
 
+@dataclass(frozen=True, slots=True)
+class OpenContext:
+    """What the job offers a source that opens a reader.
+
+    A source takes what it needs and ignores the rest: a table source connects to the job's
+    database (``dsn``); a file or a broker source needs none of it.
+    """
+
+    dsn: str  # the job's database, for sources that read from it
+
+
 class SourceError(Exception):
     """A source cannot continue (missing table, truncated file, offsets jumped)."""
 
@@ -78,8 +89,9 @@ class Source(abc.ABC):
         """The offset a partition starts at when nothing has been committed yet."""
 
     @abc.abstractmethod
-    def open(self, partition: str, dsn: str) -> PartitionReader:
-        """Open a reader for ``partition``; ``dsn`` is the job's database (for table sources)."""
+    def open(self, partition: str, context: OpenContext) -> PartitionReader:
+        """Open a reader for ``partition``; ``context`` offers what the job has (its
+        database, for table sources)."""
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`SourceError` with a clear message if the source cannot be read."""

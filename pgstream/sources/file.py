@@ -19,7 +19,14 @@ import orjson
 import psycopg
 
 from pgstream.gcpause import gc_paused
-from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.base import (
+    OpenContext,
+    PartitionReader,
+    ReadResult,
+    Source,
+    SourceError,
+    SourceRecord,
+)
 from pgstream.sources.raw import RawBatch, json_type_name
 
 __all__ = ["FileReader", "FileSource", "JsonLines", "decode_line"]
@@ -54,8 +61,8 @@ class FileSource(Source):
         """Start at the first byte of the file."""
         return 0
 
-    def open(self, partition: str, dsn: str) -> FileReader:
-        """Open the file for reading (``dsn`` is unused)."""
+    def open(self, partition: str, context: OpenContext) -> FileReader:
+        """Open the file for reading (``context`` is unused)."""
         if partition != "0":
             raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
         return FileReader(self.abspath, display=self.path)

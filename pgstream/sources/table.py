@@ -23,7 +23,14 @@ from psycopg.rows import dict_row, tuple_row
 
 from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import ConfigError
-from pgstream.sources.base import PartitionReader, ReadResult, Source, SourceError, SourceRecord
+from pgstream.sources.base import (
+    OpenContext,
+    PartitionReader,
+    ReadResult,
+    Source,
+    SourceError,
+    SourceRecord,
+)
 
 __all__ = ["HorizonHolder", "TableReader", "TableSource", "parse_table_name"]
 
@@ -111,11 +118,11 @@ class TableSource(Source):
         """``-2**63``: start before every possible offset."""
         return MIN_OFFSET
 
-    def open(self, partition: str, dsn: str) -> TableReader:
-        """Open a reader with its own autocommit connection to ``dsn``."""
+    def open(self, partition: str, context: OpenContext) -> TableReader:
+        """Open a reader with its own autocommit connection to the job's database."""
         if partition != "0":
             raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
-        return TableReader(self, dsn)
+        return TableReader(self, context.dsn)
 
     def describe(self) -> str:
         """``table <schema.table>``."""

@@ -14,7 +14,7 @@ import psycopg.errors
 
 from pgstream.api import App
 from pgstream.runtime.pipeline import Pipeline
-from pgstream.sources.base import PartitionReader, Source, SourceError, SourceRecord
+from pgstream.sources.base import OpenContext, PartitionReader, Source, SourceError, SourceRecord
 from pgstream.state.store import KeyedState
 from pgstream.verify.expected import Expected
 from pgstream.verify.judge import PlanJudge
@@ -148,7 +148,7 @@ def audit_partition(
     mine = [i for i, spec in enumerate(app.sinks) if spec.stream == p.source]
     dead = expected.dead[(p.source, p.partition)]
     try:
-        reader = source.open(p.partition, dsn)
+        reader = source.open(p.partition, OpenContext(dsn))
     except SourceError as exc:
         raise CannotVerify(f"{source.describe()} cannot be opened: {exc}") from exc
     try:

@@ -46,7 +46,7 @@ from netfaults import (
     wait_for,
 )
 
-from pgstream.runtime import task as task_module
+from pgstream.runtime import committer as committer_module
 from pgstream.runtime.crashpoints import POINTS
 from pgstream.runtime.worker import Worker
 
@@ -85,7 +85,7 @@ class _Hooks:
     def installed(self) -> Iterator[None]:
         """Also adds the point ``before_begin``: the batch is read and evaluated, its
         transaction not yet begun (where a frozen zombie holds a batch it will commit)."""
-        real_commit = task_module.commit_batch
+        real_commit = committer_module.commit_batch
 
         def commit_batch(*args: Any, **kwargs: Any) -> int:
             self("before_begin")
@@ -93,7 +93,7 @@ class _Hooks:
 
         with mock.patch("pgstream.runtime.checkpoint.crash_point", self), mock.patch(
             "pgstream.runtime.task.crash_point", self
-        ), mock.patch("pgstream.runtime.task.commit_batch", commit_batch):
+        ), mock.patch("pgstream.runtime.committer.commit_batch", commit_batch):
             yield
 
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from pgstream.errors import ConfigError
-from pgstream.sources.base import ReadResult, SourceError
+from pgstream.sources.base import OpenContext, ReadResult, SourceError
 from pgstream.sources.table import MIN_OFFSET, TableReader, TableSource, parse_table_name
 
 SERVER_DSN = os.environ.get("PGSTREAM_TEST_DSN", "postgresql://root@127.0.0.1:5432/test")
@@ -91,7 +91,7 @@ def test_reads_rows_as_dicts(scratch_dsn: str, db: psycopg.Connection[Any]) -> N
     assert src.kind == "table" and src.describe() == "table public.orders"
     assert src.partitions(db) == ["0"] and src.initial_offset("0") == MIN_OFFSET
     src.validate(db)
-    reader = src.open("0", scratch_dsn)
+    reader = src.open("0", OpenContext(scratch_dsn))
     try:
         res = reader.read(MIN_OFFSET, 10)
         assert [r.offset for r in res.records] == list(range(1, 11))
@@ -113,21 +113,21 @@ def test_columns_subset(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     db.execute("INSERT INTO orders (user_id, amount) VALUES ('a', 1), ('b', 2)")
     src = TableSource("orders", columns=["user_id"])
     src.validate(db)
-    reader = src.open("0", scratch_dsn)
+    reader = src.open("0", OpenContext(scratch_dsn))
     res = reader.read(MIN_OFFSET, 10)
     assert [(r.offset, r.value) for r in res.records] == [
         (1, {"user_id": "a"}),
         (2, {"user_id": "b"}),
     ]
     reader.close()
-    reader = TableSource("orders", columns=["id", "amount"]).open("0", scratch_dsn)
+    reader = TableSource("orders", columns=["id", "amount"]).open("0", OpenContext(scratch_dsn))
     assert reader.read(MIN_OFFSET, 1).records[0].value == {"id": 1, "amount": 1}
     reader.close()
 
 
 def test_empty_table(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     _orders(db)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     res = reader.read(MIN_OFFSET, 10)
     assert res.records == [] and res.end == MIN_OFFSET and res.head is None
     assert reader.head() is None
@@ -139,7 +139,7 @@ def test_open_transaction_holds_back_later_ids(
 ) -> None:
     """A takes id 1 and holds its transaction; B commits 2..11; nothing returned until A commits."""
     _orders(db)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     with psycopg.connect(scratch_dsn) as a:
         row = a.execute("INSERT INTO orders (user_id) VALUES ('A') RETURNING id").fetchone()
         assert row == (1,)
@@ -164,7 +164,7 @@ def test_horizon_holders_name_the_open_transaction(
     """An idle transaction that inserted (a nextval() id) holds the horizon: the reader names
     its session; a transaction elsewhere in the cluster is not named."""
     _orders(db)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     try:
         assert reader.horizon_holders() == []
         with (
@@ -213,7 +213,7 @@ def test_id_drawn_before_xid_is_not_skipped(scratch_dsn: str, db: psycopg.Connec
     # The first nextval() of a sequence is WAL-logged, which gives the transaction an xid; draw
     # one value here so that the next ones are not (only every 32nd is).
     db.execute("SELECT nextval('orders_id_seq')")
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
 
     def slow_insert() -> None:
         with psycopg.connect(scratch_dsn, autocommit=True) as c:
@@ -245,7 +245,7 @@ def test_id_drawn_in_earlier_statement_with_xid_is_not_skipped(
     it later: covered by the xid part of the horizon (it holds no lock on the table yet)."""
     _orders(db)
     db.execute("CREATE TABLE other (x int)")
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     with psycopg.connect(scratch_dsn) as a:
         a.execute("INSERT INTO other VALUES (1)")  # a has an xid now
         (k,) = a.execute("SELECT nextval('orders_id_seq')").fetchone() or (None,)
@@ -263,7 +263,7 @@ def test_long_transaction_in_another_database_does_not_stall(
     scratch_dsn: str, db: psycopg.Connection[Any]
 ) -> None:
     _orders(db)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     with psycopg.connect(SERVER_DSN) as other:
         other.execute("SELECT pg_current_xact_id()")  # holds an xid (the cluster's xmin)
         db.execute("INSERT INTO orders (user_id) VALUES ('a'), ('b')")
@@ -288,7 +288,7 @@ def test_partition_writers_hold_back(scratch_dsn: str, db: psycopg.Connection[An
         """
     )
     db.execute("SELECT nextval('ev_seq')")  # see test_id_drawn_before_xid_is_not_skipped
-    reader = TableSource("ev").open("0", scratch_dsn)
+    reader = TableSource("ev").open("0", OpenContext(scratch_dsn))
 
     def slow_insert() -> None:
         with psycopg.connect(scratch_dsn, autocommit=True) as c:
@@ -354,7 +354,7 @@ def test_concurrent_writers_randomized(scratch_dsn: str, db: psycopg.Connection[
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     seen: list[int] = []
     start = MIN_OFFSET
     rnd = random.Random(1)
@@ -385,7 +385,7 @@ def test_catching_up_in_batches(scratch_dsn: str, db: psycopg.Connection[Any]) -
     _orders(db)
     db.execute("INSERT INTO orders (user_id) SELECT 'u' FROM generate_series(1, 5000)")
     db.execute("DELETE FROM orders WHERE id % 7 = 0")  # gaps (like rolled-back ids)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     got, _ = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 5000 - 714, max_records=333)
     assert got == [i for i in range(1, 5001) if i % 7]
     reader.close()
@@ -395,7 +395,7 @@ def test_reads_use_an_index_range_scan(scratch_dsn: str, db: psycopg.Connection[
     _orders(db)
     db.execute("INSERT INTO orders (user_id) SELECT 'u' FROM generate_series(1, 20000)")
     db.execute("ANALYZE orders")
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     plan = "\n".join(
         r[0]
         for r in db.execute(
@@ -410,7 +410,7 @@ def test_reads_use_an_index_range_scan(scratch_dsn: str, db: psycopg.Connection[
 def test_reconnects_after_lost_connection(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     _orders(db)
     db.execute("INSERT INTO orders (user_id) VALUES ('a'), ('b')")
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     assert [r.offset for r in reader.read(MIN_OFFSET, 1).records] == [1]
     assert reader._conn is not None
     pid = reader._conn.info.backend_pid
@@ -424,7 +424,7 @@ def test_reconnects_after_lost_connection(scratch_dsn: str, db: psycopg.Connecti
 def test_sequence_reset_fails_loudly(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     _orders(db)
     db.execute("INSERT INTO orders (user_id) SELECT 'u' FROM generate_series(1, 10)")
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     _, end = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 10)
     # consumers that delete what they have read (a queue table) are fine
     db.execute("DELETE FROM orders")
@@ -459,7 +459,7 @@ def test_validate_errors(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     with pytest.raises(SourceError, match=r"CACHE 20.*CACHE 1"):
         TableSource("cached").validate(db)
     with pytest.raises(SourceError, match="does not exist"):
-        TableSource("nope").open("0", scratch_dsn)
+        TableSource("nope").open("0", OpenContext(scratch_dsn))
     # validate runs inside the caller's transaction without breaking it
     with psycopg.connect(scratch_dsn) as c:
         with pytest.raises(SourceError):
@@ -491,7 +491,7 @@ def test_unsafe_offsets_opt_in_warns_and_really_skips(
         src.validate(db)
     assert "unsafe_offsets_may_skip_rows=True" in caplog.text and "skipped" in caplog.text
     db.execute("INSERT INTO manual VALUES (1, 'a'), (2, 'b'), (5, 'e')")
-    reader = src.open("0", scratch_dsn)
+    reader = src.open("0", OpenContext(scratch_dsn))
     try:
         got, end = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 3)
         assert got == [1, 2, 5] and end == 6
@@ -530,7 +530,7 @@ def test_mixed_case_reserved_and_spaced_names(
     name = '"my schema"."Order Lines"'
     src = TableSource(name, offset_column="Order", columns=["select"])
     src.validate(db)
-    reader = src.open("0", scratch_dsn)
+    reader = src.open("0", OpenContext(scratch_dsn))
     res = reader.read(MIN_OFFSET, 10)
     assert [(r.offset, r.value) for r in res.records] == [
         (1, {"select": "x"}),
@@ -538,7 +538,7 @@ def test_mixed_case_reserved_and_spaced_names(
     ]
     assert reader.head() == 3
     reader.close()
-    reader = TableSource(name, offset_column="Order").open("0", scratch_dsn)
+    reader = TableSource(name, offset_column="Order").open("0", OpenContext(scratch_dsn))
     assert reader.read(MIN_OFFSET, 1).records[0].value == {"Order": 1, "select": "x"}
     reader.close()
     # the old literal spelling is refused with the quoted one as the fix, never guessed
@@ -573,7 +573,7 @@ def test_unquoted_names_fold_to_lower_case(scratch_dsn: str, db: psycopg.Connect
     ]:
         src = TableSource(name)
         src.validate(db)
-        reader = src.open("0", scratch_dsn)
+        reader = src.open("0", OpenContext(scratch_dsn))
         try:
             assert [r.value["who"] for r in reader.read(MIN_OFFSET, 10).records if r.value] == [
                 who
@@ -596,7 +596,7 @@ def test_missing_folded_name_hints_at_quoting(
     with pytest.raises(SourceError, match=hint):
         TableSource("Amb").validate(db)
     with pytest.raises(SourceError, match=hint):
-        TableSource("Amb").open("0", scratch_dsn)
+        TableSource("Amb").open("0", OpenContext(scratch_dsn))
     with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):
         TableSource("Sales.Lines").validate(db)
     with pytest.raises(SourceError, match=r"'\"Sales\"\.\"Lines\"'"):  # only the schema
@@ -622,7 +622,7 @@ def test_parse_table_name() -> None:
 
 def test_dropped_table_raises_source_error(scratch_dsn: str, db: psycopg.Connection[Any]) -> None:
     _orders(db)
-    reader = TableSource("orders").open("0", scratch_dsn)
+    reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
     reader.read(MIN_OFFSET, 10)
     db.execute("DROP TABLE orders")
     with pytest.raises(SourceError, match=r"table orders can no longer be read.*orders"):

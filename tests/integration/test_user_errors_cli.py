@@ -106,7 +106,7 @@ def test_on_error_fail_names_file_and_line(
                env={**env, "ON_ERROR": "fail"})
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    first = [ln for ln in done.stderr.splitlines() if " pgstream.progress: " not in ln][0]
+    first = next(ln for ln in done.stderr.splitlines() if " pgstream.progress: " not in ln)
     assert first.startswith("error: record at offset ")
     assert first.endswith(
         "failed in to_table(per_unit): ZeroDivisionError: integer division or modulo by zero "

@@ -8,12 +8,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from pgstream.sources.base import SourceError, SourceRecord
+from pgstream.sources.base import OpenContext, SourceError, SourceRecord
 from pgstream.sources.file import FileReader, FileSource
 
 
 def _reader(path: Path) -> FileReader:
-    return FileSource(path).open("0", "")
+    return FileSource(path).open("0", OpenContext(""))
 
 
 def _read_all(
@@ -247,7 +247,7 @@ def test_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"nope\.jsonl"):
         src.validate(None)  # type: ignore[arg-type]
     with pytest.raises(SourceError, match="does not exist"):
-        src.open("0", "")
+        src.open("0", OpenContext(""))
     with pytest.raises(SourceError):
         FileSource(tmp_path).validate(None)  # type: ignore[arg-type]
 
