@@ -84,7 +84,7 @@ class CountingPipeline:
     def evaluate(
         self, records: list[SourceRecord], pending: Any = None, into: BatchOutput | None = None
     ) -> BatchOutput:
-        out = into or BatchOutput("s", "0", [], [], [], [])
+        out = into or BatchOutput("s", "0", [])
         out.records_in += len(records)
         self.seen += [r.offset for r in records]
         return out
