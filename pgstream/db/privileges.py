@@ -303,8 +303,8 @@ def _sequence_grants(app: App, role: str, conn: psycopg.Connection[Any]) -> list
         if not isinstance(source, TableSource):
             continue
         row = conn.execute(
-            "SELECT pg_get_serial_sequence(%s, %s) WHERE to_regclass(%s) IS NOT NULL",
-            [source.regclass_text(), source.offset_column, source.regclass_text()],
+            queries.SERIAL_SEQUENCE,
+            {"table": source.regclass_text(), "column": source.offset_column},
         ).fetchone()
         if row and row[0]:
             lines.append(
