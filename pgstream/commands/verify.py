@@ -13,8 +13,6 @@ import click
 
 from pgstream.cli import dsn_option
 
-EXIT_CLEAN = 0
-EXIT_VIOLATIONS = 1
 EXIT_CANNOT_CHECK = 2
 
 
