@@ -115,16 +115,11 @@ def _sinks_of(app: App, stream: str, kind: str) -> list[SinkSpec]:
     return [s for s in app.sinks if s.kind == kind and s.stream == stream]
 
 
-_RENAME_SOURCE = "UPDATE {} SET _source = %(new)s WHERE _source = %(old)s"
-_DELETE_SOURCE = "DELETE FROM {} WHERE _source = %(stream)s"
-_COUNT_SOURCE = "SELECT count(*) FROM {} WHERE _source = %(stream)s"
-
-
-def _source_column_sql(cur: Cursor, table: str, statement: str) -> sql.Composed:
+def _source_column_sql(cur: Cursor, table: str, statement: sql.SQL) -> sql.Composed:
     """``statement`` ("... {} ...") on the append sink ``table``, checked to have ``_source``."""
     info = load_table(cur.connection, table)
     info.require_columns(("_source",), "append sinks record where each row came from")
-    return sql.SQL(statement).format(info.ident)
+    return statement.format(info.ident)
 
 
 # -- rename ----------------------------------------------------------------------------------
@@ -287,7 +282,7 @@ def _rename_stream(cur: Cursor, app: App, old: str, new: str, outcome: Outcome) 
         f"row(s)" + (f" ({', '.join(n for _, n in folds)})" if folds else "")
     )
     for table in _append_tables(app, new):
-        stmt = _source_column_sql(cur, table, _RENAME_SOURCE)
+        stmt = _source_column_sql(cur, table, queries.ADMIN_RENAME_SINK_SOURCE)
         rows = _rowcount(cur, stmt, names)
         outcome.add(f"  append sink {table}: {rows} row(s) now have _source = {new!r}")
     plans = _rewrite_plans(cur, job, old, new)
@@ -371,10 +366,11 @@ def _reset_outputs(
     p = {"stream": stream}
     for table in _append_tables(app, stream):
         if delete_outputs:
-            rows = _rowcount(cur, _source_column_sql(cur, table, _DELETE_SOURCE), p)
+            stmt = _source_column_sql(cur, table, queries.ADMIN_DELETE_SINK_SOURCE)
+            rows = _rowcount(cur, stmt, p)
             outcome.add(f"  append sink {table}: {rows} row(s) deleted; written again on re-read")
             continue
-        rows = _count(cur, _source_column_sql(cur, table, _COUNT_SOURCE), p)
+        rows = _count(cur, _source_column_sql(cur, table, queries.ADMIN_COUNT_SINK_SOURCE), p)
         outcome.add(
             f"  append sink {table}: {rows} row(s) kept; a re-read record whose output is "
             "already there (same _source, _partition, _offset) is skipped as a duplicate"

@@ -218,7 +218,7 @@ class Roles:
         names = {"rt": sql.Identifier(self.runtime), "mig": sql.Identifier(self.migrator)}
         with connect(self.migrator_dsn if as_migrator else self.owner_dsn, autocommit=True) as c:
             for statement in statements:
-                c.execute(sql.SQL(statement).format(**names))  # type: ignore[arg-type]
+                c.execute(sql.SQL(statement).format(**names))
 
 
 def _role_dsn(dsn: str, role: str, password: str) -> str:

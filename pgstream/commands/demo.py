@@ -34,10 +34,6 @@ TARGET = "pgstream.demo.app:app"
 CRASH_AT = 0.4  # kill the first worker once this share of the records is committed
 POLL = 0.05
 
-PROGRESS_SQL = """
-SELECT COALESCE(sum(records), 0)::bigint, max(committed_offset)
-  FROM pgstream.partitions WHERE job = %s
-"""
 
 
 @dataclass(slots=True)
@@ -161,6 +157,7 @@ class Demo:
 
     def process(self, dsn: str, path: Path, workdir: Path) -> Run:
         """Run the job in worker subprocesses with a progress bar; kill -9 the first one."""
+        from pgstream.db import queries
         from pgstream.db.connect import connect
 
         run = Run()
@@ -180,7 +177,8 @@ class Demo:
             started = time.monotonic()
 
             def poll() -> tuple[int, int | None]:
-                records, offset = conn.execute(PROGRESS_SQL, [JOB]).fetchone() or (0, None)
+                row = conn.execute(queries.DEMO_PROGRESS, {"job": JOB}).fetchone()
+                records, offset = row or (0, None)
                 elapsed = time.monotonic() - started
                 rate = f"{records / elapsed:>9,.0f}/s" if elapsed > 0 else ""
                 progress.update(task, completed=records, rate=rate)

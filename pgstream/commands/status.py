@@ -10,17 +10,6 @@ import click
 
 from pgstream.cli import dsn_option
 
-STATUS = """
-SELECT p.job, p.source, p.partition, p.committed_offset, p.source_head,
-       p.last_commit_at, p.owner, p.epoch, p.batches, p.records,
-       COALESCE(p.lease_expires_at > now(), false) AS leased,
-       (SELECT count(*) FROM pgstream.dead_letters d
-         WHERE d.job = p.job AND d.source = p.source AND d.partition = p.partition) AS dead
-  FROM pgstream.partitions p
- WHERE %(job)s::text IS NULL OR p.job = %(job)s
- ORDER BY p.job, p.source, p.partition
-"""
-
 
 @click.command("status")
 @click.argument("target", metavar="[MODULE:APP]", required=False)
@@ -32,6 +21,7 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
     With MODULE:APP, only that job, and the source head is read live from its sources
     (otherwise it is the head seen at the last commit); a table partition behind its head also
     names the sessions whose open transactions hold its safe horizon back (``held_by``)."""
+    from pgstream.db import queries
     from pgstream.db.connect import connect, resolve_dsn
     from pgstream.db.migrate import ensure_migrated
 
@@ -43,7 +33,7 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         app = load_app(target)
     with connect(resolved, autocommit=True) as conn:
         ensure_migrated(conn)
-        rows = conn.execute(STATUS, {"job": app.name if app else None}).fetchall()
+        rows = conn.execute(queries.STATUS, {"job": app.name if app else None}).fetchall()
     names = [
         "job",
         "source",

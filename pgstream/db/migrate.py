@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgstream.db import queries
 from pgstream.db.connect import connect, describe_dsn, safe_dsn, sqlalchemy_url
 from pgstream.db.tables import SCHEMA
 from pgstream.errors import DatabaseError
@@ -165,16 +165,11 @@ def downgrade(dsn: str, revision: str) -> None:
 
 def current_on(conn: psycopg.Connection[Any]) -> str | None:
     """The revision the database behind ``conn`` is at, or ``None`` if never migrated."""
-    version_table = sql.Identifier(SCHEMA, VERSION_TABLE)
     with conn.transaction():
-        row = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", [f"{SCHEMA}.{VERSION_TABLE}"]
-        ).fetchone()
+        row = conn.execute(queries.HAS_VERSION_TABLE).fetchone()
         if not row or not row[0]:
             return None
-        rows = conn.execute(
-            sql.SQL("SELECT version_num FROM {} ORDER BY version_num").format(version_table)
-        ).fetchall()
+        rows = conn.execute(queries.MIGRATION_REVISIONS).fetchall()
     if not rows:
         return None
     return ",".join(str(r[0]) for r in rows)

@@ -105,17 +105,15 @@ def quote_name(schema: str | None, name: str) -> str:
 def app_needs(app: App) -> list[Need]:
     """What running ``app`` needs besides the ``pgstream`` schema's tables: USAGE on that
     schema, SELECT on table sources, the sink privileges, TEMPORARY for stage tables."""
-    from pgstream.sources.table import TableSource
-
     needs = [Need("schema", None, SCHEMA, "USAGE", "pgstream's checkpoint tables")]
     schemas: dict[str, str] = {}
     tables: list[Need] = []
     for name, source in app.sources.items():
-        if isinstance(source, TableSource):
+        for read in source.tables_read():
             why = f"source of stream {name!r}"
-            tables.append(Need("table", source.schema, source.relname, "SELECT", why))
-            if source.schema is not None:
-                schemas.setdefault(source.schema, why)
+            tables.append(Need("table", read.schema, read.relname, "SELECT", why))
+            if read.schema is not None:
+                schemas.setdefault(read.schema, why)
     kinds: dict[str, set[str]] = {}
     for spec in app.sinks:
         kinds.setdefault(spec.table, set()).add(spec.kind)
@@ -268,7 +266,6 @@ def _schema_grants(role: str) -> list[str]:
 def _table_grants(app: App, role: str) -> list[str]:
     """SELECT on sources; INSERT (+ SELECT for verify) on append sinks; upsert privileges."""
     from pgstream.db.names import parse_table_name
-    from pgstream.sources.table import TableSource
 
     privileges: dict[str, list[str]] = {}
     purposes: dict[str, list[str]] = {}
@@ -279,8 +276,8 @@ def _table_grants(app: App, role: str) -> list[str]:
         purposes.setdefault(target, []).append(purpose)
 
     for name, source in app.sources.items():
-        if isinstance(source, TableSource):
-            add(quote_name(source.schema, source.relname), ["SELECT"], f"source of {name!r}")
+        for read in source.tables_read():
+            add(quote_name(read.schema, read.relname), ["SELECT"], f"source of {name!r}")
     for spec in app.sinks:
         target = quote_name(*parse_table_name(spec.table))
         if spec.kind == "append":
@@ -296,15 +293,12 @@ def _table_grants(app: App, role: str) -> list[str]:
 
 
 def _sequence_grants(app: App, role: str, conn: psycopg.Connection[Any]) -> list[str]:
-    from pgstream.sources.table import TableSource
-
     lines: list[str] = []
-    for source in app.sources.values():
-        if not isinstance(source, TableSource):
-            continue
+    reads = [read for source in app.sources.values() for read in source.tables_read()]
+    for read in reads:
         row = conn.execute(
-            "SELECT pg_get_serial_sequence(%s, %s) WHERE to_regclass(%s) IS NOT NULL",
-            [source.regclass_text(), source.offset_column, source.regclass_text()],
+            queries.SERIAL_SEQUENCE,
+            {"table": read.regclass_text(), "column": read.offset_column},
         ).fetchone()
         if row and row[0]:
             lines.append(

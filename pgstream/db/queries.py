@@ -1,7 +1,21 @@
-"""SQL for pgstream's own tables: partitions (checkpoint + lease), ledger, dead letters,
-state and workers. Every statement the runtime sends to the pgstream schema lives here."""
+"""SQL for pgstream's own schema: partitions (checkpoint + lease), jobs and plan versions,
+ledger, dead letters, state, workers and Alembic's version table.
+
+Every statement pgstream sends to the ``pgstream`` schema lives here as a named constant,
+grouped by concern (one ``# --`` section each), so a schema change touches this one file:
+the runtime's (leases, job check, the batch transaction, state, workers), the commands'
+(``status``, ``job``, ``demo``, ``db grant``) and the start-up checks (privileges, migrations).
+Statements that take an identifier are :class:`psycopg.sql.SQL` templates formatted with
+:class:`psycopg.sql.Identifier`; values are always parameters. Statements about the user's own
+tables (sources, sinks) stay with the source and sink code, except ``pgstream job``'s changes
+to the ``_source`` column of append sinks (job administration section).
+``tests/unit/test_queries_home.py`` fails when a statement against the ``pgstream`` schema
+appears elsewhere in the package.
+"""
 
 from __future__ import annotations
+
+from psycopg import sql
 
 # -- partitions: registration, leases ---------------------------------------------------------
 
@@ -327,10 +341,78 @@ SELECT u.me, m.kind, m.schema_name, m.rel, m.privilege, m.purpose
  ORDER BY m.ord
 """
 
+# The sequence behind a table source's offset column, for ``pgstream db grant`` (NULL row when
+# the column has none; no row when the table does not exist yet).
+SERIAL_SEQUENCE = """
+SELECT pg_get_serial_sequence(%(table)s, %(column)s) WHERE to_regclass(%(table)s) IS NOT NULL
+"""
+
+# -- migrations (pgstream.db.migrate) ---------------------------------------------------------
+
+# Alembic's version table, read without Alembic (a quick "is this database at head?").
+# to_regclass first: reading a table that does not exist would fail the transaction.
+HAS_VERSION_TABLE = "SELECT to_regclass('pgstream.alembic_version') IS NOT NULL"
+
+MIGRATION_REVISIONS = "SELECT version_num FROM pgstream.alembic_version ORDER BY version_num"
+
+# -- status (pgstream status) -----------------------------------------------------------------
+
+# %(job)s: NULL for every job. "leased" says whether ``owner`` is still an owner.
+STATUS = """
+SELECT p.job, p.source, p.partition, p.committed_offset, p.source_head,
+       p.last_commit_at, p.owner, p.epoch, p.batches, p.records,
+       COALESCE(p.lease_expires_at > now(), false) AS leased,
+       (SELECT count(*) FROM pgstream.dead_letters d
+         WHERE d.job = p.job AND d.source = p.source AND d.partition = p.partition) AS dead
+  FROM pgstream.partitions p
+ WHERE %(job)s::text IS NULL OR p.job = %(job)s
+ ORDER BY p.job, p.source, p.partition
+"""
+
+# -- demo (pgstream demo, pgstream.demo) ------------------------------------------------------
+
+# Records committed so far and the committed offset, polled while the demo's workers run.
+DEMO_PROGRESS = """
+SELECT COALESCE(sum(records), 0)::bigint, max(committed_offset)
+  FROM pgstream.partitions WHERE job = %(job)s
+"""
+
+DEMO_DEAD_LETTERS = """
+SELECT "offset", operator FROM pgstream.dead_letters WHERE job = %(job)s ORDER BY 1
+"""
+
+# How the ledger covers the input file, and the committed offset (one partition).
+DEMO_LEDGER = """
+SELECT count(*), min(start_offset), max(end_offset), sum(end_offset - start_offset),
+       (SELECT committed_offset FROM pgstream.partitions WHERE job = %(job)s)
+  FROM pgstream.batches WHERE job = %(job)s
+"""
+
+# Records and seconds between each worker's (epoch's) first and last checkpoint.
+DEMO_STEADY_RATE = """
+SELECT sum(n), sum(span) FROM (
+  SELECT sum(records_in) - (array_agg(records_in ORDER BY start_offset))[1] AS n,
+         extract(epoch FROM max(committed_at) - min(committed_at)) AS span
+    FROM pgstream.batches WHERE job = %(job)s GROUP BY epoch) per_worker
+"""
+
+
+def delete_job_rows(table: str) -> sql.Composed:
+    """``DELETE`` the rows of job ``%(job)s`` from the pgstream table ``table``."""
+    return sql.SQL("DELETE FROM {} WHERE job = %(job)s").format(sql.Identifier("pgstream", table))
+
+
+# -- job administration (pgstream job list|rename|reset|retire) -------------------------------
 # -- job administration (pgstream job list|rename|reset|retire) -------------------------------
 # Each command runs in ONE transaction. It first locks the partition rows it changes
 # (NOWAIT: a batch in flight holds them) and refuses while a live owner holds a lease on
 # any of them; every row it keeps gets a new epoch, which fences a worker that resumes later.
+
+# The app's append sinks record each row's stream in ``_source``: templates for the sink
+# table's identifier (checked to have the column by the caller).
+ADMIN_RENAME_SINK_SOURCE = sql.SQL("UPDATE {} SET _source = %(new)s WHERE _source = %(old)s")
+ADMIN_DELETE_SINK_SOURCE = sql.SQL("DELETE FROM {} WHERE _source = %(stream)s")
+ADMIN_COUNT_SINK_SOURCE = sql.SQL("SELECT count(*) FROM {} WHERE _source = %(stream)s")
 
 # %(streams)s: NULL for every stream of the job.
 ADMIN_LOCK_PARTITIONS = f"""

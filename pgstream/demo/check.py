@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from pgstream.db import queries
 from pgstream.demo import JOB
 from pgstream.demo.data import Expected, UserLast, UserTotal
 
@@ -83,9 +84,7 @@ def _last(conn: psycopg.Connection[Any], ref: Expected) -> Check:
 
 
 def _dead_letters(conn: psycopg.Connection[Any], ref: Expected) -> Check:
-    rows = conn.execute(
-        'SELECT "offset", operator FROM pgstream.dead_letters WHERE job = %s ORDER BY 1', [JOB]
-    ).fetchall()
+    rows = conn.execute(queries.DEMO_DEAD_LETTERS, {"job": JOB}).fetchall()
     offsets = [int(r[0]) for r in rows]
     if offsets == ref.dead_offsets:
         kinds = ", ".join(sorted({str(r[1]) for r in rows}))
@@ -97,12 +96,7 @@ def _dead_letters(conn: psycopg.Connection[Any], ref: Expected) -> Check:
 
 
 def _ledger(conn: psycopg.Connection[Any], ref: Expected) -> Check:
-    row = conn.execute(
-        "SELECT count(*), min(start_offset), max(end_offset), sum(end_offset - start_offset), "
-        "  (SELECT committed_offset FROM pgstream.partitions WHERE job = %(job)s) "
-        "FROM pgstream.batches WHERE job = %(job)s",
-        {"job": JOB},
-    ).fetchone()
+    row = conn.execute(queries.DEMO_LEDGER, {"job": JOB}).fetchone()
     assert row is not None
     n, lo, hi, covered, committed = row
     if (lo, hi, covered, committed) == (0, ref.size, ref.size, ref.size):
@@ -122,15 +116,7 @@ def run_checks(conn: psycopg.Connection[Any], ref: Expected) -> list[Check]:
 
 def steady_rate(conn: psycopg.Connection[Any]) -> float | None:
     """Records/s between each worker's first and last checkpoint (from the ledger)."""
-    row = conn.execute(
-        """
-        SELECT sum(n), sum(span) FROM (
-          SELECT sum(records_in) - (array_agg(records_in ORDER BY start_offset))[1] AS n,
-                 extract(epoch FROM max(committed_at) - min(committed_at)) AS span
-            FROM pgstream.batches WHERE job = %s GROUP BY epoch) per_worker
-        """,
-        [JOB],
-    ).fetchone()
+    row = conn.execute(queries.DEMO_STEADY_RATE, {"job": JOB}).fetchone()
     if row is None or not row[0] or not row[1]:
         return None
     return float(row[0]) / float(row[1])

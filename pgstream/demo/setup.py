@@ -6,10 +6,9 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg import sql
 
+from pgstream.db import queries
 from pgstream.db.connect import connect
-from pgstream.db.tables import SCHEMA
 from pgstream.demo import JOB
 from pgstream.demo.schema import metadata
 from pgstream.errors import PgStreamError
@@ -49,10 +48,7 @@ def reset(dsn: str) -> None:
             )
         with conn.transaction():
             for table in JOB_TABLES:
-                conn.execute(
-                    sql.SQL("DELETE FROM {} WHERE job = %s").format(sql.Identifier(SCHEMA, table)),
-                    [JOB],
-                )
+                conn.execute(queries.delete_job_rows(table), {"job": JOB})
     create_tables(dsn, drop=True)
 
 

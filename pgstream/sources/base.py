@@ -55,6 +55,22 @@ class OpenContext:
     dsn: str  # the job's database, for sources that read from it
 
 
+@dataclass(frozen=True, slots=True)
+class TableRead:
+    """A PostgreSQL table a source reads, and the column its offsets come from."""
+
+    schema: str | None
+    relname: str
+    offset_column: str
+
+    def regclass_text(self) -> str:
+        """The table name quoted for ``::regclass`` (no connection needed)."""
+        ident = '"' + self.relname.replace('"', '""') + '"'
+        if self.schema is None:
+            return ident
+        return '"' + self.schema.replace('"', '""') + '".' + ident
+
+
 class SourceError(Exception):
     """A source cannot continue (missing table, truncated file, offsets jumped)."""
 
@@ -99,6 +115,10 @@ class Source(abc.ABC):
     def describe(self) -> str:
         """A one-line human description."""
         return self.kind
+
+    def tables_read(self) -> Sequence[TableRead]:
+        """The PostgreSQL tables this source reads (the runtime role needs SELECT on them)."""
+        return ()
 
     def identity(self) -> str:
         """What the offsets of this source mean: the same string for the same data.

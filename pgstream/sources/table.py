@@ -30,6 +30,7 @@ from pgstream.sources.base import (
     Source,
     SourceError,
     SourceRecord,
+    TableRead,
 )
 
 __all__ = ["HorizonHolder", "TableReader", "TableSource", "parse_table_name"]
@@ -99,10 +100,11 @@ class TableSource(Source):
 
     def regclass_text(self) -> str:
         """The table name quoted for ``::regclass`` / ``to_regclass`` (no connection needed)."""
-        ident = '"' + self.relname.replace('"', '""') + '"'
-        if self.schema is None:
-            return ident
-        return '"' + self.schema.replace('"', '""') + '".' + ident
+        return self.tables_read()[0].regclass_text()
+
+    def tables_read(self) -> list[TableRead]:
+        """This table, read by its offset column."""
+        return [TableRead(self.schema, self.relname, self.offset_column)]
 
     # -- Source --------------------------------------------------------------------------------
 

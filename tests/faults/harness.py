@@ -489,7 +489,7 @@ class TableWriters:
 
     def __init__(
         self, dsn: str, table: str, *, threads: int = 3, users: int = 20,
-        hold: float = 0.15, rollback_rate: float = 0.05, seed: int | None = None,
+        hold: float = 0.15, rollback_rate: float = 0.05, seed: float | None = None,
         rows_per_txn: tuple[int, int] = (1, 5),
     ) -> None:
         self.dsn = dsn
@@ -575,7 +575,7 @@ class FileWriter:
     """A thread appending click lines, sometimes in two writes (a partial line in between),
     sometimes a malformed line or a blank line."""
 
-    def __init__(self, path: Path, *, rate: float = 200.0, seed: int | None = None) -> None:
+    def __init__(self, path: Path, *, rate: float = 200.0, seed: float | None = None) -> None:
         self.path = path
         self.rate = rate
         self.rng = random.Random(seed)

@@ -107,6 +107,14 @@ def _is_rollback(sql: bytes) -> bool:
     return sql.strip().rstrip(b";").strip().upper() in (b"ROLLBACK", b"ABORT")
 
 
+@dataclass
+class _Group:
+    """Extended-protocol messages up to Sync or Flush, and whether they execute COMMIT."""
+
+    messages: list[bytes] = field(default_factory=list)
+    commits: bool = False
+
+
 class _Conn:
     """One proxied client connection: two pump threads and the protocol state."""
 
@@ -166,53 +174,62 @@ class _Conn:
             if not self._startup():
                 time.sleep(0.2)
                 return
-            assert self.server is not None
             # Extended-protocol messages are collected up to Sync (or Flush) and sent as one
             # group, so a group that executes COMMIT can be dropped or forwarded whole.
-            group: list[bytes] = []
-            group_commits = False
+            group = _Group()
             while not self.closed.is_set():
                 msg = _read_typed(self.client)
-                kind = msg[:1]
-                if kind in _EXTENDED:
-                    if kind == b"P":
-                        name = msg[5 : msg.index(b"\x00", 5)]
-                        self.statements[name] = _query_text(msg) or b""
-                    elif kind == b"B":
-                        portal_end = msg.index(b"\x00", 5)
-                        stmt = msg[portal_end + 1 : msg.index(b"\x00", portal_end + 1)]
-                        sql = self.statements.get(stmt, b"")
-                        if _is_commit(sql):
-                            group_commits = True
-                        else:
-                            self._note_statement(sql)
-                    group.append(msg)
-                    if kind not in (b"S", b"H"):
-                        continue
-                    data, group = b"".join(group), []
-                    if group_commits:
-                        group_commits = False
-                        self.proxy.stats.commits_seen += 1
-                        if not self._send_commit(data, self.proxy._take(self.in_checkpoint)):
-                            return
-                    else:
-                        self.server.sendall(data)
-                    continue
-                sql = _query_text(msg) if kind == b"Q" else None
-                if sql is not None and _is_commit(sql):
-                    self.proxy.stats.commits_seen += 1
-                    if not self._send_commit(msg, self.proxy._take(self.in_checkpoint)):
-                        return
-                    continue
-                if sql is not None:
-                    self._note_statement(sql)
-                self.server.sendall(msg)
-                if kind == b"X":
+                if msg[:1] in _EXTENDED:
+                    relayed = self._relay_extended(msg, group)
+                else:
+                    relayed = self._relay_simple(msg)
+                if not relayed:
                     return
         except (OSError, ConnectionError):
             pass
         finally:
             self.close()
+
+    def _relay_extended(self, msg: bytes, group: _Group) -> bool:
+        """Add an extended-protocol message to ``group``; at Sync or Flush send the group (a
+        COMMIT in it goes through :meth:`_send_commit`). False when the connection is cut."""
+        assert self.server is not None
+        kind = msg[:1]
+        if kind == b"P":
+            name = msg[5 : msg.index(b"\x00", 5)]
+            self.statements[name] = _query_text(msg) or b""
+        elif kind == b"B":
+            portal_end = msg.index(b"\x00", 5)
+            stmt = msg[portal_end + 1 : msg.index(b"\x00", portal_end + 1)]
+            sql = self.statements.get(stmt, b"")
+            if _is_commit(sql):
+                group.commits = True
+            else:
+                self._note_statement(sql)
+        group.messages.append(msg)
+        if kind not in (b"S", b"H"):
+            return True
+        data, commits = b"".join(group.messages), group.commits
+        group.messages, group.commits = [], False
+        if not commits:
+            self.server.sendall(data)
+            return True
+        self.proxy.stats.commits_seen += 1
+        return self._send_commit(data, self.proxy._take(self.in_checkpoint))
+
+    def _relay_simple(self, msg: bytes) -> bool:
+        """Forward a simple-protocol (or any other) message; a COMMIT goes through
+        :meth:`_send_commit`. False when the connection is cut or the client said goodbye."""
+        assert self.server is not None
+        kind = msg[:1]
+        sql = _query_text(msg) if kind == b"Q" else None
+        if sql is not None and _is_commit(sql):
+            self.proxy.stats.commits_seen += 1
+            return self._send_commit(msg, self.proxy._take(self.in_checkpoint))
+        if sql is not None:
+            self._note_statement(sql)
+        self.server.sendall(msg)
+        return kind != b"X"
 
     def _note_statement(self, sql: bytes) -> None:
         """Track whether the open transaction is a checkpoint (the marker went through)."""

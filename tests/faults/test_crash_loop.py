@@ -15,11 +15,13 @@ import signal
 import time
 from pathlib import Path
 
-from harness import FileWriter, Job, TableWriters, wait_for
+import pytest
+from harness import FileWriter, Job, TableWriters, WorkerProc, wait_for
 
 KILLS = int(os.environ.get("PGSTREAM_CRASH_KILLS", "10"))
 
 
+@pytest.mark.slow
 def test_crash_loop_outputs_exact(pg_dsn: str, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("PGSTREAM_CRASH_SEED", "0")) or None)
     job = Job(pg_dsn, tmp_path, with_file=True, batch=100).setup()
@@ -34,11 +36,18 @@ def test_crash_loop_outputs_exact(pg_dsn: str, tmp_path: Path) -> None:
                 time.sleep(rng.random() * 0.8)  # sometimes during start-up
             else:
                 before = job.total_batches()
-                wait_for(lambda w=w: len(job.owned_by(w)) == 2 or not w.alive(), 20,
-                         what="the worker to claim both partitions")
+
+                def claimed(w: WorkerProc = w) -> bool:
+                    return len(job.owned_by(w)) == 2 or not w.alive()
+
+                wait_for(claimed, 20, what="the worker to claim both partitions")
                 assert w.alive(), f"worker died:\n{w.output()[-3000:]}"
                 # let it commit at least once, then kill it at a random moment
-                wait_for(lambda b=before: job.total_batches() > b, 20, what="a commit")
+
+                def committed(b: int = before) -> bool:
+                    return job.total_batches() > b
+
+                wait_for(committed, 20, what="a commit")
                 time.sleep(rng.random() * 0.6)
             assert w.alive(), f"worker exited on its own:\n{w.output()[-3000:]}"
             mid_batch += any(p["attempts"] for p in job.partitions().values())

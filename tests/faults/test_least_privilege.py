@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import Job, TableWriters, insert_events, wait_for
+import pytest
+from harness import Job, TableWriters, WorkerProc, insert_events, wait_for
 from test_zombie import STUCK_OWNER, _finish, _state
 
 KILLS = int(os.environ.get("PGSTREAM_CRASH_KILLS_PRIV", "5"))
@@ -39,6 +40,7 @@ def _job(roles: Any, tmp_path: Path, **kwargs: Any) -> Job:
     return job
 
 
+@pytest.mark.slow
 def test_crash_loop_as_runtime_role(pg_roles: Any, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("PGSTREAM_CRASH_SEED", "0")) or None)
     job = _job(pg_roles, tmp_path, batch=100)
@@ -48,8 +50,12 @@ def test_crash_loop_as_runtime_role(pg_roles: Any, tmp_path: Path) -> None:
         for _ in range(KILLS):
             w = job.start()
             before = job.total_batches()
+
+            def committed(b: int = before, w: WorkerProc = w) -> bool:
+                return job.total_batches() > b or not w.alive()
+
             wait_for(
-                lambda b=before, w=w: job.total_batches() > b or not w.alive(),
+                committed,
                 30,
                 what="a commit by the runtime role's worker",
             )

@@ -1,4 +1,4 @@
-"""The poison-input catalogue (issue 3 part 7, DESIGN invariant 7).
+"""The poison-input catalogue (issue 3 part 7, README "Guarantees", invariant 7).
 
 One file holds ordinary records and, scattered between them, every kind of bad input:
 
@@ -262,6 +262,7 @@ def test_on_error_fail_stops_at_the_bad_record_and_commits_nothing_past_it(
 # -- a record that kills the process ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_record_that_kills_the_worker_is_dead_lettered_after_bounded_restarts(
     pg_dsn: str, pg_conn: psycopg.Connection[Any], tmp_path: Path
 ) -> None:

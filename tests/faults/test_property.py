@@ -31,6 +31,7 @@ from typing import Any
 from unittest import mock
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -46,7 +47,6 @@ from netfaults import (
     wait_for,
 )
 
-from pgstream.runtime import committer as committer_module
 from pgstream.runtime.crashpoints import POINTS
 from pgstream.runtime.worker import Worker
 
@@ -85,7 +85,8 @@ class _Hooks:
     def installed(self) -> Iterator[None]:
         """Also adds the point ``before_begin``: the batch is read and evaluated, its
         transaction not yet begun (where a frozen zombie holds a batch it will commit)."""
-        real_commit = committer_module.commit_batch
+        from pgstream.runtime.checkpoint import commit_batch as real_commit
+
 
         def commit_batch(*args: Any, **kwargs: Any) -> int:
             self("before_begin")
@@ -277,6 +278,7 @@ class CheckpointMachine(RuleBasedStateMachine):
         verify_clean(self.app, self.dsn)
 
 
+@pytest.mark.slow
 def test_checkpoint_protocol_state_machine(pg_dsn: str, pg_conn: psycopg.Connection[Any],
                                            tmp_path: Path) -> None:
     from hypothesis.stateful import run_state_machine_as_test

@@ -50,6 +50,7 @@ def cluster() -> Iterator[Cluster]:
         c.destroy()
 
 
+@pytest.mark.slow
 def test_worker_survives_immediate_server_restarts(
     cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -77,7 +78,11 @@ def test_worker_survives_immediate_server_restarts(
     def crasher(stop: threading.Event) -> None:
         for at in (15, 55):  # commits before each crash (100 batches in all)
             with progressed:
-                if not progressed.wait_for(lambda a=at: commits[0] >= a, timeout=60):
+
+                def reached(a: int = at) -> bool:
+                    return commits[0] >= a
+
+                if not progressed.wait_for(reached, timeout=60):
                     return
             if stop.is_set():
                 return

@@ -111,8 +111,9 @@ def test_cli_schema_mismatch_stops_fast_with_one_clear_error(
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     assert res.returncode == 1, res.stderr
-    # the error is the only output besides the start line
-    lines = [ln for ln in res.stderr.strip().splitlines() if " pgstream.progress: " not in ln]
+    # the run's start line, then the error and its hint
+    start, *lines = res.stderr.strip().splitlines()
+    assert 'INFO pgstream.progress: job "mismatch": 1 stream' in start, res.stderr
     assert len(lines) == 2 and "Traceback" not in res.stderr, res.stderr
     assert lines[0] == (
         "error: sink table public.facts rejects every record of orders/0: 8 records in a row "

@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from harness import Job, WorkerProc, insert_events, wait_for
+
+
+def _if_count(pids: list[int], n: int) -> list[int]:
+    """``pids`` when there are exactly ``n`` of them, else none (for :func:`wait_for`)."""
+    return pids if len(pids) == n else []
 
 
 def children_of(pid: int) -> list[int]:
@@ -46,6 +52,7 @@ def kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_the_job_finishes_exactly(
     pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -56,7 +63,7 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_exactly(
     seen: list[int] = []
     try:
         kids = wait_for(
-            lambda: len(children_of(parent.pid)) == 2 and children_of(parent.pid),
+            lambda: _if_count(children_of(parent.pid), 2),
             30, what="two workers",
         )
         seen += kids
@@ -66,6 +73,7 @@ def test_a_killed_worker_is_restarted_and_the_job_finishes_exactly(
             return next((k for k in kids if any(f":{k}:" in o for o in owners)), None)
 
         victim = wait_for(owner_pid, 30, what="a worker to claim a partition")
+        assert victim is not None  # wait_for returns only a truthy value
         before = job.total_batches()
         wait_for(lambda: job.total_batches() > before, 30, what="a commit")
         os.kill(victim, signal.SIGKILL)
@@ -144,6 +152,7 @@ def test_a_configuration_error_in_a_worker_stops_the_group(
     assert "importing 'app' failed: KeyError" in out, out
 
 
+@pytest.mark.slow
 def test_a_worker_dying_at_start_again_and_again_stops_the_group(
     pg_dsn: str, tmp_path: Path
 ) -> None:
@@ -175,7 +184,7 @@ def test_sigterm_to_the_whole_group_is_one_clean_stop(pg_dsn: str, tmp_path: Pat
     kids: list[int] = []
     try:
         kids = wait_for(
-            lambda: len(children_of(parent.pid)) == 2 and children_of(parent.pid),
+            lambda: _if_count(children_of(parent.pid), 2),
             30, what="two workers",
         )
         wait_for(lambda: len([p for p in job.partitions().values() if p["owner"]]) == 2, 30,

@@ -1,4 +1,4 @@
-"""Transient database errors (issue 3 part 6, DESIGN invariant 7).
+"""Transient database errors (issue 3 part 6, README "Guarantees", invariant 7).
 
 ``PGSTREAM_INJECT_ERRORS`` makes the batch transaction raise real server-side SQLSTATEs:
 serialization failure (40001), deadlock (40P01), query cancel (57014) and disk full (53100).
@@ -116,6 +116,7 @@ def test_a_persistent_error_stops_the_worker_with_one_clear_line_and_no_partial_
         assert pg_conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
 
 
+@pytest.mark.slow
 def test_restarts_after_a_persistent_error_never_dead_letter_a_record(
     pg_dsn: str,
     pg_conn: psycopg.Connection[Any],

@@ -1,4 +1,4 @@
-"""Unknown COMMIT outcome (issue 3 part 3, DESIGN invariant 5), made deterministic by a proxy.
+"""Unknown COMMIT outcome (issue 3 part 3, README "Guarantees" 5), made deterministic by a proxy.
 
 A TCP proxy between the worker and PostgreSQL fails the COMMIT of one checkpoint
 transaction in each of the two ways a client cannot tell apart:

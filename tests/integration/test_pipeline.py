@@ -320,7 +320,9 @@ def test_tumbling_windows_upsert_per_key_and_window(
     from datetime import datetime, timezone
 
     base = 1_767_225_600  # 2026-01-01T00:00:00Z
-    events = [{"user": f"u{i % 3}", "amount": i, "ts": base + (i * 7) % 300} for i in range(600)]
+    events: list[dict[str, Any]] = [
+        {"user": f"u{i % 3}", "amount": i, "ts": base + (i * 7) % 300} for i in range(600)
+    ]
     for i, e in enumerate(events):  # mixed timestamp spellings
         if i % 2:
             e["ts"] = (

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,31 +11,17 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from pgstream.errors import ConfigError
 from pgstream.sources.base import OpenContext, ReadResult, SourceError
 from pgstream.sources.table import MIN_OFFSET, TableReader, TableSource, parse_table_name
 
-SERVER_DSN = os.environ.get("PGSTREAM_TEST_DSN", "postgresql://root@127.0.0.1:5432/test")
-
 
 @pytest.fixture
-def scratch_dsn() -> Iterator[str]:
-    """A fresh, empty database on the test server, dropped afterwards."""
-    name = f"pgstream_src_{os.getpid()}_{secrets.token_hex(4)}"
-    try:
-        admin = psycopg.connect(SERVER_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # pragma: no cover - environment
-        pytest.skip(f"no PostgreSQL at {SERVER_DSN}: {exc}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield make_conninfo(SERVER_DSN, dbname=name)
-        finally:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+def scratch_dsn(pg_empty_dsn: str) -> str:
+    """A fresh, empty database on the test server (conftest: the session's server, whichever
+    it is), dropped afterwards."""
+    return pg_empty_dsn
 
 
 @pytest.fixture
@@ -159,7 +143,7 @@ def test_open_transaction_holds_back_later_ids(
 
 
 def test_horizon_holders_name_the_open_transaction(
-    scratch_dsn: str, db: psycopg.Connection[Any]
+    scratch_dsn: str, db: psycopg.Connection[Any], pg_server_dsn: str
 ) -> None:
     """An idle transaction that inserted (a nextval() id) holds the horizon: the reader names
     its session; a transaction elsewhere in the cluster is not named."""
@@ -169,7 +153,7 @@ def test_horizon_holders_name_the_open_transaction(
         assert reader.horizon_holders() == []
         with (
             psycopg.connect(scratch_dsn, application_name="slow-writer") as a,
-            psycopg.connect(SERVER_DSN) as other,
+            psycopg.connect(pg_server_dsn) as other,
         ):
             other.execute("SELECT pg_current_xact_id()")  # another database: not a holder
             a.execute("INSERT INTO orders (user_id) VALUES ('A')\n-- second line")
@@ -260,11 +244,11 @@ def test_id_drawn_in_earlier_statement_with_xid_is_not_skipped(
 
 
 def test_long_transaction_in_another_database_does_not_stall(
-    scratch_dsn: str, db: psycopg.Connection[Any]
+    scratch_dsn: str, db: psycopg.Connection[Any], pg_server_dsn: str
 ) -> None:
     _orders(db)
     reader = TableSource("orders").open("0", OpenContext(scratch_dsn))
-    with psycopg.connect(SERVER_DSN) as other:
+    with psycopg.connect(pg_server_dsn) as other:
         other.execute("SELECT pg_current_xact_id()")  # holds an xid (the cluster's xmin)
         db.execute("INSERT INTO orders (user_id) VALUES ('a'), ('b')")
         got, _ = _read_until(reader, MIN_OFFSET, lambda out: len(out) >= 2, timeout=5)

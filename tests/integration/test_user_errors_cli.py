@@ -106,7 +106,8 @@ def test_on_error_fail_names_file_and_line(
                env={**env, "ON_ERROR": "fail"})
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    first = next(ln for ln in done.stderr.splitlines() if " pgstream.progress: " not in ln)
+    start, first = done.stderr.splitlines()[:2]  # the run's start line, then the error
+    assert 'INFO pgstream.progress: job "ops": 1 stream' in start, done.stderr
     assert first.startswith("error: record at offset ")
     assert first.endswith(
         "failed in to_table(per_unit): ZeroDivisionError: integer division or modulo by zero "

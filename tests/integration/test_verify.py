@@ -277,7 +277,7 @@ def test_tampering_is_named(job: Setup, name: str) -> None:
     stmt, kind, sink = TAMPERING[name]
     with job.conn() as conn:
         for part in stmt.split("; "):
-            conn.execute(part)  # type: ignore[call-overload]
+            conn.execute(part)
     report = job.verify()
     assert not report.ok
     found = [v for v in report.violations if v.kind == kind and v.sink == sink]

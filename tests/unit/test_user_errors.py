@@ -43,7 +43,7 @@ def positive(o: dict[str, Any]) -> bool:
 
 
 def running(total: int, o: dict[str, Any]) -> int:
-    return total + o["amount"] // o["units"]
+    return total + int(o["amount"] // o["units"])
 
 
 def map_app(**kw: Any) -> ps.App:
