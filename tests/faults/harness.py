@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import orjson
 import psycopg
+from proctools import wait_for as wait_for  # shared with tests outside faults/
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps"
@@ -41,23 +42,6 @@ import faultapp  # noqa: E402
 JOB = "faults"
 TARGET = "faultapp:app"
 T = TypeVar("T")
-
-
-# -- waiting --------------------------------------------------------------------------------
-
-
-def wait_for(
-    predicate: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition"
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def faketime_env(offset: str) -> dict[str, str] | None:

@@ -20,26 +20,12 @@ from pathlib import Path
 
 import pytest
 from harness import Job, WorkerProc, insert_events, wait_for
+from proctools import children_of
 
 
 def _if_count(pids: list[int], n: int) -> list[int]:
     """``pids`` when there are exactly ``n`` of them, else none (for :func:`wait_for`)."""
     return pids if len(pids) == n else []
-
-
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from proctools import children_of, wait_for
 from psycopg.conninfo import conninfo_to_dict
 
 APP = """
@@ -97,33 +98,6 @@ def kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def children_of(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def password_dsn(dsn: str, password: str) -> str:
     p = conninfo_to_dict(dsn)
     return (
@@ -143,10 +117,13 @@ def test_workers_keep_the_password_off_every_command_line(
     dsn = password_dsn(pg_dsn, "s3cret")  # trust auth accepts any password
     parent = start(tmp_path, env, "--workers", "2", "--dsn", dsn, "--batch-size", "10")
     procs.append(parent)
-    kids = wait_for(lambda: len(children_of(parent.pid)) == 2 and children_of(parent.pid),
-                    30, "two workers")
+    kids: list[int] = wait_for(
+        lambda: children_of(parent.pid) if len(children_of(parent.pid)) == 2 else [],
+        30,
+        what="two workers",
+    )
     wait_for(
-        lambda: pg_conn.execute("SELECT count(*) FROM ids").fetchone()[0] > 0, 30, "progress"
+        lambda: pg_conn.execute("SELECT count(*) FROM ids").fetchone()[0] > 0, 30, what="progress"
     )
     for pid in [parent.pid, *kids]:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -225,7 +202,7 @@ def test_second_sigterm_stops_a_stuck_batch_at_once(
     args = ["--dsn", pg_dsn, "--batch-size", "500", "--workers", str(workers)]
     proc = start(tmp_path, stuck, *args)
     procs.append(proc)
-    wait_for(mark.exists, 60, "the batch to get stuck")
+    wait_for(mark.exists, 60, what="the batch to get stuck")
 
     proc.send_signal(signal.SIGTERM)
     with pytest.raises(subprocess.TimeoutExpired):
