@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-import orjson
 import psycopg
 
 from pgstream.errors import ConfigError
@@ -31,7 +30,7 @@ from pgstream.sources.base import (
     SourceError,
     SourceRecord,
 )
-from pgstream.sources.raw import JsonPayloads, json_type_name
+from pgstream.sources.raw import JsonPayloads
 
 __all__ = ["KafkaReader", "KafkaSource"]
 
@@ -236,32 +235,17 @@ class KafkaReader(PartitionReader):
             return
         self._past_end(start, high)
 
-    def _past_end(self, start: int, end: int) -> None:
+    def _past_end(self, start: int, end: int) -> NoReturn:
         raise SourceError(
             f"offsets jumped in {self.where}: the committed offset {start} is past the end "
-            f"of the partition (the broker reports end offset {end}); the topic was recreated or truncated. fix: restore the "
-            "topic, or reset this job's offsets for the stream if the new topic is meant to be "
-            "read from its start"
+            f"of the partition (the broker reports end offset {end}); the topic was recreated "
+            "or truncated. fix: restore the topic, or reset this job's offsets for the stream "
+            "if the new topic is meant to be read from its start"
         )
 
-    def _missing(self, start: int, first: int) -> None:
-        low, _ = self._watermarks()
-        why = (
-            f"the earliest retained offset is {low} (retention deleted the records in between)"
-            if low > start - 1
-            else f"the record at {start - 1} is gone (the topic was recreated or compacted)"
-        )
-        raise SourceError(
-            f"offsets jumped in {self.where}: the committed offset is {start} but {why}; the "
-            f"next record is at {first}. fix: raise the topic's retention so the job keeps up, "
-            "or reset this job's offsets for the stream to accept the loss"
-        )
-
-    def _raise(self, err: Any) -> None:
+    def _raise(self, err: Any) -> NoReturn:
         if err.code() == self._kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
-            raise SourceError(
-                f"{self.where} does not exist any more; fix: recreate the topic"
-            )
+            raise SourceError(f"{self.where} does not exist any more; fix: recreate the topic")
         raise SourceError(f"error reading {self.where}: {err.str()}")
 
     # -- reading ------------------------------------------------------------------------------
@@ -275,7 +259,8 @@ class KafkaReader(PartitionReader):
         end = int(messages[-1].offset()) + 1 if messages else start
         deadline = time.monotonic() + _IDLE_WAIT
         while len(messages) < max_records:
-            at_eof = self._eof is not None and self._eof <= end
+            # an end-of-partition event after every record delivered: nothing more is there
+            at_eof = self._eof is not None
             wait = 0.0 if messages or at_eof else 0.1
             batch = self._consumer.consume(max_records - len(messages), wait)
             if not batch:
@@ -292,7 +277,7 @@ class KafkaReader(PartitionReader):
                     self._eof = self._head = int(msg.offset())
                 else:
                     self._raise(err)
-        if self._eof is not None and self._eof > end and len(messages) < max_records:
+        if self._eof is not None and self._eof > end:
             end = self._eof  # markers or aborted records, never delivered: skip past them
         self._next = end
         return messages, end
@@ -304,22 +289,31 @@ class KafkaReader(PartitionReader):
 
     def _record(self, msg: Any) -> SourceRecord:
         offset, payload = int(msg.offset()), msg.value() or b""
-        try:
-            value = self.source.value(payload) if self.source.value else orjson.loads(payload)
-        except Exception as exc:
-            error = f"message at offset {offset} could not be decoded: {exc}"
-            return SourceRecord(offset, None, raw=payload, error=error)
-        if not isinstance(value, dict):
-            error = f"message at offset {offset} is {json_type_name(value)}, not a JSON object"
-            return SourceRecord(offset, None, raw=payload, error=error)
-        if self.source.metadata:
+        if self.source.value is None:
+            record = JsonPayloads([payload], [offset], offset, offset + 1).decode(0)
+        else:
+            record = self._decoded(offset, payload, self.source.value)
+        if self.source.metadata and record.value is not None:
             key = msg.key()
-            value["_key"] = None if key is None else key.decode("utf-8", "replace")
-            value["_timestamp"] = msg.timestamp()[1]
-            value["_headers"] = {
+            record.value["_key"] = None if key is None else key.decode("utf-8", "replace")
+            record.value["_timestamp"] = msg.timestamp()[1]
+            record.value["_headers"] = {
                 k: (None if v is None else v.decode("utf-8", "replace"))
                 for k, v in (msg.headers() or [])
             }
+        return record
+
+    @staticmethod
+    def _decoded(offset: int, payload: bytes, decoder: Decoder) -> SourceRecord:
+        try:
+            value = decoder(payload)
+        except Exception as exc:
+            error = f"message at offset {offset} could not be decoded: {exc!r}"
+            return SourceRecord(offset, None, raw=payload, error=error)
+        if not isinstance(value, dict):
+            error = f"the decoder returned {type(value).__name__} for the message at offset " \
+                f"{offset}, not a dict"
+            return SourceRecord(offset, None, raw=payload, error=error)
         return SourceRecord(offset, value)
 
     def head(self) -> int | None:

@@ -6,6 +6,7 @@ offsets in PostgreSQL, dead letters, custom decoders and the retention / recreat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -28,7 +29,7 @@ from pgstream.runtime.worker import Worker
 from pgstream.sources.base import OpenContext, SourceError
 
 kafka = pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed")
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # noqa: E402
 
 PARTS = 3
 RETENTION = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
@@ -343,10 +344,47 @@ def test_a_committed_offset_below_the_retained_range_is_an_error(topic: Topic) -
 
 
 def test_a_missing_topic_and_an_unreachable_broker_are_clear_errors(broker: str) -> None:
-    with pytest.raises(SourceError, match="topic 'no-such-topic' does not exist.*fix:"):
+    with pytest.raises(SourceError, match=r"topic 'no-such-topic' does not exist.*fix:"):
         ps.KafkaSource("no-such-topic", bootstrap_servers=broker).partitions(None)  # type: ignore[arg-type]
     port = _free_port()
-    with pytest.raises(SourceError, match="cannot reach the Kafka broker.*fix:"):
+    with pytest.raises(SourceError, match=r"cannot reach the Kafka broker.*fix:"):
         ps.KafkaSource(
             "orders", bootstrap_servers=f"127.0.0.1:{port}", timeout=1
         ).partitions(None)  # type: ignore[arg-type]
+
+
+def test_transactions_commit_offset_ranges_past_their_markers(
+    pg_dsn: str, pg_conn: psycopg.Connection[Any], topic: Topic
+) -> None:
+    pg_conn.execute(
+        "CREATE TABLE seen (id bigint, _source text, _partition text, _offset bigint, "
+        "_seq int, UNIQUE (_source, _partition, _offset, _seq))"
+    )
+    producer = kafka.Producer(
+        {"bootstrap.servers": topic.bootstrap, "transactional.id": f"tx-{topic.name}"}
+    )
+    producer.init_transactions(10)
+    for ids, commit in (([1, 2, 3], True), ([100, 101], False), ([4, 5], True)):
+        producer.begin_transaction()
+        for i in ids:
+            producer.produce(topic.name, orjson.dumps({"id": i}), partition=0)
+        if commit:
+            producer.commit_transaction(10)
+        else:
+            producer.abort_transaction(10)
+    source = ps.KafkaSource(topic.name, bootstrap_servers=topic.bootstrap)
+    Worker(_worker_app(source), pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
+    seen = pg_conn.execute("SELECT id, _offset FROM seen ORDER BY _offset").fetchall()
+    assert [i for i, _ in seen] == [1, 2, 3, 4, 5]
+    offsets = [o for _, o in seen]
+    assert offsets[:3] == [0, 1, 2] and offsets[3] > 3  # a commit marker (at least) skipped
+    # the batches tile [0, end) and end past the last commit marker (no record lies there)
+    ledger = pg_conn.execute(
+        "SELECT start_offset, end_offset FROM pgstream.batches WHERE job = 'kdecode' "
+        "AND partition = '0' ORDER BY start_offset"
+    ).fetchall()
+    assert ledger[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(ledger))
+    assert ledger[-1][1] == offsets[-1] + 2
+    # a restart resumes there: nothing new, nothing read twice
+    Worker(_worker_app(source), pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
+    assert pg_conn.execute("SELECT count(*) FROM seen").fetchone() == (5,)
