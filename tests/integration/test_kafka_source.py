@@ -149,15 +149,20 @@ orders.key_by("user", name="user_id").aggregate(n=ps.count(), total=ps.sum("amou
 """
 
 
-def _start(
-    tmp_path: Path, dsn: str, topic: Topic, *, idle: bool = True, batch: int = 200
-) -> subprocess.Popen[bytes]:
-    (tmp_path / "kapp.py").write_text(textwrap.dedent(APP))
+def _env(tmp_path: Path, topic: Topic, batch: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
     env.update(
         PYTHONPATH=str(tmp_path), KAPP_TOPIC=topic.name, KAPP_BOOTSTRAP=topic.bootstrap,
         KAPP_BATCH=str(batch), PYTHONUNBUFFERED="1",
     )
+    return env
+
+
+def _start(
+    tmp_path: Path, dsn: str, topic: Topic, *, idle: bool = True, batch: int = 200
+) -> subprocess.Popen[bytes]:
+    (tmp_path / "kapp.py").write_text(textwrap.dedent(APP))
+    env = _env(tmp_path, topic, batch)
     cmd = [sys.executable, "-m", "pgstream", "run", "kapp:app", "--dsn", dsn]
     if idle:
         cmd.append("--stop-when-idle")
@@ -239,6 +244,13 @@ def test_a_worker_killed_mid_run_loses_and_repeats_nothing(
     topic.produce(_orders(300, first=6000))
     _run_to_idle(tmp_path, pg_dsn, topic)
     _assert_exact(pg_conn, topic)
+    # the audit re-reads every committed range from the topic and finds each effect once
+    audit = subprocess.run(
+        [sys.executable, "-m", "pgstream", "verify", "kapp:app", "--dsn", pg_dsn],
+        capture_output=True, text=True, env=_env(tmp_path, topic, 200), cwd=tmp_path,
+        timeout=120,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 def _worker_app(source: ps.KafkaSource) -> ps.App:
