@@ -207,12 +207,7 @@ class KafkaReader(PartitionReader):
             self._next = start
             return
         if low > start:
-            raise SourceError(
-                f"offsets jumped in {self.where}: the committed offset is {start} but the "
-                f"earliest retained offset is {low} (retention deleted the records in between). "
-                "fix: raise the topic's retention so the job keeps up, or reset this job's "
-                "offsets for the stream to accept the loss"
-            )
+            self._not_retained(start, low)
         # The record before ``start`` ended the last batch: it (or a transaction marker) must
         # exist, so reading from it tells a live partition from a recreated, shorter one.
         self._consumer.assign([self._tp(start - 1)])
@@ -230,7 +225,7 @@ class KafkaReader(PartitionReader):
                     self._past_end(start, int(msg.offset()))
                 self._eof = self._head = int(msg.offset())
             else:
-                self._raise(err)
+                self._raise(err, start)
             self._next = start
             return
         self._past_end(start, high)
@@ -243,7 +238,22 @@ class KafkaReader(PartitionReader):
             "if the new topic is meant to be read from its start"
         )
 
-    def _raise(self, err: Any) -> NoReturn:
+    def _not_retained(self, start: int, low: int) -> NoReturn:
+        raise SourceError(
+            f"offsets jumped in {self.where}: the committed offset is {start} but the "
+            f"earliest retained offset is {low} (retention deleted the records in between). "
+            "fix: raise the topic's retention so the job keeps up, or reset this job's "
+            "offsets for the stream to accept the loss"
+        )
+
+    def _raise(self, err: Any, start: int) -> NoReturn:
+        if err.code() == self._kafka.KafkaError._AUTO_OFFSET_RESET:
+            # the broker says the fetch offset is out of range: below its log start or past
+            # its end (``auto.offset.reset`` is "error", so the consumer never jumps)
+            low, high = self._watermarks()
+            if low > start:
+                self._not_retained(start, low)
+            self._past_end(start, high)
         if err.code() == self._kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise SourceError(f"{self.where} does not exist any more; fix: recreate the topic")
         raise SourceError(f"error reading {self.where}: {err.str()}")
@@ -276,7 +286,7 @@ class KafkaReader(PartitionReader):
                 elif err.code() == self._kafka.KafkaError._PARTITION_EOF:
                     self._eof = self._head = int(msg.offset())
                 else:
-                    self._raise(err)
+                    self._raise(err, end)
         if self._eof is not None and self._eof > end:
             end = self._eof  # markers or aborted records, never delivered: skip past them
         self._next = end
