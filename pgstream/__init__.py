@@ -14,7 +14,7 @@ from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
 from pgstream.operators.windows import tumbling
-from pgstream.sources import FileSource, Source, TableSource
+from pgstream.sources import FileSource, KafkaSource, Source, TableSource
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "App",
     "Batch",
     "FileSource",
+    "KafkaSource",
     "KeyedStream",
     "PgStreamError",
     "Settings",

@@ -9,10 +9,12 @@ from pgstream.sources.base import (
     SourceRecord,
 )
 from pgstream.sources.file import FileSource
+from pgstream.sources.kafka import KafkaSource
 from pgstream.sources.table import TableSource
 
 __all__ = [
     "FileSource",
+    "KafkaSource",
     "OpenContext",
     "PartitionReader",
     "ReadResult",
