@@ -41,12 +41,14 @@ def test_two_streams_into_one_aggregate_table_are_exact_and_verified(
 ) -> None:
     pg_conn.execute("CREATE TABLE totals (who text PRIMARY KEY, n bigint, total bigint)")
     (tmp_path / "app.py").write_text(APP)
-    web = [{"who": f"u{i % 9}", "v": i % 11} for i in range(700)]
+    web: list[dict[str, Any]] = [{"who": f"u{i % 9}", "v": i % 11} for i in range(700)]
     _lines(tmp_path / "web.jsonl", web)
     (tmp_path / "shop").mkdir()
-    shop = []
+    shop: list[dict[str, Any]] = []
     for f in range(3):
-        part = [{"who": f"u{i % 5}", "v": i % 7, "cents": i} for i in range(f * 300, f * 300 + 250)]
+        part: list[dict[str, Any]] = [
+            {"who": f"u{i % 5}", "v": i % 7, "cents": i} for i in range(f * 300, f * 300 + 250)
+        ]
         _lines(tmp_path / "shop" / f"{f}.jsonl", part)
         shop += part
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
