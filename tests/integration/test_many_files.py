@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 import pgstream as ps
+from pgstream.errors import SourceUnavailableError
 from pgstream.runtime.worker import Worker
 from pgstream.sources.base import OpenContext, SourceError
 
@@ -173,3 +174,24 @@ def _wait(predicate: Any, timeout: float = 20.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_file_deleted_after_it_was_read_fails_loudly(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    pg_conn.execute(TABLES)
+    _write(tmp_path / "a.jsonl", range(10))
+    _write(tmp_path / "b.jsonl", range(10, 20))
+
+    def run() -> None:
+        app = ps.App("many-files", batch_size=100, lease_seconds=5)
+        events = app.stream("events", ps.FileSource(f"{tmp_path}/*.jsonl"))
+        events.map(lambda e: {"id": e["id"]}).to_table("ids")
+        events.key_by("k").aggregate(n=ps.count(), total=ps.sum("v")).to_table("totals")
+        Worker(app, pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
+
+    run()
+    assert _scalar(pg_conn, "SELECT count(*) FROM ids") == 20
+    (tmp_path / "b.jsonl").unlink()
+    with pytest.raises(SourceUnavailableError, match=r"b\.jsonl.*does not exist"):
+        run()
