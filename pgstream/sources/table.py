@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 MIN_OFFSET = -(2**63)
 T = TypeVar("T")
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+#: a split table's partition with no rows of its own in this many final offsets moves past
+#: them (an empty batch) instead of scanning them again at every read
+SPLIT_SKIP_SPAN = 10_000
 #: column types whose text form depends only on the value (not on session settings such as
 #: TimeZone or DateStyle), so the hash that splits a table is the same in every session
 _PARTITION_BY_TYPES = _INTEGER_TYPES | frozenset(
@@ -686,7 +689,14 @@ class TableReader(PartitionReader):
         if nxt < self._safe_end:
             records += self._fetch(nxt, self._safe_end, max_records - len(records))
         if records:
-            return ReadResult(records, records[-1].offset + 1, self._head_hint())
+            end = records[-1].offset + 1
+            if self._split and len(records) < max_records:
+                end = max(end, self._safe_end)  # every row of this partition below it was read
+            return ReadResult(records, end, self._head_hint())
+        if self._split and self._safe_end - start >= SPLIT_SKIP_SPAN:
+            # none of this partition's rows in a long final range: move past it, so the next
+            # read does not walk the other partitions' rows again
+            return ReadResult(records, self._safe_end, self._head_hint())
         if start > MIN_OFFSET and (self._last_max is None or self._last_max + 1 < start):
             self._check_not_reset(start)
         return ReadResult(records, start, self._head_hint())
