@@ -344,6 +344,8 @@ def reset(
         outcome.add(f"reset stream {stream!r} of job {job!r}: the next run reads it from the start")
         ledger = _rowcount(cur, queries.ADMIN_DELETE_LEDGER, p)
         _rowcount(cur, queries.ADMIN_RESET_PARTITIONS, p)
+        keep = list(app.sources[stream].partitions(conn))
+        _rowcount(cur, queries.ADMIN_DELETE_GONE_PARTITIONS, {**p, "keep": keep})
         outcome.add(
             f"  checkpoint: {len(parts)} partition(s) back to the start (were at "
             f"{_offsets(parts)}), {ledger} ledger batch(es) deleted"

@@ -118,15 +118,57 @@ class App:
         return register
 
     def _add_sink(self, spec: SinkSpec) -> None:
+        """Add a sink; several may share a table only if all append, or all aggregate with
+        the same key columns, window and aggregate columns (a union: deltas merge in SQL)."""
         clash = [s for s in self.sinks if s.table == spec.table]
-        if clash and (spec.kind != "append" or any(s.kind != "append" for s in clash)):
+        if not clash:
+            self.sinks.append(spec)
+            return
+        kinds = {s.kind for s in clash} | {spec.kind}
+        if kinds == {"aggregate"}:
+            first, theirs = _aggregate_shape(clash[0]), _aggregate_shape(spec)
+            if first != theirs:
+                raise ConfigError(
+                    f"table {spec.table!r} gets aggregates from streams {clash[0].stream!r} "
+                    f"and {spec.stream!r} of different shapes ({_show_shape(first)} vs "
+                    f"{_show_shape(theirs)}); streams may feed one aggregate table only with "
+                    "the same key columns, window and aggregates (name and kind, in order)",
+                    hint="make the key_by/window/aggregate calls match, or write to separate "
+                    "tables",
+                )
+        elif kinds != {"append"}:
+            other = next((s for s in clash if s.kind != spec.kind), clash[0])
             raise ConfigError(
-                f"table {spec.table!r} is the target of a keyed sink and another sink"
+                f"table {spec.table!r} is the target of {_an(spec.kind)} sink (stream "
+                f"{spec.stream!r}) and {_an(other.kind)} sink (stream {other.stream!r}): only "
+                "aggregate sinks of the same shape (their deltas merge) or append sinks may "
+                "share a table",
+                hint="write each to its own table",
             )
         self.sinks.append(spec)
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, streams={list(self.sources)}, sinks={len(self.sinks)})"
+
+
+def _aggregate_shape(spec: SinkSpec) -> tuple[Any, ...]:
+    """What must match for aggregate sinks to share a table: key columns, window size,
+    aggregate columns and kinds."""
+    assert spec.key is not None
+    window = spec.key.window[0] if spec.key.window is not None else None
+    return spec.key.columns, window, tuple((a.name, a.kind) for a in spec.aggregates)
+
+
+def _an(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _show_shape(shape: tuple[Any, ...]) -> str:
+    columns, window, aggs = shape
+    text = f"key {', '.join(columns)}"
+    if window is not None:
+        text += f", {window:g}s windows"
+    return text + ", " + ", ".join(f"{name}={kind}" for name, kind in aggs)
 
 
 @dataclass(frozen=True, slots=True)

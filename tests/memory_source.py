@@ -38,6 +38,10 @@ class MemorySource(Source):
         """Add records at the end of ``partition``."""
         self.data[partition].extend(records)
 
+    def add_partition(self, partition: str, *records: Record) -> None:
+        """Make a new partition appear (a worker finds it in its lease maintenance)."""
+        self.data[partition] = list(records)
+
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         return sorted(self.data)
 

@@ -182,7 +182,7 @@ SELECT version, plan, changes FROM pgstream.plan_versions WHERE job = %(job)s OR
 OTHER_JOBS = "SELECT job, plan FROM pgstream.jobs WHERE job <> %(job)s ORDER BY job"
 
 PARTITION_IDENTITIES = """
-SELECT source, partition, source_identity FROM pgstream.partitions
+SELECT source, partition, source_identity, committed_offset FROM pgstream.partitions
  WHERE job = %(job)s ORDER BY source, partition
 """
 
@@ -525,6 +525,13 @@ DELETE FROM pgstream.state WHERE job = %(job)s AND operator = ANY(%(operators)s:
 # retire: the ledger goes with the rows (batches_partition_fkey ON DELETE CASCADE).
 ADMIN_DELETE_PARTITIONS = """
 DELETE FROM pgstream.partitions WHERE job = %(job)s AND source = %(stream)s
+"""
+
+# After a reset: rows of partitions the source no longer has (a table split into fewer
+# partitions, a file that is gone) would stay claimable forever.
+ADMIN_DELETE_GONE_PARTITIONS = """
+DELETE FROM pgstream.partitions
+ WHERE job = %(job)s AND source = %(stream)s AND NOT (partition = ANY(%(keep)s::text[]))
 """
 
 ADMIN_LIST_PARTITIONS = f"""

@@ -107,11 +107,13 @@ def _check_identities(
     recorded = plans.stream_sources(recorded_plan) if recorded_plan is not None else {}
     problems = []
     seen: set[str] = set()
-    for source, _partition, stored in conn.execute(
+    for source, _partition, stored, committed in conn.execute(
         queries.PARTITION_IDENTITIES, {"job": app.name}
     ).fetchall():
         if source not in app.sources or source in seen:
             continue
+        if stored is None and committed is None:
+            continue  # no checkpoint (e.g. reset): nothing whose offsets could be misread
         # a row from before plan tracking is judged by the recorded plan, if there is one
         stored = stored if stored is not None else recorded.get(source)
         now = plan["streams"][source]["source"]
@@ -131,7 +133,8 @@ def _check_identities(
         hint=(
             "if this is a different job, give the App another name (ps.App('...')); to start "
             f"the stream over from the beginning of the new source, run `pgstream job reset "
-            f"{target} {streams}` (--accept-changes does not apply to this)"
+            f"{target} {streams} --yes`, then run it with --accept-changes (which alone does "
+            "not resume a changed source)"
         ),
     )
 

@@ -38,6 +38,9 @@ log = logging.getLogger("pgstream.worker")
 
 ProgressFn = Callable[[PartitionTask, int], None]
 
+#: how often a running worker looks for partitions that appeared (new files, topic partitions)
+DISCOVERY_SECONDS = 2.0
+
 
 @dataclass(slots=True)
 class RunSummary:
@@ -124,6 +127,7 @@ class Worker:
         self._sinks: dict[str, AppendSink | UpsertSink] = {}
         self._generation = 0
         self._next_maintenance = 0.0
+        self._next_discovery = 0.0
         self._prepared = False
         #: told of every event of the run: ``observers``, then ``on_commit``, then ``progress``
         self.observer = Observers(
@@ -196,9 +200,20 @@ class Worker:
     def _register(self, conn: psycopg.Connection[Any]) -> None:
         self.partitions = 0
         for name, source in self.app.sources.items():
-            partitions = list(source.partitions(conn))
+            try:
+                partitions = list(source.partitions(conn))
+            except SourceError as exc:
+                raise SourceUnavailableError(f"stream {name!r}: {exc}") from exc
             self.leases.register(conn, name, partitions)
             self.partitions += len(partitions)
+        self._next_discovery = time.monotonic() + DISCOVERY_SECONDS
+
+    def _discover(self, conn: psycopg.Connection[Any], *, force: bool = False) -> None:
+        """Register partitions that appeared since the last look (a new file, a new topic
+        partition); they are then claimed like any other. At most every
+        ``DISCOVERY_SECONDS`` unless ``force``."""
+        if force or time.monotonic() >= self._next_discovery:
+            self._register(conn)
 
     def _check_plan_version(self, conn: psycopg.Connection[Any]) -> None:
         """Stop if another worker accepted a newer plan of the job (this one is fenced)."""
@@ -298,19 +313,23 @@ class Worker:
     def _caught_up(self) -> bool:
         """Nothing was safely readable on any owned partition and none is left to claim."""
         owned = set(self.tasks)
-        self._maintain()
+        self._maintain(discover=True)
         if not set(self.tasks) <= owned:
             return False  # just claimed a partition: it has not been polled yet
         return not self.leases.claimable(self.db.conn)
 
     # -- leases ------------------------------------------------------------------------------
 
-    def _maintain(self) -> None:
-        """Heartbeat, renew owned leases, release surplus and claim free partitions."""
+    def _maintain(self, *, discover: bool = False) -> None:
+        """Heartbeat, renew owned leases, register new partitions, release surplus and claim
+        free partitions (``discover``: look for new partitions now)."""
         conn = self.db.conn
         self._generation = self.db.generation
-        self._next_maintenance = time.monotonic() + self.settings.lease_seconds / 3
+        self._next_maintenance = time.monotonic() + min(
+            self.settings.lease_seconds / 3, DISCOVERY_SECONDS
+        )
         self._check_plan_version(conn)
+        self._discover(conn, force=discover)
         self.leases.heartbeat(conn)
         for key, task in list(self.tasks.items()):
             if not self.leases.renew(conn, task.lease):

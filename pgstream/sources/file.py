@@ -1,4 +1,5 @@
-"""A JSON Lines file as a single-partition source.
+"""JSON Lines files as a source: one file (one partition), or many (a glob or a directory,
+one partition per file, new files picked up while the job runs).
 
 The offset of a record is the byte position where its line starts, so a committed offset is
 always the byte right after a newline and a restarted job resumes exactly at the next line.
@@ -8,6 +9,7 @@ another process appends to a live stream.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,13 +39,21 @@ _NEWLINE = 0x0A
 _BOM = b"\xef\xbb\xbf"
 
 class FileSource(Source):
-    """Records from a JSON Lines file: one JSON object per line, one partition named ``"0"``.
+    """Records from JSON Lines files: one JSON object per line.
+
+    ``FileSource("orders.jsonl")`` reads one file as one partition named ``"0"``.
+    ``FileSource("landing/*.jsonl")`` (a glob; ``**`` recurses) or ``FileSource("landing")``
+    (a directory: every file directly in it) read one partition per file, named by the file's
+    path relative to the pattern's base directory (``"2024/a.jsonl"``), so names are stable
+    across restarts; files that appear while the job runs are picked up. Names starting with
+    ``.`` are ignored (write a file under a hidden name and rename it in, or append to it).
 
     The offset is the byte position of a line's start. Lines that are blank produce no record;
     lines that are not a JSON object (malformed JSON, invalid UTF-8, an array, ...) produce a
     record with ``value=None`` and an ``error`` so that they reach the dead-letter table.
-    The file may only grow: if it becomes shorter than a committed offset the reader raises
-    :class:`SourceError` instead of silently re-reading or skipping data.
+    A file may only grow: if it becomes shorter than a committed offset, or a file with
+    committed offsets disappears, the reader raises :class:`SourceError` instead of silently
+    re-reading or skipping data.
     """
 
     kind = "file"
@@ -52,28 +62,55 @@ class FileSource(Source):
         self.path: str = os.fspath(path)
         self.abspath: str = os.path.abspath(self.path)
         self.name: str = name if name is not None else self.path
+        #: many files: (base directory, pattern relative to it); None for a single file
+        self.many: tuple[str, str] | None = _split_pattern(self.abspath)
 
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
-        """A file is a single partition, ``"0"``."""
-        return ["0"]
+        """``"0"`` for a single file; else the matching files, relative to the base."""
+        if self.many is None:
+            return ["0"]
+        base, pattern = self.many
+        if not os.path.isdir(base):
+            raise SourceError(
+                f"file source {self.path!r}: its directory {base} does not exist or is not a "
+                "directory; fix: create it or correct the pattern given to FileSource"
+            )
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(base), pattern), recursive=True):
+            if os.path.isfile(path):
+                found.append(os.path.relpath(path, base))
+        return sorted(found)
 
     def initial_offset(self, partition: str) -> int:
         """Start at the first byte of the file."""
         return 0
 
     def open(self, partition: str, context: OpenContext) -> FileReader:
-        """Open the file for reading (``context`` is unused)."""
-        if partition != "0":
-            raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
-        return FileReader(self.abspath, display=self.path)
+        """Open the partition's file for reading (``context`` is unused)."""
+        if self.many is None:
+            if partition != "0":
+                raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
+            return FileReader(self.abspath, display=self.path)
+        base = self.many[0]
+        if os.path.isabs(partition) or ".." in partition.split(os.sep):
+            raise SourceError(f"{self.describe()}: {partition!r} is not a file under {base}")
+        return FileReader(os.path.join(base, partition), display=partition)
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:
-        """Raise :class:`SourceError` if the file does not exist or cannot be read."""
-        _check_readable(self.abspath, self.path)
+        """Raise :class:`SourceError` if the file (or the files' directory) is missing or
+        cannot be read."""
+        if self.many is None:
+            _check_readable(self.abspath, self.path)
+        else:
+            self.partitions(conn)
 
     def identity(self) -> str:
-        """``file <absolute path, symlinks resolved>``."""
-        return f"file {os.path.realpath(self.abspath)}"
+        """``file <absolute path, symlinks resolved>``; ``files <resolved base>/<pattern>``
+        for many files."""
+        if self.many is None:
+            return f"file {os.path.realpath(self.abspath)}"
+        base, pattern = self.many
+        return f"files {os.path.join(os.path.realpath(base), pattern)}"
 
     def describe(self) -> str:
         """``file <path>``."""
@@ -81,6 +118,18 @@ class FileSource(Source):
 
     def __repr__(self) -> str:
         return f"FileSource({self.path!r})"
+
+
+def _split_pattern(abspath: str) -> tuple[str, str] | None:
+    """(base directory, pattern under it) for a glob or a directory; None for one file."""
+    if os.path.isdir(abspath):
+        return abspath, "[!.]*"
+    if not glob.has_magic(abspath):
+        return None
+    parts = abspath.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:first]) or os.sep
+    return base, os.sep.join(parts[first:])
 
 
 def _check_readable(abspath: str, display: str) -> None:

@@ -1,4 +1,5 @@
-"""A PostgreSQL table as a single-partition source, ordered by an increasing integer column.
+"""A PostgreSQL table as a source ordered by an increasing integer column: one partition, or
+``partitions=N`` partitions split by a hash of a column, each with its own offset.
 
 The hard part is invariant 6 (never skip a row that becomes visible later). Values of a
 ``bigserial``/identity column are handed out *before* the inserting transaction commits, so
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 MIN_OFFSET = -(2**63)
 T = TypeVar("T")
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+#: a split table's partition with no rows of its own in this many final offsets moves past
+#: them (an empty batch) instead of scanning them again at every read
+SPLIT_SKIP_SPAN = 10_000
+#: column types whose text form depends only on the value (not on session settings such as
+#: TimeZone or DateStyle), so the hash that splits a table is the same in every session
+_PARTITION_BY_TYPES = _INTEGER_TYPES | frozenset(
+    {"text", "character varying", "character", "uuid", "numeric", "boolean"}
+)
 
 
 class TableSource(Source):
@@ -67,6 +76,18 @@ class TableSource(Source):
     application writes the values). The safe horizon cannot protect such a column: a row
     committed after a row with a larger offset was read is skipped for good. Use it only when
     one writer commits rows in increasing offset order; a warning is logged at start.
+
+    ``partitions=N, partition_by="col"`` splits the table into ``N`` partitions named
+    ``"0"`` .. ``"N-1"``: a row belongs to partition
+    ``abs(mod(hashtextextended(coalesce(col::text, ''), 0), N))`` (PostgreSQL's own stable
+    text hash, the same on every server and platform; a NULL hashes like ``''``), so every
+    row of one ``col`` value is in one partition, in offset order. Each partition has its own
+    offset and
+    reads only below the table's safe horizon, like one partition does; the workers of a job
+    share them. ``col`` must be an integer, text, uuid, numeric or boolean column. Changing
+    ``N`` or ``col`` changes what the offsets mean, so the job refuses to resume the stream
+    (start it over with ``pgstream job reset``). A partition's read scans the offset index past
+    the other partitions' rows; keep ``N`` small (a few per core of the group).
     """
 
     kind = "table"
@@ -78,9 +99,25 @@ class TableSource(Source):
         offset_column: str = "id",
         columns: Sequence[str] | None = None,
         unsafe_offsets_may_skip_rows: bool = False,
+        partitions: int = 1,
+        partition_by: str | None = None,
     ) -> None:
         if not offset_column:
             raise ConfigError("TableSource needs an offset_column name")
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ConfigError(f"TableSource({table!r}): partitions must be an int >= 1, got "
+                              f"{partitions!r}")
+        if partitions > 1 and not partition_by:
+            raise ConfigError(
+                f"TableSource({table!r}, partitions={partitions}) needs partition_by= naming the "
+                "column whose hash splits the rows (e.g. partition_by=\"user_id\")"
+            )
+        if partitions == 1 and partition_by is not None:
+            raise ConfigError(
+                f"TableSource({table!r}): partition_by={partition_by!r} needs partitions > 1"
+            )
+        self.n_partitions = partitions
+        self.partition_by = partition_by
         self.table = table
         self.schema, self.relname = parse_table_name(table)
         self.offset_column = offset_column
@@ -109,12 +146,29 @@ class TableSource(Source):
     # -- Source --------------------------------------------------------------------------------
 
     def identity(self) -> str:
-        """``table <schema>.<table> offset <column>``; an unqualified name counts as ``public``."""
-        return f"table {self.schema or 'public'}.{self.relname} offset {self.offset_column}"
+        """``table <schema>.<table> offset <column>``; an unqualified name counts as ``public``.
+        A split table adds `` partitions <N> by <column>``."""
+        ident = f"table {self.schema or 'public'}.{self.relname} offset {self.offset_column}"
+        if self.n_partitions > 1:
+            ident += f" partitions {self.n_partitions} by {self.partition_by}"
+        return ident
 
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
-        """A table is a single partition, ``"0"``."""
-        return ["0"]
+        """``"0"`` .. ``"N-1"`` (one partition, ``"0"``, by default)."""
+        return [str(i) for i in range(self.n_partitions)]
+
+    def partition_filter(self, partition: str) -> sql.Composable | None:
+        """The SQL condition selecting ``partition``'s rows (None: one partition, all rows)."""
+        if self.n_partitions == 1:
+            return None
+        assert self.partition_by is not None
+        return sql.SQL(
+            "abs(mod(hashtextextended(coalesce({col}::text, ''), 0), {n})) = {p}"
+        ).format(
+            col=sql.Identifier(self.partition_by),
+            n=sql.Literal(self.n_partitions),
+            p=sql.Literal(int(partition)),
+        )
 
     def initial_offset(self, partition: str) -> int:
         """``-2**63``: start before every possible offset."""
@@ -122,9 +176,11 @@ class TableSource(Source):
 
     def open(self, partition: str, context: OpenContext) -> TableReader:
         """Open a reader with its own autocommit connection to the job's database."""
-        if partition != "0":
-            raise SourceError(f"{self.describe()} has only partition '0', not {partition!r}")
-        return TableReader(self, context.dsn)
+        if partition not in {str(i) for i in range(self.n_partitions)}:
+            raise SourceError(
+                f"{self.describe()} has partitions 0..{self.n_partitions - 1}, not {partition!r}"
+            )
+        return TableReader(self, context.dsn, partition)
 
     def describe(self) -> str:
         """``table <schema.table>``."""
@@ -141,6 +197,8 @@ class TableSource(Source):
 
     def __repr__(self) -> str:
         unsafe = ", unsafe_offsets_may_skip_rows=True" if self.unsafe_offsets_may_skip_rows else ""
+        if self.n_partitions > 1:
+            unsafe += f", partitions={self.n_partitions}, partition_by={self.partition_by!r}"
         return f"TableSource({self.table!r}, offset_column={self.offset_column!r}{unsafe})"
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:
@@ -208,6 +266,18 @@ class TableSource(Source):
                 f"offset column {off!r} of source table {self.table!r} has type {types[off]}, "
                 "not an integer type; fix: use a bigint column filled by a sequence or identity "
                 "(bigserial / GENERATED ALWAYS AS IDENTITY)"
+            )
+        pb = self.partition_by
+        if pb is not None and pb not in types:
+            raise SourceError(
+                f"source table {self.table!r} has no partition_by column {pb!r}; "
+                "fix: correct the partition_by= given to TableSource"
+            )
+        if pb is not None and types[pb] not in _PARTITION_BY_TYPES:
+            raise SourceError(
+                f"partition_by column {pb!r} of source table {self.table!r} has type "
+                f"{types[pb]}, whose text form may depend on session settings; fix: split by "
+                "an integer, text, uuid, numeric or boolean column"
             )
         if self.columns is not None:
             missing = [c for c in self.columns if c not in types]
@@ -462,8 +532,9 @@ class TableReader(PartitionReader):
     the :class:`psycopg.OperationalError` propagates (a transient error to the runtime).
     """
 
-    def __init__(self, source: TableSource, dsn: str) -> None:
+    def __init__(self, source: TableSource, dsn: str, partition: str = "0") -> None:
         self.source = source
+        self.partition = partition
         self._dsn = dsn
         self._conn: psycopg.Connection[dict[str, Any]] | None = None
         self._safe_end = MIN_OFFSET
@@ -483,10 +554,16 @@ class TableReader(PartitionReader):
                 cols.append(source.offset_column)
                 self._drop_offset = True
             select_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        where = source.partition_filter(partition)
+        mine: sql.Composable = sql.SQL("") if where is None else sql.SQL(" AND ") + where
+        self._split = where is not None
         self._q_rows = sql.SQL(
-            "SELECT {cols} FROM {table} WHERE {off} >= %s AND {off} < %s ORDER BY {off} LIMIT %s"
-        ).format(cols=select_list, table=table, off=off)
-        self._q_max = sql.SQL("SELECT max({off}) FROM {table}").format(off=off, table=table)
+            "SELECT {cols} FROM {table} WHERE {off} >= %s AND {off} < %s{mine} "
+            "ORDER BY {off} LIMIT %s"
+        ).format(cols=select_list, table=table, off=off, mine=mine)
+        self._q_max = sql.SQL("SELECT max({off}) FROM {table}{where}").format(
+            off=off, table=table, where=sql.SQL("") if where is None else sql.SQL(" WHERE ") + where
+        )
         self._q_horizon = sql.SQL(
             _HORIZON_CTES
             + """
@@ -569,7 +646,8 @@ class TableReader(PartitionReader):
         return self._with_retry(lambda: self._read(start, max_records))
 
     def head(self) -> int | None:
-        """``max(offset) + 1`` of the table now, or ``None`` when it is empty."""
+        """``max(offset) + 1`` of the table (of this partition's rows, for a split table) now,
+        or ``None`` when it has none."""
         top = self._with_retry(self._max)
         return None if top is None else top + 1
 
@@ -611,13 +689,21 @@ class TableReader(PartitionReader):
         if nxt < self._safe_end:
             records += self._fetch(nxt, self._safe_end, max_records - len(records))
         if records:
-            return ReadResult(records, records[-1].offset + 1, self._head_hint())
+            end = records[-1].offset + 1
+            if self._split and len(records) < max_records:
+                end = max(end, self._safe_end)  # every row of this partition below it was read
+            return ReadResult(records, end, self._head_hint())
+        if self._split and self._safe_end - start >= SPLIT_SKIP_SPAN:
+            # none of this partition's rows in a long final range: move past it, so the next
+            # read does not walk the other partitions' rows again
+            return ReadResult(records, self._safe_end, self._head_hint())
         if start > MIN_OFFSET and (self._last_max is None or self._last_max + 1 < start):
             self._check_not_reset(start)
         return ReadResult(records, start, self._head_hint())
 
     def _head_hint(self) -> int | None:
-        return None if self._last_max is None else self._last_max + 1
+        # a split table's newest offset is the table's, not this partition's: unknown here
+        return None if self._last_max is None or self._split else self._last_max + 1
 
     def safe_end(self) -> int:
         """The offset below which every row is final as far as this reader has seen: no

@@ -140,6 +140,8 @@ class Job:
     lease: float = 10.0
     batch: int = 200
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: partitions of each source table (split by ``user_id``)
+    split: int = 1
     #: DSN ``pgstream run`` / ``verify`` use (e.g. a non-superuser runtime role); default ``dsn``
     run_dsn: str | None = None
     workers: list[WorkerProc] = field(default_factory=list)
@@ -163,6 +165,7 @@ class Job:
             FAULTAPP_TABLES=",".join(self.tables),
             FAULTAPP_LEASE=str(self.lease),
             FAULTAPP_BATCH=str(self.batch),
+            FAULTAPP_PARTITIONS=str(self.split),
             PYTHONUNBUFFERED="1",
         )
         if self.with_file:
@@ -338,7 +341,15 @@ class Job:
 
     def assert_outputs_exact(self) -> Outputs:
         """Every sink (and the dead letters) equals the reference computed from the inputs."""
-        ref = reference(self.inputs(), self.tables)
+        part_of = None
+        if self.split > 1:  # the documented split: PostgreSQL's stable text hash
+            part_of = {
+                int(u): str(p) for u, p in self.query(
+                    "SELECT u, abs(mod(hashtextextended(u::text, 0), %s)) "
+                    "FROM generate_series(0, 10000) AS u", [self.split],
+                )
+            }
+        ref = reference(self.inputs(), self.tables, part_of)
         act = self.actual()
         compare(ref, act)
         return ref
@@ -386,8 +397,11 @@ def file_records(data: bytes) -> Iterator[tuple[int, dict[str, Any] | None]]:
         pos = nl + 1
 
 
-def reference(inputs: Inputs, tables: list[str]) -> Outputs:
-    """Every sink's expected content, computed from the inputs without pgstream."""
+def reference(
+    inputs: Inputs, tables: list[str], part_of: dict[int, str] | None = None
+) -> Outputs:
+    """Every sink's expected content, computed from the inputs without pgstream
+    (``part_of``: a split table's partition of each user, else everything in ``"0"``)."""
     ref = Outputs()
     poison = faultapp.POISON_AMOUNT
     for t in tables:
@@ -396,12 +410,13 @@ def reference(inputs: Inputs, tables: list[str]) -> Outputs:
         for eid, user, amount in inputs.events[t]:
             if amount == 0:
                 continue
+            part = "0" if part_of is None else part_of[user]
             if amount == poison:
-                ref.dead.append((t, "0", eid, "to_table(event_facts)"))
+                ref.dead.append((t, part, eid, "to_table(event_facts)"))
                 continue
-            ref.event_facts.append((t, "0", eid, 0, eid, user, amount * 100))
+            ref.event_facts.append((t, part, eid, 0, eid, user, amount * 100))
             if amount % 10 == 7:
-                ref.event_facts.append((t, "0", eid, 1, eid, user, -1))
+                ref.event_facts.append((t, part, eid, 1, eid, user, -1))
             a = acc.get(user)
             if a is None:
                 acc[user] = [1, amount, amount, amount]

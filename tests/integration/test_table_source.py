@@ -612,3 +612,71 @@ def test_dropped_table_raises_source_error(scratch_dsn: str, db: psycopg.Connect
     with pytest.raises(SourceError, match=r"table orders can no longer be read.*orders"):
         reader.read(MIN_OFFSET, 10)
     reader.close()
+
+
+def test_split_table_partitions_hold_each_row_once_below_the_horizon(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    """4 partitions by user_id: an open transaction holds every partition back; each row is
+    in exactly one partition (the documented hash), in id order; a partition with no rows
+    in a long final range moves past it instead of scanning it again."""
+    from pgstream.sources.table import SPLIT_SKIP_SPAN
+
+    _orders(db)
+    src = TableSource("orders", partitions=4, partition_by="user_id")
+    src.validate(db)
+    readers = {p: src.open(p, OpenContext(scratch_dsn)) for p in src.partitions(db)}
+    with psycopg.connect(scratch_dsn) as a:
+        a.execute("INSERT INTO orders (user_id) VALUES ('u0')")
+        db.execute(
+            "INSERT INTO orders (user_id) SELECT 'u' || (g % 13) FROM generate_series(1, 300) g"
+        )
+        db.execute("INSERT INTO orders (user_id) VALUES (NULL)")
+        for r in readers.values():
+            assert r.read(MIN_OFFSET, 100).records == []
+        a.commit()
+    seen: dict[int, str] = {}
+    for p, r in readers.items():
+        start, got = MIN_OFFSET, []
+        for _ in range(50):
+            res = r.read(start, 40)
+            got += [x.offset for x in res.records]
+            start = res.end
+            if start >= 303:
+                break
+        assert got == sorted(got) and start == 303, (p, start)
+        for off in got:
+            assert off not in seen
+            seen[off] = p
+    assert sorted(seen) == list(range(1, 303))
+    want = dict(db.execute(
+        "SELECT id, abs(mod(hashtextextended(coalesce(user_id::text, ''), 0), 4))::text "
+        "FROM orders"
+    ).fetchall())
+    assert seen == want
+    # a user only in partition q: the others move past a long range of q's rows at once
+    q = want[1]
+    lonely = next(u for u in (f"x{i}" for i in range(100)) if db.execute(
+        "SELECT abs(mod(hashtextextended(%s, 0), 4))::text", [u]).fetchone() == (q,))
+    db.execute(
+        "INSERT INTO orders (user_id) SELECT %s FROM generate_series(1, %s)",
+        [lonely, SPLIT_SKIP_SPAN + 5],
+    )
+    other = next(p for p in readers if p != q)
+    res = readers[other].read(303, 100)
+    assert res.records == [] and res.end == 303 + SPLIT_SKIP_SPAN + 5
+    with pytest.raises(SourceError, match=r"partitions 0\.\.3"):
+        src.open("4", OpenContext(scratch_dsn))
+    for r in readers.values():
+        r.close()
+
+
+def test_split_table_refuses_a_partition_by_column_it_cannot_hash_stably(
+    scratch_dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    db.execute("CREATE TABLE ev (id bigserial PRIMARY KEY, at timestamptz, who text)")
+    with pytest.raises(SourceError, match=r"partition_by column 'at' .* timestamp with time zone"):
+        TableSource("ev", partitions=2, partition_by="at").validate(db)
+    with pytest.raises(SourceError, match="no partition_by column 'nope'"):
+        TableSource("ev", partitions=2, partition_by="nope").validate(db)
+    TableSource("ev", partitions=2, partition_by="who").validate(db)

@@ -248,8 +248,9 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         src.validate(None)  # type: ignore[arg-type]
     with pytest.raises(SourceError, match="does not exist"):
         src.open("0", OpenContext(""))
-    with pytest.raises(SourceError):
-        FileSource(tmp_path).validate(None)  # type: ignore[arg-type]
+    with pytest.raises(SourceError, match="does not exist"):
+        FileSource(tmp_path / "gone" / "*.jsonl").validate(None)  # type: ignore[arg-type]
+    FileSource(tmp_path).validate(None)  # type: ignore[arg-type]  # a directory: many files
 
 
 def test_deleted_while_reading_raises(tmp_path: Path) -> None:

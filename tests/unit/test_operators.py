@@ -174,7 +174,7 @@ def test_app_rejects_bad_definitions() -> None:
     with pytest.raises(ConfigError):
         s.key_by("k").aggregate(n=42)  # type: ignore[arg-type]
     s.key_by("k").aggregate(n=ps.count()).to_table("t")
-    with pytest.raises(ConfigError, match="keyed sink"):
+    with pytest.raises(ConfigError, match=r"an append sink .* and an aggregate sink"):
         s.to_table("t")
     with pytest.raises(ConfigError):
         ps.App("")

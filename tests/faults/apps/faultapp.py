@@ -5,6 +5,8 @@
   aggregate (``<table>_totals``) and fold (``<table>_fold``) sinks.
 * ``FAULTAPP_FILE``: a JSON Lines file read as the stream ``clicks`` (``click_facts``,
   ``page_counts``); unset: no file stream.
+* ``FAULTAPP_PARTITIONS`` (default 1): N > 1 splits each source table into N partitions by
+  ``user_id`` (``TableSource(partitions=N, partition_by="user_id")``).
 * ``FAULTAPP_LEASE`` (seconds, default 10), ``FAULTAPP_BATCH`` (default 200).
 * ``FAULTAPP_FREEZE_ID`` + ``FAULTAPP_FREEZE_MARK``: the first process to evaluate the
   event with that id creates the marker file and freezes itself with SIGSTOP, mid-batch.
@@ -30,6 +32,7 @@ TABLES = [t.strip() for t in os.environ.get("FAULTAPP_TABLES", "events").split("
 FILE = os.environ.get("FAULTAPP_FILE") or None
 LEASE = float(os.environ.get("FAULTAPP_LEASE", "10"))
 BATCH = int(os.environ.get("FAULTAPP_BATCH", "200"))
+PARTITIONS = int(os.environ.get("FAULTAPP_PARTITIONS", "1"))
 _FREEZE_ID = int(os.environ.get("FAULTAPP_FREEZE_ID", "0") or 0)
 _FREEZE_MARK = os.environ.get("FAULTAPP_FREEZE_MARK", "")
 
@@ -68,7 +71,10 @@ def nonzero(r: dict[str, Any]) -> bool:
 app = ps.App("faults", lease_seconds=LEASE, batch_size=BATCH, max_interval=0.2, poll_interval=0.05)
 
 for _table in TABLES:
-    _events = app.stream(_table, ps.TableSource(f"public.{_table}", offset_column="id"))
+    _split: dict[str, Any] = (
+        {"partitions": PARTITIONS, "partition_by": "user_id"} if PARTITIONS > 1 else {}
+    )
+    _events = app.stream(_table, ps.TableSource(f"public.{_table}", offset_column="id", **_split))
     _valid = _events.filter(nonzero)
     _valid.flat_map(event_facts).to_table("event_facts")
     _valid.key_by("user_id").aggregate(
