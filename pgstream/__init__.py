@@ -14,7 +14,13 @@ from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
 from pgstream.operators.windows import tumbling
-from pgstream.sources import FileSource, Source, TableSource
+from pgstream.sources import (
+    FileSource,
+    NatsSource,
+    RedisStreamSource,
+    Source,
+    TableSource,
+)
 
 __version__ = "0.1.0"
 
@@ -24,7 +30,9 @@ __all__ = [
     "Batch",
     "FileSource",
     "KeyedStream",
+    "NatsSource",
     "PgStreamError",
+    "RedisStreamSource",
     "Settings",
     "Source",
     "Stream",

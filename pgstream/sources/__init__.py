@@ -9,13 +9,17 @@ from pgstream.sources.base import (
     SourceRecord,
 )
 from pgstream.sources.file import FileSource
+from pgstream.sources.nats import NatsSource
+from pgstream.sources.redis_stream import RedisStreamSource
 from pgstream.sources.table import TableSource
 
 __all__ = [
     "FileSource",
+    "NatsSource",
     "OpenContext",
     "PartitionReader",
     "ReadResult",
+    "RedisStreamSource",
     "Source",
     "SourceError",
     "SourceRecord",
