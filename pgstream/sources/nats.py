@@ -160,6 +160,7 @@ class NatsReader(PartitionReader):
                 self.source.servers,
                 connect_timeout=self.source.connect_timeout,
                 max_reconnect_attempts=3,
+                reconnect_time_wait=0.5,
                 allow_reconnect=True,
                 error_cb=_quiet,
             )

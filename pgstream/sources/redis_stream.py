@@ -13,11 +13,18 @@ without it, or with a value that is not one JSON object, goes to the dead letter
 UTF-8 text.
 
 Each read runs ``XRANGE`` and ``XINFO STREAM`` in one ``MULTI``, so it sees the stream at one
-instant. Redis records the largest id it ever deleted (``max-deleted-entry-id``, Redis >= 7):
-when that id is at or above the committed offset, an entry the job has not read was trimmed
-(``XTRIM``, ``XADD MAXLEN``) or deleted (``XDEL``), and the read fails loudly. Trimming entries
-the job has already read is fine. A job with nothing committed starts at the stream's first
-entry.
+instant, and fails loudly (:class:`SourceError`) when entries the job has not read may be gone:
+
+* trimmed (``XTRIM``, ``XADD MAXLEN/MINID``): the last entry the job read is no longer in the
+  stream (its first entry is above the committed id, or it is empty though entries were added
+  after). Trimming removes the oldest entries, so while that entry is kept nothing unread was
+  trimmed. Conservative: when exactly the read entries were trimmed, pgstream cannot tell and
+  stops too; keep MAXLEN/MINID behind the job's lag.
+* deleted (``XDEL``): Redis records the largest id it ever deleted (``max-deleted-entry-id``,
+  Redis >= 7); at or above the committed offset means an unread entry was deleted.
+* recreated: the committed id is above the stream's last id.
+
+A job with nothing committed starts at the stream's first entry.
 """
 
 from __future__ import annotations
@@ -212,21 +219,26 @@ class RedisStreamReader(PartitionReader):
         return info
 
     def _check(self, start: int, info: dict[Any, Any]) -> int:
-        """The head offset; SourceError if entries from ``start`` on were deleted."""
+        """The head offset; SourceError if entries from ``start`` on may be gone."""
         last = id_to_offset(info["last-generated-id"])
-        deleted = info.get("max-deleted-entry-id")
-        if start > 0 and deleted is not None and id_to_offset(deleted) >= start:
-            raise SourceError(
-                f"{self.where}: entries at or after the committed id {offset_to_id(start)} were "
-                f"trimmed or deleted (the largest deleted id is {_text(deleted)}); fix: trim "
-                "only entries the job has read, or reset the job's offsets"
-            )
         if start > last + 1:
             raise SourceError(
                 f"{self.where}: the committed id {offset_to_id(start)} is beyond the stream's "
                 f"last id {_text(info['last-generated-id'])} (the key was deleted and "
                 "recreated); fix: reset the job's offsets if the new stream is meant"
             )
+        if start > 0:
+            _check_deleted(self.where, start, info.get("max-deleted-entry-id"))
+            first = info.get("first-entry")
+            gone = last >= start if not first else id_to_offset(first[0]) >= start
+            if gone:
+                now = f"now starts at {_text(first[0])}" if first else "is now empty"
+                raise SourceError(
+                    f"{self.where} was trimmed past the committed id {offset_to_id(start)}: "
+                    f"the last entry the job read is gone and the stream {now}, so unread "
+                    "entries may be lost; fix: trim only entries the job has read (keep "
+                    "MAXLEN/MINID behind its lag), or reset the job's offsets"
+                )
         return last + 1
 
     def read_raw(self, start: int, max_records: int) -> RedisPayloads:
@@ -265,6 +277,16 @@ class RedisStreamReader(PartitionReader):
     def close(self) -> None:
         """Close the connection pool."""
         self._client.close()
+
+
+def _check_deleted(where: str, start: int, deleted: Any) -> None:
+    """SourceError if ``XDEL`` removed an entry at or after ``start``."""
+    if deleted is not None and id_to_offset(deleted) >= start:
+        raise SourceError(
+            f"{where}: entries at or after the committed id {offset_to_id(start)} were deleted "
+            f"(the largest deleted id is {_text(deleted)}); fix: delete only entries the job "
+            "has read, or reset the job's offsets"
+        )
 
 
 def _text(value: Any) -> str:
