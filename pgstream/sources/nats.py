@@ -24,6 +24,7 @@ import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+import orjson
 import psycopg
 
 from pgstream.errors import ConfigError
@@ -105,6 +106,46 @@ class NatsSource(Source):
         return f"NatsSource({self.stream!r}, servers={','.join(self.servers)!r})"
 
 
+def _stream_seq(msg: Any) -> int:
+    """A JetStream message's stream sequence, from its reply subject (fast path for the
+    common ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` form)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)
+
+
+class _Pull:
+    """An ephemeral pull consumer; its messages arrive on ``inbox`` through :meth:`deliver`,
+    which collects one pull request's messages until ``want`` arrived or a status ends it."""
+
+    def __init__(self, subject: str, name: str) -> None:
+        self.subject = subject  # where pull requests go
+        self.name = name
+        self.inbox = ""
+        self.sub: Any = None
+        self.stale = False
+        self.start(0)
+
+    def start(self, want: int) -> None:
+        self.want = want
+        self.values: list[bytes] = []
+        self.seqs: list[int] = []
+        self.status: str | None = None
+        self.done = asyncio.Event()
+
+    async def deliver(self, msg: Any) -> None:
+        headers = msg.headers
+        if headers and "Status" in headers:  # 404/408: the request ended; 409: refused
+            self.status = headers["Status"]
+            self.done.set()
+            return
+        self.values.append(msg.data)
+        self.seqs.append(_stream_seq(msg))
+        if len(self.values) >= self.want:
+            self.done.set()
+
+
 class _LoopThread:
     """An asyncio event loop on its own daemon thread; :meth:`run` waits for a coroutine."""
 
@@ -142,9 +183,9 @@ class NatsReader(PartitionReader):
         self._loop = _LoopThread(f"pgstream-nats-{source.stream}")
         self._nc: Any = None
         self._js: Any = None
-        self._sub: Any = None
+        self._pull: _Pull | None = None
         self._next = -1  # the sequence the open consumer delivers next
-        self._consumer_name: str | None = None
+        self._lock: asyncio.Lock | None = None
         try:
             self._loop.run(self._connect(), self._timeout)
         except BaseException:
@@ -171,6 +212,7 @@ class NatsReader(PartitionReader):
                 "fix: start the server or correct servers="
             ) from None
         self._js = self._nc.jetstream(timeout=self.source.connect_timeout)
+        self._lock = asyncio.Lock()
         await self._state()
 
     async def _state(self) -> tuple[int, int]:
@@ -187,6 +229,11 @@ class NatsReader(PartitionReader):
         return int(info.state.first_seq), int(info.state.last_seq)
 
     async def _read(self, start: int, max_records: int) -> JsonPayloads:
+        assert self._lock is not None
+        async with self._lock:  # one pull at a time (the read-ahead thread reads too)
+            return await self._read_locked(start, max_records)
+
+    async def _read_locked(self, start: int, max_records: int) -> JsonPayloads:
         first, last = await self._state()
         head = last + 1
         if start > 0 and start < first:
@@ -211,36 +258,39 @@ class NatsReader(PartitionReader):
     async def _fetch(
         self, begin: int, want: int, from_first: bool
     ) -> tuple[list[bytes], list[int]]:
-        if self._sub is None or self._next != begin:
-            await self._unsubscribe()
-            self._sub = await self._consumer(begin)
-        values: list[bytes] = []
-        seqs: list[int] = []
-        expected = begin
-        while len(values) < want:
-            try:
-                msgs = await self._sub.fetch(want - len(values), timeout=_FETCH_TIMEOUT)
-            except asyncio.TimeoutError:
-                break
-            for msg in msgs:
-                seq = int(msg.metadata.sequence.stream)
-                if seq != expected and not (from_first and not seqs):
-                    await self._unsubscribe()
-                    raise SourceError(
-                        f"{self.where}: sequences {expected}..{seq - 1} are missing (deleted "
-                        f"or expired) before sequence {seq}; fix: restore them or reset the "
-                        "job's offsets past them"
-                    )
-                values.append(msg.data)
-                seqs.append(seq)
-                expected = seq + 1
-        self._next = expected
+        if self._pull is None or self._next != begin:
+            await self._drop_consumer()
+            self._pull = await self._consumer(begin)
+        pull = self._pull
+        pull.start(want)
+        request = orjson.dumps({"batch": want, "expires": int(_FETCH_TIMEOUT * 1e9)})
+        await self._nc.publish(pull.subject, request, reply=pull.inbox)
+        try:
+            await asyncio.wait_for(pull.done.wait(), _FETCH_TIMEOUT + 2.0)
+        except asyncio.TimeoutError:
+            pull.stale = True  # a late delivery must not reach the next read
+        values, seqs = pull.values, pull.seqs
+        if pull.stale or (pull.status or "").startswith("409"):
+            await self._drop_consumer()
+        expected = begin if not (from_first and seqs) else seqs[0]
+        for i, seq in enumerate(seqs):
+            if seq != expected + i:
+                await self._drop_consumer()
+                raise SourceError(
+                    f"{self.where}: sequences {expected + i}..{seq - 1} are missing (deleted "
+                    f"or expired) before sequence {seq}; fix: restore them or reset the "
+                    "job's offsets past them"
+                )
+        self._next = seqs[-1] + 1 if seqs else begin
         return values, seqs
 
-    async def _consumer(self, begin: int) -> Any:
+    async def _consumer(self, begin: int) -> _Pull:
+        """An ephemeral pull consumer from ``begin`` (no acks) and a callback-fed inbox."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+        name = self._nc._nuid.next().decode()
         config = ConsumerConfig(
+            name=name,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=begin,
             ack_policy=AckPolicy.NONE,
@@ -248,22 +298,22 @@ class NatsReader(PartitionReader):
             mem_storage=True,
             num_replicas=1,
         )
-        sub = await self._js.pull_subscribe(
-            "", durable=None, stream=self.source.stream, config=config
-        )
-        self._consumer_name = config.name
-        return sub
+        await self._js.add_consumer(self.source.stream, config=config)
+        pull = _Pull(f"$JS.API.CONSUMER.MSG.NEXT.{self.source.stream}.{name}", name)
+        pull.inbox = self._nc.new_inbox()
+        pull.sub = await self._nc.subscribe(pull.inbox, cb=pull.deliver)
+        return pull
 
-    async def _unsubscribe(self) -> None:
-        sub, self._sub, self._next = self._sub, None, -1
-        if sub is not None:
+    async def _drop_consumer(self) -> None:
+        pull, self._pull, self._next = self._pull, None, -1
+        if pull is not None:
             # best effort: the server forgets the consumer after its inactive_threshold
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-                await self._js.delete_consumer(self.source.stream, self._consumer_name)
+                await pull.sub.unsubscribe()
+                await self._js.delete_consumer(self.source.stream, pull.name)
 
     async def _close(self) -> None:
-        await self._unsubscribe()
+        await self._drop_consumer()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
 
@@ -271,7 +321,15 @@ class NatsReader(PartitionReader):
 
     def read_raw(self, start: int, max_records: int) -> JsonPayloads:
         """The message data of sequences ``start ..`` (at most ``max_records``), undecoded."""
-        return self._loop.run(self._read(start, max(1, max_records)), self._timeout)
+        try:
+            return self._loop.run(self._read(start, max(1, max_records)), self._timeout)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(
+                f"{self.where}: reading from sequence {start} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Like :meth:`read_raw`, decoded."""

@@ -5,6 +5,7 @@ when messages the job has not read expired or were deleted."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,16 @@ def stream() -> Iterator[Stream]:
         s.call("delete_stream", s.name)
 
 
+async def _update(name: str, **config: Any) -> None:
+    nc = await nats.connect(SERVER)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(name)
+        await js.update_stream(info.config.evolve(**config))
+    finally:
+        await nc.close()
+
+
 async def _add(name: str) -> None:
     nc = await nats.connect(SERVER)
     try:
@@ -110,14 +121,19 @@ def test_sigkill_mid_run_and_rerun_is_exact(
     assert bj.committed(pg_conn) == 3001
 
 
+@pytest.mark.parametrize("how", ["max_age", "purge"])
 def test_expired_messages_past_the_committed_sequence_fail_loudly(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream, how: str
 ) -> None:
     bj.setup(tmp_path, pg_conn, stream.source)
     stream.publish(bj.payloads(0, 100))
     assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
     stream.publish(bj.payloads(100, 100))
-    stream.call("purge_stream", stream.name)  # sequences 101 .. 200 gone, unread
+    if how == "purge":
+        stream.call("purge_stream", stream.name)  # sequences 101 .. 200 gone, unread
+    else:  # they expire
+        asyncio.run(_update(stream.name, max_age=0.5, duplicate_window=0.5))
+        time.sleep(1.5)
     done = bj.run_idle(tmp_path, pg_dsn)
     assert done.returncode != 0
     assert f"NATS stream {stream.name!r}" in done.stderr, done.stderr
