@@ -14,7 +14,14 @@ from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
 from pgstream.operators.windows import tumbling
-from pgstream.sources import FileSource, KafkaSource, Source, TableSource
+from pgstream.sources import (
+    FileSource,
+    KafkaSource,
+    NatsSource,
+    RedisStreamSource,
+    Source,
+    TableSource,
+)
 
 __version__ = "0.1.0"
 
@@ -25,7 +32,9 @@ __all__ = [
     "FileSource",
     "KafkaSource",
     "KeyedStream",
+    "NatsSource",
     "PgStreamError",
+    "RedisStreamSource",
     "Settings",
     "Source",
     "Stream",

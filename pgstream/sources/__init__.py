@@ -10,14 +10,18 @@ from pgstream.sources.base import (
 )
 from pgstream.sources.file import FileSource
 from pgstream.sources.kafka import KafkaSource
+from pgstream.sources.nats import NatsSource
+from pgstream.sources.redis_stream import RedisStreamSource
 from pgstream.sources.table import TableSource
 
 __all__ = [
     "FileSource",
     "KafkaSource",
+    "NatsSource",
     "OpenContext",
     "PartitionReader",
     "ReadResult",
+    "RedisStreamSource",
     "Source",
     "SourceError",
     "SourceRecord",

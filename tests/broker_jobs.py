@@ -1,0 +1,154 @@
+"""A job over a broker source (NATS, Redis), run as ``pgstream run`` subprocesses, and the
+reference its sinks must equal; shared by tests/integration/test_nats_source.py and
+test_redis_stream_source.py.
+
+Events are ``{"id": i, "user": i % 7, "amount": i % 50}``; some payloads are malformed JSON and
+must end in the dead letters. ``facts`` (append) holds one row per valid event, ``per_user``
+(aggregate) the count and sum of amounts per user.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+
+JOB = "brokers"
+
+APP = """
+import os
+import time
+
+import pgstream as ps
+
+DELAY = float(os.environ.get("DELAY", "0"))
+app = ps.App({job!r}, batch_size=int(os.environ.get("BATCH", "500")), max_interval=0.0)
+events = app.stream("events", {source})
+
+
+def fact(e):
+    if DELAY:
+        time.sleep(DELAY)
+    return {{"id": e["id"], "user": e["user"], "amount": e["amount"]}}
+
+
+events.map(fact).to_table("facts")
+events.key_by("user").aggregate(n=ps.count(), total=ps.sum("amount")).to_table("per_user")
+"""
+
+DDL = """
+CREATE TABLE facts (id bigint NOT NULL, "user" int NOT NULL, amount int NOT NULL,
+    _source text NOT NULL, _partition text NOT NULL, _offset bigint NOT NULL,
+    _seq int NOT NULL, UNIQUE (_source, _partition, _offset, _seq));
+CREATE TABLE per_user ("user" int PRIMARY KEY, n bigint NOT NULL, total bigint);
+"""
+
+
+def event(i: int) -> bytes:
+    """Event ``i`` as JSON."""
+    return orjson.dumps({"id": i, "user": i % 7, "amount": i % 50})
+
+
+def payloads(first: int, n: int, bad_every: int = 0) -> list[bytes]:
+    """Events ``first .. first + n - 1``; with ``bad_every``, every such event is malformed."""
+    return [
+        b'{"id": ' + str(i).encode() + b", oops" if bad_every and i % bad_every == 3 else event(i)
+        for i in range(first, first + n)
+    ]
+
+
+def setup(tmp: Path, conn: psycopg.Connection[Any], source: str) -> None:
+    """The sink tables and ``tmp/brokerapp.py`` reading from ``source`` (Python code)."""
+    conn.execute(DDL)
+    (tmp / "brokerapp.py").write_text(textwrap.dedent(APP.format(job=JOB, source=source)))
+
+
+def pgstream(
+    tmp: Path, dsn: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pgstream ARGS`` in ``tmp`` (the app's directory)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pgstream", *args, "--dsn", dsn],
+        cwd=tmp,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_idle(
+    tmp: Path, dsn: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pgstream run brokerapp:app --stop-when-idle``."""
+    return pgstream(tmp, dsn, "run", "brokerapp:app", "--stop-when-idle", env=env)
+
+
+def committed(conn: psycopg.Connection[Any]) -> int | None:
+    """The committed offset of the job's partition, if any."""
+    row = conn.execute(
+        "SELECT committed_offset FROM pgstream.partitions WHERE job = %s", [JOB]
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def kill_mid_run(tmp: Path, dsn: str, conn: psycopg.Connection[Any], env: dict[str, str]) -> int:
+    """Start a run, SIGKILL it once it committed something, return the committed offset."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgstream", "run", "brokerapp:app", "--dsn", dsn],
+        cwd=tmp,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (offset := committed(conn)) is None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no batch committed within 60 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stderr:
+            proc.stderr.close()
+    return offset
+
+
+def check_sinks(conn: psycopg.Connection[Any], ids: list[int], bad: int) -> None:
+    """``facts`` holds each of ``ids`` exactly once, ``per_user`` their totals, and the dead
+    letters ``bad`` records."""
+    facts = conn.execute('SELECT id, "user", amount FROM facts ORDER BY id').fetchall()
+    assert facts == [(i, i % 7, i % 50) for i in sorted(ids)]
+    expected: dict[int, tuple[int, int]] = {}
+    for i in ids:
+        n, total = expected.get(i % 7, (0, 0))
+        expected[i % 7] = (n + 1, total + i % 50)
+    rows = conn.execute('SELECT "user", n, total FROM per_user ORDER BY 1').fetchall()
+    assert rows == [(u, n, t) for u, (n, t) in sorted(expected.items())]
+    dead = conn.execute("SELECT count(*) FROM pgstream.dead_letters WHERE job = %s", [JOB])
+    assert dead.fetchone() == (bad,)
+
+
+def valid_ids(first: int, n: int, bad_every: int = 0) -> list[int]:
+    """The ids of the well-formed events among :func:`payloads` ``(first, n, bad_every)``."""
+    return [i for i in range(first, first + n) if not (bad_every and i % bad_every == 3)]
+
+
+def ledger(conn: psycopg.Connection[Any]) -> list[tuple[int, int]]:
+    """The job's committed batches, ``(start, end)`` in order."""
+    rows = conn.execute(
+        "SELECT start_offset, end_offset FROM pgstream.batches WHERE job = %s ORDER BY 1", [JOB]
+    ).fetchall()
+    return [(int(s), int(e)) for s, e in rows]
