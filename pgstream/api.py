@@ -268,6 +268,7 @@ class FoldedStream:
     def to_table(self, table: str) -> None:
         """Overwrite each touched key's row in ``table`` with its state after the batch."""
         s = self.keyed.stream
+        _check_fold_partitioning(s, self.keyed.key, table)
         operator_id = self.name or f"{s.source}:fold:{table}"
         s.app._add_sink(
             SinkSpec(
@@ -280,3 +281,35 @@ class FoldedStream:
                 operator_id=operator_id,
             )
         )
+
+
+def _check_fold_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
+    """Refuse a fold whose key's records may arrive through several partitions.
+
+    Fold state is kept per source partition: two partitions holding records of one key would
+    each fold their own part, and the sink row would hold whichever committed last. A fold is
+    correct over a single-partition source, or when the key is the field the source partitions
+    by (and only filters run before it, so the field still means what the source split on).
+    """
+    source = stream.app.sources[stream.source]
+    if source.single_partition():
+        return
+    field = source.partition_key()
+    by = key.by
+    if (
+        field is not None
+        and key.window is None
+        and by == (field,)
+        and all(isinstance(step, Filter) for step in stream.steps)
+    ):
+        return
+    raise ConfigError(
+        f"fold into {table!r}: stream {stream.source!r} ({source.describe()}) has several "
+        "partitions, and records of one key may arrive through more than one of them, while a "
+        "fold's state is kept per partition (each partition would fold its own part of a key)",
+        hint=(
+            "use aggregate() (its deltas merge across partitions), or key the fold by the field "
+            "the source partitions on (TableSource(..., partitions=N, partition_by=...)); a "
+            "repartition step for other keys is planned"
+        ),
+    )

@@ -42,6 +42,9 @@ class MemorySource(Source):
         """Make a new partition appear (a worker finds it in its lease maintenance)."""
         self.data[partition] = list(records)
 
+    def single_partition(self) -> bool:
+        return len(self.data) == 1
+
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         return sorted(self.data)
 

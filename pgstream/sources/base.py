@@ -116,6 +116,17 @@ class Source(abc.ABC):
         """A one-line human description."""
         return self.kind
 
+    def single_partition(self) -> bool:
+        """Whether this source always has exactly one partition (a fold over it sees every
+        record of a key in one place). Sources that may have several say False."""
+        return True
+
+    def partition_key(self) -> str | None:
+        """The record field whose value decides a record's partition, when the source
+        guarantees that all records with one value land in one partition (None: no such
+        guarantee). A fold keyed on it is correct across partitions."""
+        return None
+
     def tables_read(self) -> Sequence[TableRead]:
         """The PostgreSQL tables this source reads (the runtime role needs SELECT on them)."""
         return ()

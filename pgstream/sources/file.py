@@ -65,6 +65,10 @@ class FileSource(Source):
         #: many files: (base directory, pattern relative to it); None for a single file
         self.many: tuple[str, str] | None = _split_pattern(self.abspath)
 
+    def single_partition(self) -> bool:
+        """One file is one partition; a glob or a directory has one per file."""
+        return self.many is None
+
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         """``"0"`` for a single file; else the matching files, relative to the base."""
         if self.many is None:

@@ -114,6 +114,10 @@ class KafkaSource(Source):
             **self.config,
         }
 
+    def single_partition(self) -> bool:
+        """A topic may have (and gain) several partitions."""
+        return False
+
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         """The topic's partitions, asked of the broker."""
         return [str(p) for p in self._partition_ids()]

@@ -145,6 +145,14 @@ class TableSource(Source):
 
     # -- Source --------------------------------------------------------------------------------
 
+    def single_partition(self) -> bool:
+        """One partition unless split with ``partitions=N``."""
+        return self.n_partitions == 1
+
+    def partition_key(self) -> str | None:
+        """``partition_by``: every row with one value of it lands in one partition."""
+        return self.partition_by
+
     def identity(self) -> str:
         """``table <schema>.<table> offset <column>``; an unqualified name counts as ``public``.
         A split table adds `` partitions <N> by <column>``."""
