@@ -105,7 +105,7 @@ def append_kernels(
     }
     # code built from fixed templates, no input text (see aggregate_kernels)
     for name, offsets in _APPEND_OFFSETS.items():
-        code = _APPEND_RAW.format(name=name, **offsets)
+        code = _APPEND_RAW.format(name=name, decode=_DECODE_PAYLOAD, **offsets)
         exec(compile(code, APPEND_KERNEL_FILENAME, "exec"), ns)
     run_packed: RawKernel = ns["run_packed"]
     run_listed: RawKernel = ns["run_listed"]
@@ -117,6 +117,19 @@ def append_kernels(
 
 
 #: the loop over undecoded payloads for an append plan; ``{first}`` and ``{next}`` make ``pos``
+#: the one rule for an undecoded payload, in every raw loop: a JSON object, else ``fail``
+#: (``fail(payload, None, None)``: the caller decodes it again for the dead letter's error)
+_DECODE_PAYLOAD = """\
+        try:
+            v = loads(payload)
+        except decode_error:
+            fail(payload, None, None)
+            continue
+        if type(v) is not dict:
+            fail(payload, None, None)
+            continue
+"""
+
 #: the offset of each payload, computed from the payload lengths when the batch's payloads lie
 #: back to back ``gap`` bytes apart (``packed``, a file's lines), taken from its list otherwise
 _APPEND_RAW = """\
@@ -126,15 +139,7 @@ def run_{name}(batch, groups, fail):
 {first}
     for payload in batch.payloads:
 {next}
-        try:
-            v = loads(payload)
-        except decode_error:
-            fail(payload, None, None)
-            continue
-        if type(v) is not dict:
-            fail(payload, None, None)
-            continue
-        try:
+{decode}        try:
             o = fn(v)
             if type(o) is not dict and o is not skip:
                 raise not_a_dict(o)
@@ -168,15 +173,7 @@ def run_raw(batch, accs, fail):
     get = accs.get
     loads = _loads
     for payload in batch.payloads:
-        try:
-            v = loads(payload)
-        except decode_error:
-            fail(payload, None, None)
-            continue
-        if type(v) is not dict:
-            fail(payload, None, None)
-            continue
-        try:
+{decode}        try:
 {body}
         except Exception as exc:
             fail(payload, v, exc)
@@ -261,7 +258,8 @@ def aggregate_kernels(
     # code built from fixed templates, no input text; the file name marks its frames in
     # tracebacks as pgstream's, so an error's location is the user's function it called
     for head in (_RAW_HEAD, _RECORDS_HEAD):
-        exec(compile(head.format(body=indented), KERNEL_FILENAME, "exec"), ns)
+        code = head.format(body=indented, decode=_DECODE_PAYLOAD)
+        exec(compile(code, KERNEL_FILENAME, "exec"), ns)
     run_raw: RawKernel = ns["run_raw"]
     run_records: RecordsKernel = ns["run_records"]
     return run_raw, run_records
