@@ -81,6 +81,7 @@ class App:
         lease_seconds: float | None = None,
         on_error: OnError | None = None,
         max_sink_rejections: int | None = None,
+        pushdown: bool | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
@@ -93,6 +94,7 @@ class App:
             lease_seconds=lease_seconds,
             on_error=on_error,
             max_sink_rejections=max_sink_rejections,
+            pushdown=pushdown,
         )
         self.settings.validate()
         self.sources: dict[str, Source] = {}
