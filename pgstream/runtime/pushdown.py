@@ -23,8 +23,8 @@ run (a type error, a function on the wrong type) falls back to Python for good
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +32,9 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 
-from pgstream.api import SinkSpec
+from pgstream.api import App, SinkSpec
 from pgstream.config import Settings
+from pgstream.db.names import parse_table_name
 from pgstream.expressions import Env, Expr, Select, UnknownColumn, col
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.steps import Filter, Map
@@ -46,10 +47,12 @@ from pgstream.sources.table import TableSource
 __all__ = [
     "SQL_BATCH",
     "NotPushable",
+    "PathReport",
     "PushdownFallback",
     "PushedPlan",
     "Shape",
     "analyze",
+    "explain_app",
     "in_sql",
     "maybe_pushed",
 ]
@@ -356,23 +359,49 @@ class PushedPlan(SinkPlan, abc.ABC):
         self._planned = True
 
 
-def describe_paths(specs: Sequence[SinkSpec], sources: dict[str, Source], settings: Settings) -> (
-    list[tuple[SinkSpec, str, str]]
-):
-    """Per sink path: ``(spec, "SQL" or "Python", why)`` (what ``pgstream explain`` prints)."""
-    rows = []
-    for spec in specs:
-        if not settings.pushdown:
-            rows.append((spec, "Python", "pushdown is off (App(pushdown=False))"))
+@dataclass(frozen=True, slots=True)
+class PathReport:
+    """How one sink path runs (what ``pgstream explain`` prints)."""
+
+    stream: str
+    target: str  # the sink table, or ``@app.batch <name>``
+    runs: str  # "SQL" or "Python"
+    why: str
+    statement: str | None = None  # the pushed-down statement (partition 0), for SQL paths
+
+
+def explain_app(app: App) -> list[PathReport]:
+    """Per sink path of ``app``: SQL or Python, and why (which step blocks pushdown)."""
+    reports = []
+    for spec in app.sinks:
+        source = app.sources.get(spec.stream)
+        if not app.settings.pushdown:
+            reports.append(PathReport(spec.stream, spec.table, "Python", "pushdown is off"))
             continue
         try:
-            shape = analyze(spec, sources.get(spec.stream))
+            shape = analyze(spec, source)
         except NotPushable as exc:
-            rows.append((spec, "Python", str(exc)))
+            reports.append(PathReport(spec.stream, spec.table, "Python", str(exc)))
             continue
-        what = "aggregate deltas merged ON CONFLICT" if shape.keys else "append rows"
-        rows.append((spec, "SQL", f"one INSERT ... SELECT per batch ({what})"))
-    return rows
+        assert isinstance(source, TableSource)
+        what = "per-key deltas merged ON CONFLICT" if shape.keys else "append rows"
+        schema, name = parse_table_name(spec.table)
+        sink = sql.Identifier(name) if schema is None else sql.Identifier(schema, name)
+        text = statement(shape, source, "0", sink).as_string(None)
+        why = f"one INSERT ... SELECT per batch ({what}); no row crosses into Python"
+        reports.append(PathReport(spec.stream, spec.table, "SQL", why, text))
+    for h in app.handlers:
+        reports.append(
+            PathReport(h.stream, f"@app.batch {h.name}", "Python", "a batch handler is Python")
+        )
+    mixed = {r.stream for r in reports if r.runs == "Python"}
+    return [
+        dataclasses.replace(r, why=r.why + "; its stream's rows are still read for its Python "
+                            "paths")
+        if r.runs == "SQL" and r.stream in mixed
+        else r
+        for r in reports
+    ]
 
 
 class PushedAppend(PushedPlan):

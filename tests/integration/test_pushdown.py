@@ -4,12 +4,15 @@ same app leave identical sinks, the ledger has the same shape, and ``verify`` is
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 import pgstream as ps
+from pgstream.cli import main
 from pgstream.runtime import pushdown
 from pgstream.runtime.worker import run_app
 from pgstream.sources.table import TableReader
@@ -96,8 +99,8 @@ def prepared(make_database: Callable[..., str], n: int) -> str:
 
 def test_every_path_of_the_shop_is_pushed_down() -> None:
     app = shop()
-    paths = pushdown.describe_paths(app.sinks, app.sources, app.settings)
-    assert [kind for _, kind, _ in paths] == ["SQL"] * 4, paths
+    paths = pushdown.explain_app(app)
+    assert [p.runs for p in paths] == ["SQL"] * 4, paths
 
 
 def test_pushdown_and_python_paths_leave_identical_sinks(
@@ -133,3 +136,23 @@ def test_pushed_batches_read_no_rows(
         assert batches == (1,)  # batches sized for SQL: the whole table in one
         facts = conn.execute("SELECT count(*) FROM facts").fetchone()
     assert facts is not None and facts[0] > 5000
+
+
+def test_explain_names_the_step_that_keeps_a_path_in_python(tmp_path: Path) -> None:
+    module = tmp_path / "explain_me.py"
+    module.write_text(
+        "import pgstream as ps\n"
+        "app = ps.App('shop')\n"
+        "ev = app.stream('events', ps.TableSource('public.events'))\n"
+        "ev.filter(ps.col('amount') > 0).select(id=ps.col('id')).to_table('facts')\n"
+        "ev.map(lambda r: r).key_by('user').aggregate(n=ps.count()).to_table('totals')\n"
+        "ev.key_by('user').fold(0, lambda s, r: s + 1).to_table('counts')\n"
+    )
+    result = CliRunner().invoke(main, ["explain", f"{module}:app", "--sql"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("events -> facts") and " SQL " in lines[0]
+    assert "rows are still read" in lines[0]
+    assert 'INSERT INTO "facts"' in lines[1] and '("amount" > 0)' in lines[1]
+    assert "Python" in lines[2] and "step 1 (map) is a Python function" in lines[2]
+    assert "Python" in lines[3] and "fold keeps per-key state" in lines[3]
