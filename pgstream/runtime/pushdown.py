@@ -357,6 +357,7 @@ class PushedPlan(SinkPlan, abc.ABC):
             raise PushdownFallback(f"{self.label}: {first}") from exc
         cur.execute("RELEASE SAVEPOINT pgstream_pushdown")
         self._planned = True
+        log.info("%s (partition %s) runs in SQL (pushed down)", self.label, self.partition)
 
 
 @dataclass(frozen=True, slots=True)
