@@ -483,6 +483,8 @@ class _Coalesce(Expr):
 
 def _div(a: Any, b: Any) -> Any:
     """SQL division: two integers truncate toward zero; anything else divides exactly."""
+    if not b:
+        raise ZeroDivisionError("division by zero")
     if type(a) is int and type(b) is int:
         q = abs(a) // abs(b)
         return q if (a < 0) == (b < 0) else -q

@@ -156,3 +156,82 @@ def test_explain_names_the_step_that_keeps_a_path_in_python(tmp_path: Path) -> N
     assert 'INSERT INTO "facts"' in lines[1] and '("amount" > 0)' in lines[1]
     assert "Python" in lines[2] and "step 1 (map) is a Python function" in lines[2]
     assert "Python" in lines[3] and "fold keeps per-key state" in lines[3]
+
+
+REJECTING = """
+CREATE TABLE events (id bigserial PRIMARY KEY, "user" text, amount bigint);
+CREATE TABLE capped (id bigint, ratio bigint CHECK (ratio <= 50),
+    _source text NOT NULL, _partition text NOT NULL, _offset bigint NOT NULL, _seq int NOT NULL,
+    UNIQUE (_source, _partition, _offset, _seq));
+CREATE TABLE seen ("user" text PRIMARY KEY, n bigint);
+"""
+
+
+def rejecting_app(**settings: Any) -> ps.App:
+    app = ps.App("caps", **settings)
+    events = app.stream("events", ps.TableSource("public.events"))
+    # amount 0 divides by zero (the statement fails in SQL; in Python the record raises);
+    # amount 1 gives ratio 100, which the sink's CHECK rejects
+    events.select(id=ps.col("id"), ratio=ps.lit(100) / ps.col("amount")).to_table("capped")
+    return app
+
+
+def test_a_rejected_row_falls_back_to_python_and_is_dead_lettered(
+    make_database: Callable[..., str],
+) -> None:
+    dsn = make_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(REJECTING)
+        conn.execute(
+            "INSERT INTO events (\"user\", amount) SELECT 'u' || (i % 3), "
+            "CASE WHEN i IN (77, 1500) THEN 1 WHEN i = 900 THEN 0 ELSE 2 + i % 5 END "
+            "FROM generate_series(1, 2000) i"
+        )
+    summary = run_app(rejecting_app(), dsn, stop_when_idle=True)
+    assert summary.records == 2000
+    with psycopg.connect(dsn) as conn:
+        dead = conn.execute(
+            'SELECT "offset", operator, error FROM pgstream.dead_letters ORDER BY 1'
+        ).fetchall()
+        rows = conn.execute("SELECT count(*), sum(ratio) FROM capped").fetchone()
+    assert [(d[0], d[1]) for d in dead] == [(77, "sink"), (900, "to_table(capped)"),
+                                            (1500, "sink")]
+    assert "ratio" in dead[0][2] and "division by zero" in dead[1][2]
+    assert rows is not None and rows[0] == 1997
+    assert rows[1] == sum(100 // (2 + i % 5) for i in range(1, 2001) if i not in (77, 900, 1500))
+    report = verify_app(rejecting_app(), dsn)
+    assert report.ok, [v.describe() for v in report.violations[:5]]
+
+
+def test_one_source_feeds_sql_and_python_paths(make_database: Callable[..., str]) -> None:
+    """A Python path's dead letter leaves no effect in the SQL path either (whole record)."""
+
+    def mixed(**settings: Any) -> ps.App:
+        app = ps.App("mixed", **settings)
+        events = app.stream("events", ps.TableSource("public.events"))
+
+        def checked(r: dict[str, Any]) -> dict[str, Any]:
+            if r["amount"] == 3:
+                raise ValueError("three is poison")
+            return {"order_id": r["id"], "user": r["user"], "cents": r["amount"], "shout": None}
+
+        events.map(checked).to_table("facts")
+        events.filter(ps.col("user").is_not_null()).key_by("user").aggregate(
+            n=ps.count(), total=ps.sum("amount"), lo=ps.min("amount"), hi=ps.max("amount"),
+            mean=ps.avg("amount"),
+        ).to_table("totals")
+        return app
+
+    paths = pushdown.explain_app(mixed())
+    assert [p.runs for p in paths] == ["Python", "SQL"]
+    sql_dsn, py_dsn = prepared(make_database, 2500), prepared(make_database, 2500)
+    run_app(mixed(), sql_dsn, stop_when_idle=True)
+    run_app(mixed(pushdown=False), py_dsn, stop_when_idle=True)
+    pushed, python = dump(sql_dsn), dump(py_dsn)
+    assert pushed["totals"] == python["totals"] and pushed["totals"]
+    assert pushed["facts"] == python["facts"] and pushed["facts"]
+    dead_q = 'SELECT "offset" FROM pgstream.dead_letters ORDER BY 1'
+    with psycopg.connect(sql_dsn) as a, psycopg.connect(py_dsn) as b:
+        assert a.execute(dead_q).fetchall() == b.execute(dead_q).fetchall() != []
+    report = verify_app(mixed(), sql_dsn)
+    assert report.ok, [v.describe() for v in report.violations[:5]]
