@@ -219,6 +219,15 @@ def _build(body: str, gen: _Gen, label: str) -> Callable[[Any], Any]:
     return fn
 
 
+def _sql_literal(value: Any) -> sql.Composable:
+    """``value`` quoted as SQL text: integers as ``bigint`` (Python's ints are not ``int4``),
+    ``%`` doubled (the statement also carries parameters)."""
+    text = sql.Literal(value).as_string(None).replace("%", "%%")
+    if isinstance(value, int) and not isinstance(value, bool):
+        text += "::bigint"
+    return sql.SQL(text)
+
+
 def _wrap(value: object) -> Expr:
     if isinstance(value, Expr):
         return value
@@ -272,7 +281,7 @@ class _Lit(Expr):
         return gen.const(self.value)
 
     def to_sql(self, env: Env) -> sql.Composable:
-        return sql.Literal(self.value)
+        return _sql_literal(self.value)
 
     def describe(self) -> str:
         return f"lit({self.value!r})"
@@ -408,7 +417,7 @@ class _In(_Unary):
         return f"(None if ({a} := {self.a.py(gen)}) is None else {a} in {consts})"
 
     def to_sql(self, env: Env) -> sql.Composable:
-        items = sql.SQL(", ").join(sql.Literal(v) for v in self.values)
+        items = sql.SQL(", ").join(_sql_literal(v) for v in self.values)
         return sql.SQL("({} IN ({}))").format(self.a.to_sql(env), items)
 
     def describe(self) -> str:
