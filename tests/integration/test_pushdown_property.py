@@ -12,7 +12,6 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
