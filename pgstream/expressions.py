@@ -104,10 +104,10 @@ class Expr:
         return _Arith("-", _Lit(0), self)
 
     def __eq__(self, other: object) -> Expr:  # type: ignore[override]
-        return _Compare("==", self, _wrap(other))
+        return _Compare("==", self, _not_none(other, "is_null"))
 
     def __ne__(self, other: object) -> Expr:  # type: ignore[override]
-        return _Compare("!=", self, _wrap(other))
+        return _Compare("!=", self, _not_none(other, "is_not_null"))
 
     def __lt__(self, other: object) -> Expr:
         return _Compare("<", self, _wrap(other))
@@ -226,6 +226,15 @@ def _sql_literal(value: Any) -> sql.Composable:
     if isinstance(value, int) and not isinstance(value, bool):
         text += "::bigint"
     return sql.SQL(text)
+
+
+def _not_none(value: object, instead: str) -> Expr:
+    if value is None:
+        raise ConfigError(
+            "comparing with None is always NULL (as in SQL), so it never matches",
+            hint=f"use .{instead}()",
+        )
+    return _wrap(value)
 
 
 def _wrap(value: object) -> Expr:

@@ -90,6 +90,9 @@ def test_misuse_is_a_clear_error() -> None:
         ps.lit(object())
     with pytest.raises(ConfigError, match="is_in"):
         ps.col("a").is_in([None])
+    with pytest.raises(ConfigError, match="None is always NULL") as info:
+        ps.col("a") == None  # noqa: B015, E711
+    assert info.value.hint == "use .is_null()"
 
 
 def test_select_and_key_by_compile_once() -> None:
