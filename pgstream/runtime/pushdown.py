@@ -96,14 +96,16 @@ def analyze(spec: SinkSpec, source: Source | None) -> Shape:
         raise NotPushable(f"its source is a {kind}, not a TableSource")
     if spec.kind not in ("append", "aggregate"):
         raise NotPushable(f"a {spec.kind} keeps per-key state in Python")
-    env, conditions = _steps(spec)
+    start: Env = None  # the source's columns, by name
+    if source.columns is not None:
+        start = {c: sql.Identifier(c) for c in source.columns}
+    env, conditions = _steps(spec, start)
     if spec.kind == "append":
         return _append_shape(spec, source, env, conditions)
     return _aggregate_shape(spec, env, conditions)
 
 
-def _steps(spec: SinkSpec) -> tuple[Env, list[sql.Composable]]:
-    env: Env = None
+def _steps(spec: SinkSpec, env: Env) -> tuple[Env, list[sql.Composable]]:
     conditions: list[sql.Composable] = []
     for i, step in enumerate(spec.steps, 1):
         kind = type(step).__name__.lower().replace("flatmap", "flat_map")
@@ -116,10 +118,7 @@ def _steps(spec: SinkSpec) -> tuple[Env, list[sql.Composable]]:
                 assert isinstance(step.expr, Select)
                 env = step.expr.env(env)
         except UnknownColumn as exc:
-            raise NotPushable(
-                f"step {i} ({kind}) reads column {exc.name!r}, which the select before it does "
-                "not produce"
-            ) from None
+            raise NotPushable(f"step {i} ({kind}) reads {_missing(exc)}") from None
     return env, conditions
 
 
@@ -127,21 +126,24 @@ def _resolve(value: str | Expr, env: Env, what: str) -> sql.Composable:
     try:
         return (col(value) if isinstance(value, str) else value).to_sql(env)
     except UnknownColumn as exc:
-        raise NotPushable(
-            f"{what} reads column {exc.name!r}, which the select before it does not produce"
-        ) from None
+        raise NotPushable(f"{what} reads {_missing(exc)}") from None
+
+
+def _missing(exc: UnknownColumn) -> str:
+    return (
+        f"column {exc.name!r}, which its records do not have there (not produced by the select "
+        "before it, or not in TableSource(columns=...))"
+    )
 
 
 def _append_shape(
     spec: SinkSpec, source: TableSource, env: Env, conditions: list[sql.Composable]
 ) -> Shape:
     if env is None:
-        if source.columns is None:
-            raise NotPushable(
-                "it appends whole rows without select() (their columns are known only at run "
-                "time); add select(...) or TableSource(columns=[...])"
-            )
-        env = {c: sql.Identifier(c) for c in source.columns}
+        raise NotPushable(
+            "it appends whole rows without select() (their columns are known only at run "
+            "time); add select(...) or TableSource(columns=[...])"
+        )
     return Shape(tuple(conditions), tuple(env), tuple(env.values()), 0)
 
 

@@ -44,8 +44,12 @@ def test_what_keeps_a_path_in_python() -> None:
     assert "fold keeps per-key state" in reason(
         lambda s: s.key_by("u").fold(0, lambda a, r: a).to_table("t")
     )
-    assert "column 'amount', which the select before it does not produce" in reason(
+    assert "step 2 (filter) reads column 'amount', which its records do not have" in reason(
         lambda s: s.select(id=ps.col("id")).filter(ps.col("amount") > 0).to_table("t")
+    )
+    assert "key_by reads column 'u', which its records do not have" in reason(
+        lambda s: s.key_by("u").aggregate(n=ps.count()).to_table("t"),
+        ps.TableSource("events", columns=["id", "a"]),
     )
     assert "without select()" in reason(lambda s: s.filter(ps.col("a") > 0).to_table("t"))
 
