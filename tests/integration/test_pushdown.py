@@ -153,7 +153,7 @@ def test_explain_names_the_step_that_keeps_a_path_in_python(tmp_path: Path) -> N
     lines = result.output.splitlines()
     assert lines[0].startswith("events -> facts") and " SQL " in lines[0]
     assert "rows are still read" in lines[0]
-    assert 'INSERT INTO "facts"' in lines[1] and '("amount" > 0)' in lines[1]
+    assert 'INSERT INTO "facts"' in lines[1] and '("amount" > 0::bigint)' in lines[1]
     assert "Python" in lines[2] and "step 1 (map) is a Python function" in lines[2]
     assert "Python" in lines[3] and "fold keeps per-key state" in lines[3]
 
