@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,6 +182,7 @@ def contents(conn: psycopg.Connection[Any], n: int, mode: str) -> dict[str, Any]
 COUNTER: Iterator[int] = itertools.count()
 
 
+@pytest.mark.slow
 @given(p=pipelines(), rows=ROWS)
 @settings(
     max_examples=int(os.environ.get("PUSHDOWN_EXAMPLES", "12")), deadline=None,
