@@ -33,7 +33,8 @@ import pgstream as ps
 from pgstream.schema import append_table, upsert_table
 
 WORKLOADS = ("B1", "B2", "B3")
-SOURCES = ("file", "table")
+#: "table" runs every path in Python (pushdown off), "table-sql" pushes them down into SQL
+SOURCES = ("file", "table", "table-sql")
 STREAM = "events"
 EVENTS_TABLE = "bench_events"
 SINK = {"B1": "bench_b1", "B2": "bench_b2", "B3": "bench_b3"}
@@ -54,11 +55,15 @@ def make_app(
     *,
     batch_size: int | None = None,
 ) -> ps.App:
-    """The pgstream app of ``workload`` reading ``source`` ("file" or "table")."""
-    app = ps.App(job, batch_size=batch_size)
+    """The pgstream app of ``workload`` reading ``source`` ("file", "table" or "table-sql")."""
+    app = ps.App(job, batch_size=batch_size, pushdown=source == "table-sql")
     src: ps.Source = ps.FileSource(str(path)) if source == "file" else ps.TableSource(EVENTS_TABLE)
     events = app.stream(STREAM, src)
-    if workload == "B1":
+    if workload == "B2" and source == "table-sql":  # B2 as column expressions: pushed down
+        events.select(
+            id=ps.col("id"), user_id=ps.col("user"), amount_cents=ps.col("amount") * 100
+        ).to_table(SINK["B2"])
+    elif workload == "B1":
         events.key_by("user").aggregate(n=ps.count(), total=ps.sum("amount")).to_table(SINK["B1"])
     elif workload == "B2":
         events.map(to_cents).to_table(SINK["B2"])

@@ -9,6 +9,7 @@
 from pgstream.api import App, Batch, KeyedStream, Stream
 from pgstream.config import Settings
 from pgstream.errors import PgStreamError
+from pgstream.expressions import Expr, coalesce, col, lit
 from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
@@ -29,6 +30,7 @@ __all__ = [
     "Aggregate",
     "App",
     "Batch",
+    "Expr",
     "FileSource",
     "KafkaSource",
     "KeyedStream",
@@ -40,7 +42,10 @@ __all__ = [
     "Stream",
     "TableSource",
     "avg",
+    "coalesce",
+    "col",
     "count",
+    "lit",
     "max",
     "min",
     "sum",

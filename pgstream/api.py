@@ -14,6 +14,7 @@ import psycopg
 
 from pgstream.config import OnError, Settings
 from pgstream.errors import ConfigError
+from pgstream.expressions import Expr, Select, col
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.eventtime import EventClock
 from pgstream.operators.fold import Fold
@@ -80,6 +81,7 @@ class App:
         lease_seconds: float | None = None,
         on_error: OnError | None = None,
         max_sink_rejections: int | None = None,
+        pushdown: bool | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
@@ -92,6 +94,7 @@ class App:
             lease_seconds=lease_seconds,
             on_error=on_error,
             max_sink_rejections=max_sink_rejections,
+            pushdown=pushdown,
         )
         self.settings.validate()
         self.sources: dict[str, Source] = {}
@@ -179,9 +182,32 @@ class Stream:
     source: str
     steps: tuple[Step, ...]
 
-    def filter(self, fn: Callable[[Any], object]) -> Stream:
-        """Keep records where ``fn(record)`` is true."""
+    def filter(self, fn: Callable[[Any], object] | Expr) -> Stream:
+        """Keep records where ``fn(record)`` is true, or where a column expression is true
+        (``filter(ps.col("amount") > 0)``: NULL drops the record, as in SQL)."""
+        if isinstance(fn, Expr):
+            return self._then(Filter(fn.compile_predicate(), fn))
         return self._then(Filter(fn))
+
+    def select(self, **columns: Expr | str) -> Stream:
+        """Each record becomes a dict of named column expressions:
+        ``select(user_id=ps.col("user_id"), cents=ps.col("amount") * 100)`` (a string is a
+        column name). Runs in SQL when its sink path can be pushed down."""
+        if not columns:
+            raise ConfigError("select() needs at least one column, e.g. select(id=ps.col('id'))")
+        items: list[tuple[str, Expr]] = []
+        for name, value in columns.items():
+            if isinstance(value, str):
+                value = col(value)
+            if not isinstance(value, Expr):
+                raise ConfigError(
+                    f"select({name}=...) takes a column expression (ps.col, ps.lit, ...), got "
+                    f"{type(value).__name__}",
+                    hint="use map(fn) for Python functions",
+                )
+            items.append((name, value))
+        spec = Select(tuple(items))
+        return self._then(Map(spec.compile(), spec))
 
     def map(self, fn: Callable[[Any], Any]) -> Stream:
         """Transform each record."""
@@ -192,9 +218,10 @@ class Stream:
         return self._then(FlatMap(fn))
 
     def key_by(
-        self, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None
+        self, key: str | Sequence[str] | Callable[[Any], Any] | Expr, name: str | None = None
     ) -> KeyedStream:
-        """Group records by a field (or fields), or by ``fn(record)`` stored in column ``name``."""
+        """Group records by a field (or fields), by a column expression, or by
+        ``fn(record)``, stored in column ``name``."""
         return KeyedStream(self, KeySpec.build(key, name))
 
     def to_table(self, table: str) -> None:

@@ -36,6 +36,9 @@ class Settings:
       Otherwise the batch is bisected and the bad records alone are dead-lettered. A batch
       of one record counts instead: the ``max_sink_rejections``-th rejected in a row for one
       reason stops the worker. ``0`` turns the check off; otherwise at least 2.
+    * ``pushdown``: run a declarative sink path from a ``TableSource`` as one
+      ``INSERT ... SELECT`` per batch (see ``pgstream explain``); ``False`` keeps every path
+      in Python.
     """
 
     batch_size: int | None = None
@@ -47,6 +50,7 @@ class Settings:
     max_retries: int = 8
     max_record_attempts: int = 3
     max_sink_rejections: int = 8
+    pushdown: bool = True
 
     def with_overrides(self, **changes: object) -> Settings:
         """A copy with the non-None ``changes`` applied."""

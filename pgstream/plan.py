@@ -30,6 +30,7 @@ import orjson
 
 from pgstream.api import App, BatchHandlerSpec, SinkSpec
 from pgstream.errors import JobStateError
+from pgstream.expressions import Expr
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
@@ -94,9 +95,11 @@ def _code_bytes(code: types.CodeType) -> bytes:
     return b"\0".join(parts)
 
 
-def _callable_or_field(value: str | Callable[..., Any] | None) -> Any:
+def _callable_or_field(value: str | Expr | Callable[..., Any] | None) -> Any:
     if value is None or isinstance(value, str):
         return value
+    if isinstance(value, Expr):
+        return {"expr": value.describe()}
     return {"code": code_fingerprint(value)}
 
 
@@ -105,7 +108,11 @@ def _steps(steps: Sequence[Step]) -> list[dict[str, str]]:
     for step in steps:
         op = "filter" if isinstance(step, Filter) else "map"
         op = op if isinstance(step, (Filter, Map)) else "flat_map"
-        out.append({"op": op, "code": code_fingerprint(step.fn)})
+        if isinstance(step, (Filter, Map)) and step.expr is not None:
+            op = "select" if isinstance(step, Map) else op
+            out.append({"op": op, "expr": step.expr.describe()})
+        else:
+            out.append({"op": op, "code": code_fingerprint(step.fn)})
     return out
 
 
@@ -115,7 +122,9 @@ def _key(key: KeySpec) -> dict[str, Any]:
         "columns": list(key.columns),
         "by": list(by) if isinstance(by, tuple) else _callable_or_field(by),
     }
-    if by is None:  # a KeySpec built by hand: its function is all there is
+    if key.exprs is not None:
+        entry["by"] = {"expr": [e.describe() for e in key.exprs]}
+    elif by is None:  # a KeySpec built by hand: its function is all there is
         entry["by"] = {"code": code_fingerprint(key.fn)}
     if key.window is not None:
         seconds, time = key.window

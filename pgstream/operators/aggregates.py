@@ -19,8 +19,11 @@ from typing import Any, Literal
 from psycopg import sql
 
 from pgstream.errors import ConfigError
+from pgstream.expressions import Expr
 
 Kind = Literal["count", "sum", "min", "max", "avg"]
+#: what an aggregate reads: a field name, a column expression or a function of the record
+Field = str | Expr | Callable[[Any], Any]
 _NUMBER = (int, float, Decimal)
 
 
@@ -33,7 +36,7 @@ class Aggregate:
     """
 
     kind: Kind
-    field: str | Callable[[Any], Any] | None = None
+    field: Field | None = None
     name: str = ""
 
     def named(self, name: str) -> Aggregate:
@@ -46,6 +49,8 @@ class Aggregate:
             return None
         if isinstance(self.field, str):
             return operator.itemgetter(self.field)
+        if isinstance(self.field, Expr):
+            return self.field.compile()
         return self.field
 
     # -- accumulation in Python (one batch) -------------------------------------------------
@@ -155,6 +160,8 @@ class Aggregate:
         ]
 
     def _label(self) -> str:
+        if isinstance(self.field, Expr):
+            return self.field.describe()
         return repr(self.field) if isinstance(self.field, str) else "fn"
 
 
@@ -164,32 +171,32 @@ def _sum_merge(table: sql.Identifier, col: sql.Identifier) -> sql.Composable:
     )
 
 
-def _field(kind: Kind, field: str | Callable[[Any], Any] | None) -> Aggregate:
+def _field(kind: Kind, field: Field | None) -> Aggregate:
     if field is None and kind != "count":
         raise ConfigError(f"{kind}() needs a field name or a function")
     return Aggregate(kind, field)
 
 
-def count(field: str | Callable[[Any], Any] | None = None) -> Aggregate:
+def count(field: Field | None = None) -> Aggregate:
     """Number of records (or of non-null values of ``field``)."""
     return Aggregate("count", field)
 
 
-def sum_(field: str | Callable[[Any], Any]) -> Aggregate:
+def sum_(field: Field) -> Aggregate:
     """Sum of a numeric field (NULLs ignored). Exported as ``pgstream.sum``."""
     return _field("sum", field)
 
 
-def min_(field: str | Callable[[Any], Any]) -> Aggregate:
+def min_(field: Field) -> Aggregate:
     """Smallest value of a field. Exported as ``pgstream.min``."""
     return _field("min", field)
 
 
-def max_(field: str | Callable[[Any], Any]) -> Aggregate:
+def max_(field: Field) -> Aggregate:
     """Largest value of a field. Exported as ``pgstream.max``."""
     return _field("max", field)
 
 
-def avg(field: str | Callable[[Any], Any]) -> Aggregate:
+def avg(field: Field) -> Aggregate:
     """Mean of a numeric field; the sink also keeps ``_<name>_sum`` and ``_<name>_count``."""
     return _field("avg", field)

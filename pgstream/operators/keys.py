@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgstream.errors import ConfigError
+from pgstream.expressions import Expr, column_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,15 +18,26 @@ class KeySpec:
     columns: tuple[str, ...]
     fn: Callable[[Any], Any]  # returns a scalar for one column, a tuple for several
     #: what ``key_by`` was given (field names or the function), for the plan fingerprint
-    by: tuple[str, ...] | Callable[[Any], Any] | None = None
+    by: tuple[str, ...] | Callable[[Any], Any] | str | None = None
     #: ``(window size in seconds, time field or function)`` of a windowed key
     window: tuple[float, str | Callable[[Any], Any]] | None = None
+    #: the column expressions of ``key_by(expr)`` (None: field names or a function)
+    exprs: tuple[Any, ...] | None = None
 
     @classmethod
     def build(
-        cls, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None
+        cls, key: str | Sequence[str] | Callable[[Any], Any] | Expr, name: str | None = None
     ) -> KeySpec:
-        """``key_by("user_id")``, ``key_by(["a", "b"])`` or ``key_by(fn, name="col")``."""
+        """``key_by("user_id")``, ``key_by(["a", "b"])``, ``key_by(fn, name="col")`` or
+        ``key_by(ps.col("a") % 10, name="col")`` (a bare ``ps.col`` names its own column)."""
+        if isinstance(key, Expr):
+            column = name or column_name(key)
+            if not column:
+                raise ConfigError(
+                    f"key_by({key.describe()}) needs a column name for the key",
+                    hint='write key_by(expr, name="my_key")',
+                )
+            return cls((column,), key.compile(), key.describe(), exprs=(key,))
         if isinstance(key, str):
             return cls((name or key,), operator.itemgetter(key), (key,))
         if callable(key):

@@ -19,6 +19,8 @@ class Filter:
     """Keep records for which ``fn`` is true."""
 
     fn: Callable[[Record], object]
+    #: the column expression ``fn`` was compiled from (None: a Python callable)
+    expr: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,8 @@ class Map:
     """Replace each record by ``fn(record)``."""
 
     fn: Callable[[Record], Record]
+    #: the ``select`` ``fn`` was compiled from (None: a Python callable)
+    expr: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,4 +84,6 @@ def windowed_key(key: KeySpec, window: Tumbling, clock: EventClock) -> KeySpec:
         k = key_fn(record)
         return (k, start) if single else (*k, start)
 
-    return KeySpec((*key.columns, WINDOW_COLUMN), fn, key.by, (assigner.step, clock.time))
+    return KeySpec(
+        (*key.columns, WINDOW_COLUMN), fn, key.by, (assigner.step, clock.time), key.exprs
+    )

@@ -44,6 +44,7 @@ class InputBatch:
     released: int | None = None  # the number of records, once the input is released
     limit: int = 0  # the most records it was read to hold
     evaluated_in: float = 0.0  # seconds to read and evaluate it
+    in_sql: bool = False  # only counted, not read: every sink path writes it in SQL
 
     def __len__(self) -> int:
         if self.released is not None:

@@ -100,6 +100,7 @@ def commit_batch(
     offset or a newer plan version of the job, :class:`CommitOutcomeUnknown` when the
     connection fails during COMMIT.
     """
+    out.span = (rng.start, rng.end)
     try:
         with conn.cursor() as cur:
             cur.execute("BEGIN")

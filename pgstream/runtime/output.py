@@ -33,4 +33,8 @@ class BatchOutput:
     #: the slots of the previous batch, by slot, for plans that continue its state when it was
     #: not committed yet at evaluation time (the next batch is evaluated while it commits)
     pending: dict[int, Any] | None = None
+    #: the slots whose plans write this batch in SQL (pushed down: their slots stay empty)
+    pushed: frozenset[int] = frozenset()
+    #: the batch's offsets ``[start, end)``, set when it is written (pushed-down plans read it)
+    span: tuple[int, int] | None = None
 

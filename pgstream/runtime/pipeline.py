@@ -25,7 +25,7 @@ from pgstream.api import App
 from pgstream.config import OnError
 from pgstream.errors import RecordFailedError
 from pgstream.gcpause import gc_paused
-from pgstream.runtime import kernels
+from pgstream.runtime import kernels, pushdown
 from pgstream.runtime.output import BatchOutput, DeadLetter
 from pgstream.runtime.sinkplans import PLAN_KINDS, HandlerPlan, SinkPlan, ordered
 from pgstream.sinks.append import AppendSink
@@ -54,8 +54,15 @@ class Pipeline:
         self.source = source
         self.partition = partition
         self.on_error: OnError = app.settings.on_error
+        stream_source = app.sources.get(source)
         found: list[SinkPlan] = [
-            PLAN_KINDS[spec.kind](spec, sinks[spec.table], states)
+            pushdown.maybe_pushed(
+                PLAN_KINDS[spec.kind](spec, sinks[spec.table], states),
+                spec,
+                stream_source,
+                partition,
+                app.settings,
+            )
             for spec in app.sinks
             if spec.stream == source
         ]
@@ -76,7 +83,12 @@ class Pipeline:
         for plan in self.plans:
             plan.committed(out)
 
-    def _output(self, pending: BatchOutput | None) -> BatchOutput:
+    @property
+    def sql_only(self) -> bool:
+        """Whether every plan writes in SQL now: a batch needs no records read."""
+        return all(pushdown.in_sql(p) for p in self.plans)
+
+    def _output(self, pending: BatchOutput | None, in_sql: bool = False) -> BatchOutput:
         carried = None
         if pending is not None:
             carried = {p.slot: pending.slots[p.slot] for p in self.plans if p.CARRIES_OVER}
@@ -85,6 +97,7 @@ class Pipeline:
             partition=self.partition,
             slots=[p.new_slot() for p in self.plans],
             pending=carried or None,
+            pushed=frozenset(p.slot for p in self.plans if in_sql and pushdown.in_sql(p)),
         )
 
     @property
@@ -139,16 +152,19 @@ class Pipeline:
         records: Sequence[SourceRecord],
         pending: BatchOutput | None = None,
         into: BatchOutput | None = None,
+        in_sql: bool = False,
     ) -> BatchOutput:
         """Run every record through every plan; failing records become dead letters.
 
         ``pending`` is the output of the previous batch when that batch has not committed
         yet: fold plans then see its state changes. ``into`` is an output to add to (a batch
-        evaluated in several chunks) instead of a new one.
+        evaluated in several chunks) instead of a new one. ``in_sql``: plans pushed down into
+        SQL (:mod:`pgstream.runtime.pushdown`) write this batch with a statement and skip its
+        records; otherwise (a batch being bisected, ``verify``) every plan runs in Python.
         """
-        out = self._output(pending) if into is None else into
+        out = self._output(pending, in_sql) if into is None else into
         out.records_in += len(records)
-        if self._records_kernel is not None:
+        if self._records_kernel is not None and not out.pushed:
             plan = self.plans[0]
 
             def fail(rec: SourceRecord, exc: BaseException | None) -> None:

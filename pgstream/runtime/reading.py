@@ -16,6 +16,7 @@ from pgstream.runtime.batching import CHUNK, BatchSizer, InputBatch
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
 from pgstream.sources.base import PartitionReader, SourceError, SourceRecord
 from pgstream.sources.raw import RawReader
+from pgstream.sources.table import TableReader
 
 
 @dataclass(slots=True)
@@ -42,9 +43,16 @@ class BatchReader:
         self.sizer = sizer
         self.settings = settings
         self.where = where
+        #: only a table's sink paths can run in SQL (pushed down: pgstream.runtime.pushdown)
+        self._table = isinstance(reader, TableReader)
 
     def first_chunk(self, start: int) -> InputBatch:
-        """The first chunk of the batch at ``start`` (not evaluated yet: see :meth:`fill`)."""
+        """The first chunk of the batch at ``start`` (not evaluated yet: see :meth:`fill`);
+        when every sink path runs in SQL, the whole batch, counted but not read."""
+        if self._table and self.pipeline.sql_only:
+            assert isinstance(self.reader, TableReader)
+            span = self.reader.read_span(start, self.sizer.limit)
+            return InputBatch(start, span.end, span.head, released=span.records, in_sql=True)
         return self._read_once(start, self.sizer.first_chunk)
 
     def fill(self, batch: InputBatch, pending: BatchOutput | None) -> BatchOutput:
@@ -53,6 +61,11 @@ class BatchReader:
         ``max_interval`` has passed. Chunks are released once evaluated, so a batch that only
         aggregates or folds costs the memory of one chunk however big it grows."""
         batch.limit = limit = self.sizer.limit
+        if batch.in_sql:
+            out = self.pipeline.evaluate([], pending, in_sql=True)
+            out.records_in = len(batch)
+            batch.evaluated_in = time.monotonic() - batch.read_at
+            return out
         out = self._evaluate(batch, pending, None)
         deadline = batch.read_at + self.settings.max_interval
         while len(batch) < limit and time.monotonic() < deadline:
@@ -102,6 +115,8 @@ class BatchReader:
     ) -> BatchOutput:
         if batch.lines is not None:
             out = self.pipeline.evaluate_raw(batch.lines, pending, into)
+        elif self._table:
+            out = self.pipeline.evaluate(batch.decoded(), pending, into, in_sql=True)
         else:
             out = self.pipeline.evaluate(batch.decoded(), pending, into)
         batch.release()

@@ -27,6 +27,7 @@ from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import WorkerObserver
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
 from pgstream.runtime.poison import PoisonGuard
+from pgstream.runtime.pushdown import SQL_BATCH, PushdownFallback
 from pgstream.runtime.readahead import ReadAhead
 from pgstream.runtime.reading import BatchReader
 from pgstream.sources.base import PartitionReader, SourceRecord
@@ -79,6 +80,8 @@ class PartitionTask:
         self.stats = TaskStats()
         where = f"{self.source}/{self.partition}"
         self.sizer = BatchSizer(settings, per_record_output=pipeline.per_record_output)
+        if pipeline.sql_only:  # batches hold no rows: let them be big from the start
+            self.sizer.cap = self.sizer.limit = settings.batch_size or SQL_BATCH
         self.input = BatchReader(reader, pipeline, self.sizer, settings, where)
         self.ahead = ReadAhead(where)
         self.committer = BatchCommitter(db, leases, pipeline, settings, self._before_retry)
@@ -134,6 +137,9 @@ class PartitionTask:
             self.ahead.cancel()
             records = self.input.records(batch)
             self.rejections.rejected(records, start, end, exc, records)
+        except PushdownFallback:
+            self.ahead.cancel()
+            self.rejections.run(self.input.records(batch), start, end)
         else:
             self.sizer.settle(len(batch), time.monotonic() - batch.read_at)
         return max(1, out.records_in)

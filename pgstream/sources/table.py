@@ -34,7 +34,7 @@ from pgstream.sources.base import (
     TableRead,
 )
 
-__all__ = ["HorizonHolder", "TableReader", "TableSource", "parse_table_name"]
+__all__ = ["HorizonHolder", "ReadSpan", "TableReader", "TableSource", "parse_table_name"]
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +480,16 @@ def _first_line(query: str | None) -> str | None:
 
 
 @dataclass(slots=True, frozen=True)
+class ReadSpan:
+    """A batch's offsets ``[start, end)`` and its number of rows, not read
+    (:meth:`TableReader.read_span`)."""
+
+    end: int
+    records: int
+    head: int | None
+
+
+@dataclass(slots=True, frozen=True)
 class _Candidate:
     """``max(offset) = top`` observed in a snapshot whose xmax was ``xmax``, while the
     transactions ``writers`` held a ROW EXCLUSIVE lock on the table and the transactions
@@ -549,6 +559,7 @@ class TableReader(PartitionReader):
         self._pending: deque[_Candidate] = deque()
         self._last_max: int | None = None
         self._sequence: str | bool | None = False  # False: not looked up yet
+        self._q_span: sql.Composed | None = None
 
         off = sql.Identifier(source.offset_column)
         table = source.table_ident
@@ -732,6 +743,44 @@ class TableReader(PartitionReader):
         if self._drop_offset:
             return [SourceRecord(row.pop(off), row) for row in rows]
         return [SourceRecord(row[off], row) for row in rows]
+
+    def read_span(self, start: int, max_records: int) -> ReadSpan:
+        """Like :meth:`read`, without fetching the rows: where a batch of up to
+        ``max_records`` rows from ``start`` below the safe horizon ends, and how many rows it
+        holds (for sink paths pushed down into SQL, which read the rows themselves)."""
+        return self._with_retry(lambda: self._span(start, max_records))
+
+    def _span(self, start: int, limit: int) -> ReadSpan:
+        if self._q_span is None:
+            where = self.source.partition_filter(self.partition)
+            mine: sql.Composable = sql.SQL("") if where is None else sql.SQL(" AND ") + where
+            self._q_span = sql.SQL(
+                "SELECT count(*), max({off}) FROM (SELECT {off} FROM {table} "
+                "WHERE {off} >= %s AND {off} < %s{mine} ORDER BY {off} LIMIT %s) AS s"
+            ).format(off=self._off_ident, table=self.source.table_ident, mine=mine)
+        count, top = self._count(start, limit)
+        if count < limit:
+            self._advance_horizon()
+            count, top = self._count(start, limit)
+        if count:
+            end = top + 1
+            if self._split and count < limit:
+                end = max(end, self._safe_end)  # every row of this partition below it counted
+            return ReadSpan(end, count, self._head_hint())
+        if self._split and self._safe_end - start >= SPLIT_SKIP_SPAN:
+            return ReadSpan(self._safe_end, 0, self._head_hint())
+        if start > MIN_OFFSET and (self._last_max is None or self._last_max + 1 < start):
+            self._check_not_reset(start)
+        return ReadSpan(start, 0, self._head_hint())
+
+    def _count(self, start: int, limit: int) -> tuple[int, int]:
+        if start >= self._safe_end or limit <= 0:
+            return 0, start
+        assert self._conn is not None and self._q_span is not None
+        cur = self._conn.cursor(row_factory=tuple_row)
+        row = cur.execute(self._q_span, [start, self._safe_end, limit]).fetchone()
+        assert row is not None
+        return int(row[0]), (start if row[1] is None else int(row[1]))
 
     def _advance_horizon(self) -> None:
         """Observe the snapshot, max(offset) and the writers; move ``safe_end`` if possible."""

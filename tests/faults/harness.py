@@ -145,6 +145,8 @@ class Job:
     split: int = 1
     #: DSN ``pgstream run`` / ``verify`` use (e.g. a non-superuser runtime role); default ``dsn``
     run_dsn: str | None = None
+    #: the app ``pgstream run`` / ``verify`` load (``pushapp:app``: the pushed-down twin)
+    target: str = TARGET
     workers: list[WorkerProc] = field(default_factory=list)
     _n: int = 0
 
@@ -189,8 +191,8 @@ class Job:
         """Start ``pgstream run faultapp:app`` (``prefix`` e.g. ``["faketime", "+1d"]``)."""
         self._n += 1
         log = self.workdir / f"worker-{self._n}.log"
-        cmd = [*(prefix or []), *self.command("run", TARGET, "--dsn", self.run_dsn or self.dsn,
-                                              "-v")]
+        run = self.command("run", self.target, "--dsn", self.run_dsn or self.dsn, "-v")
+        cmd = [*(prefix or []), *run]
         if stop_when_idle:
             cmd.append("--stop-when-idle")
         cmd += args or []
@@ -283,7 +285,7 @@ class Job:
     def verify(self) -> tuple[int, str]:
         """``pgstream verify faultapp:app``: (exit code, output)."""
         res = subprocess.run(
-            self.command("verify", TARGET, "--dsn", self.run_dsn or self.dsn),
+            self.command("verify", self.target, "--dsn", self.run_dsn or self.dsn),
             capture_output=True, env=self.env(), cwd=self.workdir, timeout=300,
         )
         return res.returncode, (res.stdout + res.stderr).decode(errors="replace")
