@@ -33,4 +33,6 @@ class BatchOutput:
     #: the slots of the previous batch, by slot, for plans that continue its state when it was
     #: not committed yet at evaluation time (the next batch is evaluated while it commits)
     pending: dict[int, Any] | None = None
+    #: sink rows the batch transaction wrote, by sink table (filled by the commit; metrics)
+    written: dict[str, int] = field(default_factory=dict)
 
