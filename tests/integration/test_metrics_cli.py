@@ -239,7 +239,8 @@ def test_metrics_of_one_worker_match_the_ledger(
     assert {"pgstream.progress", "pgstream.worker"} <= loggers
     claimed = [line for line in lines if line["message"].startswith("claimed ")]
     assert claimed and claimed[0]["stream"] == "orders" and claimed[0]["partition"] == "0"
-    assert any("2,000 records" in line["message"] for line in lines)
+    # the final summary is a JSON line too
+    assert lines[-1]["message"].startswith("metered: 2000 records in "), lines[-1]
 
 
 def test_metrics_of_two_workers_are_served_merged_by_the_supervisor(
@@ -291,3 +292,47 @@ def test_a_port_in_use_is_one_clear_error(
     assert f"error: cannot serve metrics on port {port}" in done.stderr
     assert "hint: pick a free port with --metrics-port" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_worker_killed_and_restarted_keeps_its_counts_in_the_merged_metrics(
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_conn: psycopg.Connection[Any],
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """SIGKILL one of two workers mid-run: the supervisor restarts it, and the merged counters
+    still equal the ledger at the end (the dead worker's counts stay; its gauges go)."""
+    files = {f"f{i}.jsonl": range(1 + i * 1000, 1 + (i + 1) * 1000) for i in range(4)}
+    env = setup(tmp_path, pg_conn, files)
+    env["BATCH_SLEEP"] = "0.02"
+    port = free_port()
+    proc = start(
+        tmp_path, env, pg_dsn, "--workers", "2", "--metrics-port", str(port),
+        "--batch-size", "20",
+    )
+    procs.append(proc)
+    kids = wait_for(
+        lambda: children_of(proc.pid) if len(children_of(proc.pid)) == 2 else [],
+        30,
+        what="two workers",
+    )
+
+    def counted() -> float:
+        s = scrape(port)
+        return total(s, "pgstream_records_in_total") if s else 0
+
+    wait_for(lambda: counted() > 400, 60, what="both workers under way")
+    os.kill(kids[0], signal.SIGKILL)
+    wait_for(
+        lambda: len(children_of(proc.pid)) == 2 and kids[0] not in children_of(proc.pid),
+        30,
+        what="the killed worker restarted",
+    )
+    samples = check_against_ledger(port, pg_conn, 4000)
+    # the restarted worker claimed again: claims exceed the partitions
+    assert total(samples, "pgstream_partition_claims_total") > 4
+    assert total(samples, "pgstream_owned_partitions", job="metered") == 4
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "was killed by SIGKILL; restarting" in err
