@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -173,7 +174,9 @@ def check_against_ledger(port: int, conn: psycopg.Connection[Any], n: int) -> Sa
     ledger holds all ``n`` records, until the metrics equal it; return the last scrape."""
     wait_for(lambda: scrape(port), 30, what="the metrics endpoint")
     seen_partial = False
+    deadline = time.monotonic() + 120
     while True:
+        assert time.monotonic() < deadline, f"the ledger never held all {n} records"
         samples = scrape(port)
         assert samples is not None
         counted = int(total(samples, "pgstream_records_in_total"))
@@ -183,6 +186,7 @@ def check_against_ledger(port: int, conn: psycopg.Connection[Any], n: int) -> Sa
             seen_partial = True
         if after["records_in"] == n:
             break
+        time.sleep(0.05)
     assert seen_partial, "the run ended before a scrape saw it in progress"
     expected = ledger(conn)
     assert expected["records_in"] == n and expected["sink_rows"] == expected["records_out"]
