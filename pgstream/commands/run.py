@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -51,6 +53,22 @@ NOTICE_LOGGERS = ("pgstream.progress", "pgstream.supervisor")
     metavar="SECONDS",
     help="Seconds between progress lines on stderr (0: none).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    metavar="PORT",
+    help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (with --workers N, the "
+    "supervisor serves all workers' metrics there).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or as one JSON object per line (time, level, logger, message, "
+    "job, worker, stream, partition).",
+)
 def command(
     target: str,
     dsn: str | None,
@@ -61,6 +79,8 @@ def command(
     accept_changes: bool,
     verbose: int,
     progress_interval: float,
+    metrics_port: int | None,
+    log_format: str,
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
     SIGTERM or Ctrl-C stop cleanly after the batch in flight, a second one stops at once."""
@@ -76,13 +96,14 @@ def command(
     from pgstream.runtime.supervisor import LABEL_ENV, die_with_parent
 
     label = os.environ.get(LABEL_ENV)
-    _setup_logging(verbose, label)
+    _setup_logging(verbose, label, log_format)
     hide_passwords()
     if label:
         for signum, supervised in supervised_handlers(stop).items():
             signal.signal(signum, supervised)
         die_with_parent()
     app = load_app(target)
+    _log_context(log_format, job=app.name)
     resolved = resolve_dsn(dsn)
     where = describe_dsn(resolved)
     if workers > 1 and accept_changes:
@@ -90,33 +111,70 @@ def command(
 
         accept_plan(app, resolved, target=target)  # once, here: restarted workers never re-accept
     if workers > 1:
-        sys.exit(_supervise(app.name, len(app.sources), resolved, where, workers, stop_when_idle))
+        sys.exit(
+            _supervise(
+                app.name, len(app.sources), resolved, where, workers, stop_when_idle, metrics_port
+            )
+        )
     from pgstream.runtime.progress import ProgressReporter
     from pgstream.runtime.worker import run_app
 
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
     who = f"worker {label}" if label else "1 worker"
     progress = ProgressReporter(progress_interval, where, who)
+    observers, stop_metrics = _metrics(metrics_port)
     started = time.monotonic()
-    summary = run_app(
-        app,
-        resolved,
-        stop_when_idle=stop_when_idle,
-        settings=settings,
-        stop_event=stop,
-        accept_changes=accept_changes,
-        target=target,
-        progress=progress,
-    )
+    try:
+        summary = run_app(
+            app,
+            resolved,
+            stop_when_idle=stop_when_idle,
+            settings=settings,
+            stop_event=stop,
+            accept_changes=accept_changes,
+            target=target,
+            progress=progress,
+            observers=observers,
+        )
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
     elapsed = time.monotonic() - started
-    click.echo(
+    line = (
         f"{f'worker {label}: ' if label else ''}{app.name}: {summary.records} records in "
-        f"{summary.batches} batches ({summary.dead_letters} dead letters) in {elapsed:.1f}s",
-        err=True,
+        f"{summary.batches} batches ({summary.dead_letters} dead letters) in {elapsed:.1f}s"
     )
+    if log_format == "json":
+        logging.getLogger("pgstream.progress").info(line)
+    else:
+        click.echo(line, err=True)
 
 
-def _setup_logging(verbose: int, label: str | None) -> None:
+def _metrics(port: int | None) -> tuple[list[Any], Callable[[], None] | None]:
+    """The metrics observer of this process, and the function that stops its server: served
+    here with ``--metrics-port``; in a worker of ``--workers N --metrics-port``, written to
+    the supervisor's directory (the supervisor serves them); else none."""
+    from pgstream.telemetry.metrics import multiprocess_dir
+
+    if port is None and multiprocess_dir() is None:
+        return [], None
+    from pgstream.telemetry.metrics import MetricsObserver, serve
+
+    observer = MetricsObserver()
+    if multiprocess_dir() is not None:
+        return [observer], None
+    assert port is not None
+    return [observer], serve(port, observer.registry)
+
+
+def _log_context(log_format: str, **fields: str) -> None:
+    if log_format == "json":
+        from pgstream.telemetry.logs import set_context
+
+        set_context(**fields)
+
+
+def _setup_logging(verbose: int, label: str | None, log_format: str = "text") -> None:
     """Warnings by default, plus the start, progress and stop lines; -v info, -vv debug.
 
     A worker started by ``--workers N`` names itself in every line (``[worker 2/3]``).
@@ -124,17 +182,33 @@ def _setup_logging(verbose: int, label: str | None) -> None:
     from pgstream.db.migrate import quiet_alembic_logging
 
     level = logging.WARNING - 10 * min(verbose, 2)
-    who = f"[worker {label}] " if label else ""
-    logging.basicConfig(level=level, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s")
+    if log_format == "json":
+        from pgstream.telemetry.logs import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter(**({"worker": label} if label else {})))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        who = f"[worker {label}] " if label else ""
+        logging.basicConfig(
+            level=level, format=f"%(asctime)s {who}%(levelname)s %(name)s: %(message)s"
+        )
     for name in NOTICE_LOGGERS:
         logging.getLogger(name).setLevel(min(level, logging.INFO))
     quiet_alembic_logging(verbose)
 
 
 def _supervise(
-    job: str, streams: int, dsn: str, where: str, workers: int, stop_when_idle: bool
+    job: str,
+    streams: int,
+    dsn: str,
+    where: str,
+    workers: int,
+    stop_when_idle: bool,
+    metrics_port: int | None,
 ) -> int:
-    """Start ``workers`` child processes of this same command and supervise them."""
+    """Start ``workers`` child processes of this same command and supervise them; with
+    ``metrics_port``, serve their metrics (prometheus-client's multiprocess mode)."""
     from pgstream.runtime.supervisor import Supervisor
 
     logging.getLogger("pgstream.progress").info(
@@ -145,13 +219,29 @@ def _supervise(
         where,
         workers,
     )
-    supervisor = Supervisor(
-        _child_args(click.get_current_context()), dsn, workers, stop_when_idle=stop_when_idle
-    )
-    return supervisor.run()
+    args = _child_args(click.get_current_context())
+    if metrics_port is None:
+        return Supervisor(args, dsn, workers, stop_when_idle=stop_when_idle).run()
+    from pgstream.telemetry.metrics import MultiprocessMetrics
+
+    metrics = MultiprocessMetrics(metrics_port)
+    try:
+        metrics.start()
+        supervisor = Supervisor(
+            args,
+            dsn,
+            workers,
+            stop_when_idle=stop_when_idle,
+            env=metrics.env,
+            on_exit=metrics.worker_ended,
+        )
+        return supervisor.run()
+    finally:
+        metrics.close()
 
 
-_NOT_FOR_WORKERS = ("dsn", "workers", "accept_changes")
+#: options the supervisor keeps to itself (``--metrics-port``: it serves the workers' metrics)
+_NOT_FOR_WORKERS = ("dsn", "workers", "accept_changes", "metrics_port")
 
 
 def _child_args(ctx: click.Context) -> list[str]:

@@ -10,21 +10,69 @@ import click
 
 from pgstream.cli import dsn_option
 
+#: the columns of ``queries.STATUS``, the keys of each ``--json`` item (plus ``lag`` and
+#: ``held_by``)
+COLUMNS = (
+    "job",
+    "source",
+    "partition",
+    "committed_offset",
+    "source_head",
+    "last_commit_at",
+    "owner",
+    "epoch",
+    "batches",
+    "records",
+    "leased",
+    "dead_letters",
+    "lease_expires_at",
+    "watermark",
+    "last_commit_age",
+)
+
 
 @click.command("status")
 @click.argument("target", metavar="[MODULE:APP]", required=False)
 @dsn_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def command(target: str | None, dsn: str | None, as_json: bool) -> None:
+@click.option(
+    "--watch", is_flag=True, help="A live table, refreshed every --interval seconds (Ctrl-C ends)."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes of --watch.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="With --watch: stop after N refreshes.",
+)
+def command(
+    target: str | None,
+    dsn: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    count: int | None,
+) -> None:
     """Show committed offset, source head, lag, last commit, owner and epoch per partition.
 
     With MODULE:APP, only that job, and the source head is read live from its sources
     (otherwise it is the head seen at the last commit); a table partition behind its head also
-    names the sessions whose open transactions hold its safe horizon back (``held_by``)."""
-    from pgstream.db import queries
+    names the sessions whose open transactions hold its safe horizon back (``held_by``).
+    The same data is in the SQL views ``pgstream.partition_status`` and ``pgstream.job_status``.
+    """
     from pgstream.db.connect import connect, resolve_dsn
     from pgstream.db.migrate import ensure_migrated
 
+    if watch and as_json:
+        raise click.UsageError("--watch shows a live table; --json prints once: pick one")
     resolved = resolve_dsn(dsn)
     app = None
     if target:
@@ -33,33 +81,29 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         app = load_app(target)
     with connect(resolved, autocommit=True) as conn:
         ensure_migrated(conn)
-        rows = conn.execute(queries.STATUS, {"job": app.name if app else None}).fetchall()
-    names = [
-        "job",
-        "source",
-        "partition",
-        "committed_offset",
-        "source_head",
-        "last_commit_at",
-        "owner",
-        "epoch",
-        "batches",
-        "records",
-        "leased",
-        "dead_letters",
-    ]
-    items = [{**dict(zip(names, r)), "held_by": None} for r in rows]
-    if app is not None:
-        _live_heads(app, resolved, items)
-    for item in items:
-        head, done = item["source_head"], item["committed_offset"]
-        item["lag"] = None if head is None or done is None else max(0, head - done)
-        if not item["leased"]:
-            item["owner"] = None
+        if watch:
+            _watch(conn, app, resolved, interval, count)
+            return
+        items = read_status(conn, app, resolved)
     if as_json:
         click.echo(json.dumps(items, default=_json_default, indent=2))
         return
     _print_table(items)
+
+
+def read_status(conn: Any, app: Any, dsn: str) -> list[dict[str, Any]]:
+    """One item per partition (of ``app``'s job, or of every job), from the
+    ``pgstream.partition_status`` view; with ``app``, heads read live from its sources."""
+    from pgstream.db import queries
+
+    rows = conn.execute(queries.STATUS, {"job": app.name if app else None}).fetchall()
+    items = [{**dict(zip(COLUMNS, r)), "held_by": None} for r in rows]
+    if app is not None:
+        _live_heads(app, dsn, items)
+    for item in items:
+        head, done = item["source_head"], item["committed_offset"]
+        item["lag"] = None if head is None or done is None else max(0, head - done)
+    return items
 
 
 #: a transaction open at least this long that the safe horizon waits for is named as holding
@@ -166,3 +210,146 @@ def _print_holders(items: list[dict[str, Any]]) -> None:
 
 def _fmt(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+# -- status --watch ---------------------------------------------------------------------------
+
+
+class _Rates:
+    """Records per second of each partition between two refreshes."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
+
+    def update(self, items: list[dict[str, Any]], now: float) -> None:
+        """Set ``item["rate"]`` (None on the first look) and remember this look."""
+        for it in items:
+            key = (it["job"], it["source"], it["partition"])
+            before = self._last.get(key)
+            it["rate"] = (
+                None
+                if before is None or now <= before[0]
+                else max(0, it["records"] - before[1]) / (now - before[0])
+            )
+            self._last[key] = (now, it["records"])
+
+
+def _watch(conn: Any, app: Any, dsn: str, interval: float, count: int | None) -> None:
+    """Refresh a live table every ``interval`` seconds until Ctrl-C (or ``count`` refreshes).
+    On a terminal it redraws in place (rich Live); otherwise it prints one table per refresh."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from pgstream.db import queries
+
+    console = Console()
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    if live is None:
+        console = Console(width=160)
+    rates = _Rates()
+    shown = 0
+    try:
+        if live is not None:
+            live.start()
+        while count is None or shown < count:
+            if shown:
+                time.sleep(interval)
+            items = read_status(conn, app, dsn)
+            rates.update(items, time.monotonic())
+            jobs = conn.execute(queries.JOB_STATUS, {"job": app.name if app else None})
+            view = _watch_table(items, jobs.fetchall())
+            if live is not None:
+                live.update(view, refresh=True)
+            else:
+                console.print(view)
+            shown += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if live is not None:
+            live.stop()
+
+
+#: (header, right-aligned) of the --watch table
+_WATCH_COLUMNS = (
+    ("job", False),
+    ("source", False),
+    ("partition", False),
+    ("committed", True),
+    ("head", True),
+    ("lag", True),
+    ("records/s", True),
+    ("last commit", True),
+    ("owner", False),
+    ("epoch", True),
+    ("watermark", False),
+    ("dead", True),
+)
+
+
+def _watch_table(items: list[dict[str, Any]], jobs: list[tuple[Any, ...]]) -> Any:
+    """The --watch table: a row per partition, a caption line per job."""
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S UTC")
+    table = Table(title=f"pgstream status (live, {stamp})")
+    for header, right in _WATCH_COLUMNS:
+        table.add_column(header, justify="right" if right else "left")
+    for it in items:
+        rate = it.get("rate")
+        table.add_row(
+            it["job"],
+            it["source"],
+            it["partition"],
+            _fmt(it["committed_offset"]),
+            _fmt(it["source_head"]),
+            _fmt(it["lag"]),
+            "-" if rate is None else f"{rate:,.0f}",
+            _age(it["last_commit_age"]),
+            it["owner"] or "-",
+            str(it["epoch"]),
+            it["watermark"].strftime("%Y-%m-%d %H:%M:%S") if it["watermark"] else "-",
+            str(it["dead_letters"]),
+        )
+    table.caption = "\n".join(_job_line(*job) for job in jobs) or "no jobs yet"
+    return table
+
+
+def _job_line(
+    job: str,
+    version: int | None,
+    partitions: int,
+    owned: int,
+    owners: int,
+    records: int,
+    lag: int | None,
+    dead: int,
+    watermark: datetime | None,
+) -> str:
+    """``job "shop" (plan v2): 3/3 partitions owned by 2 workers, 12,345 records, lag 0,
+    0 dead letters``."""
+    plan = f" (plan v{version})" if version is not None else ""
+    line = (
+        f'job "{job}"{plan}: {owned}/{partitions} partitions owned by {owners} '
+        f"worker{'' if owners == 1 else 's'}, {records:,} records, "
+        f"lag {'unknown' if lag is None else f'{lag:,}'}, {dead:,} dead letters"
+    )
+    if watermark is not None:
+        line += f", watermark {watermark:%Y-%m-%d %H:%M:%S}"
+    return line
+
+
+def _age(seconds: float | None) -> str:
+    """``4s ago``, ``3m ago``, ``2h ago``; ``-`` before the first commit."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 120:
+        return f"{s:.0f}s ago"
+    if s < 7200:
+        return f"{s / 60:.0f}m ago"
+    return f"{s / 3600:.0f}h ago"

@@ -358,15 +358,25 @@ MIGRATION_REVISIONS = "SELECT version_num FROM pgstream.alembic_version ORDER BY
 # -- status (pgstream status) -----------------------------------------------------------------
 
 # %(job)s: NULL for every job. "leased" says whether ``owner`` is still an owner.
+# `pgstream status` reads the view a DBA queries in psql (pgstream.db.tables.VIEWS); the
+# columns come in the order of pgstream.commands.status.COLUMNS.
 STATUS = """
-SELECT p.job, p.source, p.partition, p.committed_offset, p.source_head,
-       p.last_commit_at, p.owner, p.epoch, p.batches, p.records,
-       COALESCE(p.lease_expires_at > now(), false) AS leased,
-       (SELECT count(*) FROM pgstream.dead_letters d
-         WHERE d.job = p.job AND d.source = p.source AND d.partition = p.partition) AS dead
-  FROM pgstream.partitions p
- WHERE %(job)s::text IS NULL OR p.job = %(job)s
- ORDER BY p.job, p.source, p.partition
+SELECT s.job, s.source, s.partition, s.committed_offset, s.source_head,
+       s.last_commit_at, s.owner, s.epoch, s.batches, s.records,
+       s.leased, s.dead_letters, s.lease_expires_at, s.watermark,
+       extract(epoch FROM s.last_commit_age)::float8 AS last_commit_age
+  FROM pgstream.partition_status AS s
+ WHERE %(job)s::text IS NULL OR s.job = %(job)s
+ ORDER BY s.job, s.source, s.partition
+"""
+
+# `pgstream status --watch`: one summary line per job.
+JOB_STATUS = """
+SELECT job, plan_version, partitions, owned_partitions, owners, records, lag, dead_letters,
+       watermark
+  FROM pgstream.job_status
+ WHERE %(job)s::text IS NULL OR job = %(job)s
+ ORDER BY job
 """
 
 # -- demo (pgstream demo, pgstream.demo) ------------------------------------------------------

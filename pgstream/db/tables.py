@@ -8,6 +8,7 @@ the same names.
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     func,
     text,
 )
@@ -197,3 +199,70 @@ workers = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("job", "worker", name="workers_pkey"),
 )
+
+
+# -- views: what `pgstream status` shows, for psql and dashboards (revision 0005) -------------
+# Definitions here and in the migration must stay equal (a test compares them as the server
+# stores them). Later revisions add columns at the end (CREATE OR REPLACE VIEW keeps the
+# existing ones).
+
+# One row per (job, source, partition): progress, lag, lease and dead letters. ``owner`` is
+# NULL unless its lease is live; ``lag`` is NULL until both the head and an offset are known.
+PARTITION_STATUS_VIEW = """
+SELECT p.job,
+       p.source,
+       p.partition,
+       p.committed_offset,
+       p.source_head,
+       GREATEST(p.source_head - p.committed_offset, 0) AS lag,
+       p.last_commit_at,
+       now() - p.last_commit_at AS last_commit_age,
+       CASE WHEN p.lease_expires_at > now() THEN p.owner END AS owner,
+       COALESCE(p.lease_expires_at > now(), false) AS leased,
+       p.lease_expires_at,
+       p.epoch,
+       p.batches,
+       p.records,
+       d.dead_letters,
+       d.dead_letters_open,
+       p.watermark,
+       p.attempts
+  FROM pgstream.partitions AS p
+  CROSS JOIN LATERAL (
+        SELECT count(*) AS dead_letters,
+               count(*) FILTER (WHERE NOT dl.redriven) AS dead_letters_open
+          FROM pgstream.dead_letters AS dl
+         WHERE dl.job = p.job AND dl.source = p.source AND dl.partition = p.partition
+       ) AS d
+"""
+
+# One row per job: its partitions summed up (the watermark is the smallest partition's).
+JOB_STATUS_VIEW = """
+SELECT s.job,
+       j.version AS plan_version,
+       count(*) AS partitions,
+       count(*) FILTER (WHERE s.leased) AS owned_partitions,
+       count(DISTINCT s.owner) AS owners,
+       sum(s.records)::bigint AS records,
+       sum(s.batches)::bigint AS batches,
+       sum(s.lag)::bigint AS lag,
+       sum(s.dead_letters)::bigint AS dead_letters,
+       sum(s.dead_letters_open)::bigint AS dead_letters_open,
+       max(s.last_commit_at) AS last_commit_at,
+       now() - max(s.last_commit_at) AS last_commit_age,
+       min(s.watermark) AS watermark
+  FROM pgstream.partition_status AS s
+  LEFT JOIN pgstream.jobs AS j ON j.job = s.job
+ GROUP BY s.job, j.version
+"""
+
+#: the views in creation order (each may read the ones before it)
+VIEWS: dict[str, str] = {
+    "partition_status": PARTITION_STATUS_VIEW,
+    "job_status": JOB_STATUS_VIEW,
+}
+
+for _name, _body in VIEWS.items():
+    event.listen(metadata, "after_create", DDL(f"CREATE VIEW {SCHEMA}.{_name} AS {_body}"))  # type: ignore[no-untyped-call]
+for _name in reversed(VIEWS):
+    event.listen(metadata, "before_drop", DDL(f"DROP VIEW IF EXISTS {SCHEMA}.{_name}"))  # type: ignore[no-untyped-call]

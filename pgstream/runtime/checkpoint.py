@@ -186,10 +186,14 @@ def _write_sinks(
 ) -> int:
     written = 0
     table = ""  # the sink being written, for SinkDataError
+    out.written = {}  # a retried transaction counts afresh
     try:
         for plan in pipeline.plans:
             table = plan.sink_label
-            written += plan.write_sink(cur, out, tolerate_duplicates)
+            rows = plan.write_sink(cur, out, tolerate_duplicates)
+            written += rows
+            if table:
+                out.written[table] = out.written.get(table, 0) + rows
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
         raise SinkDataError(exc, table) from exc
     return written

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from pgstream.runtime.leases import Lease
-from pgstream.runtime.pipeline import DeadLetter
+from pgstream.runtime.pipeline import BatchOutput, DeadLetter
 
 if TYPE_CHECKING:
     from pgstream.runtime.progress import Progress
@@ -35,6 +35,14 @@ class WorkerObserver:
 
     def committed(self, task: PartitionTask, records: int) -> None:
         """A batch of ``records`` input records committed (``task.position`` is its end)."""
+
+    def batch_committed(self, task: PartitionTask, out: BatchOutput, seconds: float) -> None:
+        """The batch that just committed (told before :meth:`committed`): ``out`` is what it
+        wrote (``out.records_in``, ``out.written`` rows per sink table, ``out.dead``) and its
+        transaction took ``seconds``, retries included."""
+
+    def late_records(self, task: PartitionTask, records: int) -> None:
+        """The batch that just committed set ``records`` late records aside (event time)."""
 
     def dead_lettered(self, task: PartitionTask, dead: Sequence[DeadLetter]) -> None:
         """The batch that just committed set ``dead`` aside as dead letters."""
@@ -72,6 +80,14 @@ class Observers(WorkerObserver):
     def committed(self, task: PartitionTask, records: int) -> None:
         for o in self.observers:
             o.committed(task, records)
+
+    def batch_committed(self, task: PartitionTask, out: BatchOutput, seconds: float) -> None:
+        for o in self.observers:
+            o.batch_committed(task, out, seconds)
+
+    def late_records(self, task: PartitionTask, records: int) -> None:
+        for o in self.observers:
+            o.late_records(task, records)
 
     def dead_lettered(self, task: PartitionTask, dead: Sequence[DeadLetter]) -> None:
         for o in self.observers:

@@ -37,4 +37,6 @@ class BatchOutput:
     pushed: frozenset[int] = frozenset()
     #: the batch's offsets ``[start, end)``, set when it is written (pushed-down plans read it)
     span: tuple[int, int] | None = None
+    #: sink rows the batch transaction wrote, by sink table (filled by the commit; metrics)
+    written: dict[str, int] = field(default_factory=dict)
 

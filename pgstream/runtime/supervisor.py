@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -95,10 +96,21 @@ class Supervisor:
     """Runs ``workers`` copies of ``child_args`` and restarts the ones that die."""
 
     def __init__(
-        self, child_args: list[str], dsn: str, workers: int, *, stop_when_idle: bool
+        self,
+        child_args: list[str],
+        dsn: str,
+        workers: int,
+        *,
+        stop_when_idle: bool,
+        env: dict[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.child_args = child_args
         self.dsn = dsn
+        #: more environment for the children (e.g. where to write their metrics)
+        self.env = env or {}
+        #: told the pid of each child that ended (e.g. to drop its live metrics)
+        self.on_exit = on_exit
         self.slots = [_Slot(i + 1) for i in range(workers)]
         self.stop_when_idle = stop_when_idle
         self._signals: list[int] = []  # stop requests (signals received), in order
@@ -152,6 +164,8 @@ class Supervisor:
             if code is None:
                 return
             pid, slot.proc = slot.proc.pid, None
+            if self.on_exit is not None:
+                self.on_exit(pid)
             self._ended(slot, pid, code, stopping)
         if slot.restart_at is not None and not stopping and time.monotonic() >= slot.restart_at:
             self._start(slot)
@@ -195,6 +209,7 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         env = {
             **os.environ,
+            **self.env,
             DSN_ENV: self.dsn,
             LABEL_ENV: f"{slot.number}/{len(self.slots)}",
             PARENT_ENV: str(os.getpid()),

@@ -178,10 +178,11 @@ class PartitionTask:
             head=self.head,
             plan_version=self.plan_version,
         )
+        began = time.monotonic()
         self.committer.commit(out, rng)
-        self._committed(out, end)
+        self._committed(out, end, time.monotonic() - began)
 
-    def _committed(self, out: BatchOutput, end: int) -> None:
+    def _committed(self, out: BatchOutput, end: int, seconds: float) -> None:
         self.pipeline.committed(out)
         self.committed = end
         if out.records_in > len(out.dead):
@@ -190,6 +191,7 @@ class PartitionTask:
         self.stats.records += out.records_in
         self.stats.batches += 1
         self.stats.dead_letters += len(out.dead)
+        self.observer.batch_committed(self, out, seconds)
         if out.dead:
             self.observer.dead_lettered(self, out.dead)
         self.observer.committed(self, out.records_in)
@@ -202,6 +204,7 @@ class PartitionTask:
             self.partition,
             attempt,
             str(error).strip().splitlines()[0] if error else "?",
+            extra={"stream": self.source, "partition": self.partition},
         )
         self.observer.retried(self, attempt, error)
 

@@ -274,7 +274,9 @@ class Worker:
             try:
                 done += task.poll()
             except LeaseLostError as exc:
-                log.warning("lost the lease on %s/%s: %s", key[0], key[1], exc)
+                log.warning(
+                    "lost the lease on %s/%s: %s", key[0], key[1], exc, extra=_where(*key)
+                )
                 self.observer.fenced(task.lease, str(exc))
                 self._drop(key)
             except SourceError as exc:
@@ -333,7 +335,7 @@ class Worker:
         self.leases.heartbeat(conn)
         for key, task in list(self.tasks.items()):
             if not self.leases.renew(conn, task.lease):
-                log.warning("lease on %s/%s was taken over", *key)
+                log.warning("lease on %s/%s was taken over", *key, extra=_where(*key))
                 self.observer.fenced(task.lease, "taken over")
                 self._drop(key)
         share = self.leases.fair_share(conn)
@@ -380,6 +382,7 @@ class Worker:
             lease.partition,
             lease.epoch,
             lease.committed_offset,
+            extra=_where(lease.source, lease.partition),
         )
         self.tasks[(lease.source, lease.partition)] = PartitionTask(
             job=self.app.name,
@@ -436,6 +439,11 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, handler)
         return previous
+
+
+def _where(stream: str, partition: str) -> dict[str, str]:
+    """``extra`` for a log line about one partition (fields of JSON log lines)."""
+    return {"stream": stream, "partition": partition}
 
 
 def accept_plan(app: App, dsn: str, *, target: str = "MODULE:APP") -> int:
