@@ -34,6 +34,9 @@ from pgstream.schema import append_table, upsert_table
 
 WORKLOADS = ("B1", "B2", "B3")
 SOURCES = ("file", "table")
+#: the floor each source's rows are compared with (besides the file floor): its own input read
+#: as fast as plain Python can (a new source kind, e.g. a pushed-down table path, adds a line)
+FLOOR_OF = {"file": "file", "table": "table"}
 STREAM = "events"
 EVENTS_TABLE = "bench_events"
 SINK = {"B1": "bench_b1", "B2": "bench_b2", "B3": "bench_b3"}
