@@ -371,7 +371,7 @@ class Worker:
                 states[spec.operator_id] = state
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
         try:
-            reader = source.open(lease.partition, OpenContext(self.dsn))
+            reader = source.open(lease.partition, OpenContext(self.dsn, pipeline.fields))
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
