@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks import baselines, procs, scenarios
+from benchmarks import baselines, fixedcost, procs, scenarios
 from benchmarks.gen import events_file
 from benchmarks.workloads import (
     FLOOR_OF,
@@ -88,6 +88,7 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     recovery: scenarios.Recovery | None = None
     latency: scenarios.Latency | None = None
+    fixed_cost: fixedcost.FixedCost | None = None
     #: rows/s of each way the table floor may read the events table (the fastest is used)
     table_reads: dict[str, float] = field(default_factory=dict)
 
@@ -107,6 +108,8 @@ class Results:
             errs += [f"recovery: {e}" for e in self.recovery.errors]
         if self.latency is not None:
             errs += [f"latency: {e}" for e in self.latency.errors]
+        if self.fixed_cost is not None:
+            errs += [f"fixed cost: {e}" for e in self.fixed_cost.errors]
         return errs
 
 
@@ -280,6 +283,9 @@ def run(args: argparse.Namespace, log: Log = print) -> Results:
                         f"start-up {m.startup:.2f}s, peak RSS {m.rss_mb:.0f} MiB{wrong}"
                     )
 
+        if args.fixed_cost_runs:
+            results.fixed_cost = fixedcost.measure(conn, dsn, work_dir, args.fixed_cost_runs)
+            log(f"  fixed cost: {results.fixed_cost}")
         if not args.no_recovery:
             results.recovery = scenarios.recovery(
                 conn, dsn, path, ref, work_dir, batch_size=args.recovery_batch_size
@@ -389,6 +395,14 @@ def report(results: Results, args: argparse.Namespace) -> str:
             "until the row is visible to SQL in the sink; output "
             + ("correct" if not lat.errors else "WRONG")
         )
+    fixed = results.fixed_cost
+    if fixed is not None:
+        lines += [
+            "",
+            "fixed cost (`pgstream run APP --stop-when-idle` on a one-line file, a fresh process "
+            f"each time, best of {len(fixed.runs)}): {fixed}; output "
+            + ("correct" if not fixed.errors else "WRONG"),
+        ]
     lines += ["", "targets (issues 4 and 8):"] + [f"- {t}" for t in targets(results, args)]
     errors = results.errors
     if errors:
@@ -453,6 +467,10 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
             f"first commit after kill -9 < 2 s: {rec.time_to_first_commit:.2f} s - "
             + verdict(rec.time_to_first_commit < 2)
         )
+    fixed = results.fixed_cost
+    if fixed is not None and fixed.runs:
+        out.append(f"fixed cost of a run <= 0.2 s: {fixed.wall:.3f} s - "
+                   + verdict(fixed.wall <= 0.2))  # fmt: skip
     lat = results.latency
     if lat is not None and lat.events:
         out.append(f"p99 checkpoint latency < 1 s at {lat.rate:,.0f} events/s: "
@@ -488,6 +506,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-rate", type=float, default=50_000)
     p.add_argument("--latency-seconds", type=float, default=10.0)
     p.add_argument("--recovery-batch-size", type=int, default=None)
+    p.add_argument(
+        "--fixed-cost-runs", type=int, default=7, help="one-line runs timed (0: not measured)"
+    )
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.smoke:
@@ -497,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.latency_rate = 5_000
         args.latency_seconds = 1.0
         args.recovery_batch_size = args.recovery_batch_size or 500
+        args.fixed_cost_runs = min(args.fixed_cost_runs, 2)
     args.workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     args.sources = [s.strip().lower() for s in args.sources.split(",") if s.strip()]
     for w in args.workloads:

@@ -34,3 +34,5 @@ def test_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> Non
         "COPY binary",
     }, text
     assert "table floor" in text and "x own floor" in text
+    fixed = results.fixed_cost
+    assert fixed is not None and len(fixed.runs) == 2 and 0 < fixed.imports < fixed.wall, text
