@@ -45,12 +45,12 @@ _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 #: a split table's partition with no rows of its own in this many final offsets moves past
 #: them (an empty batch) instead of scanning them again at every read
 SPLIT_SKIP_SPAN = 10_000
-#: column types whose text form depends only on the value (not on session settings such as
-#: TimeZone or DateStyle), so the hash that splits a table is the same in every session
 #: spellings of a TimeZone setting that is UTC (the reader's session then says ``UTC``)
 _UTC_NAMES = frozenset({"UTC", "Etc/UTC", "UCT", "Etc/UCT", "GMT", "Etc/GMT", "Universal",
                         "Etc/Universal", "Zulu", "Etc/Zulu", "Etc/GMT0", "GMT0", "Greenwich",
                         "Etc/Greenwich", "Etc/GMT+0", "Etc/GMT-0", "GMT+0", "GMT-0"})  # fmt: skip
+#: column types whose text form depends only on the value (not on session settings such as
+#: TimeZone or DateStyle), so the hash that splits a table is the same in every session
 _PARTITION_BY_TYPES = _INTEGER_TYPES | frozenset(
     {"text", "character varying", "character", "uuid", "numeric", "boolean"}
 )
@@ -572,9 +572,11 @@ class TableReader(PartitionReader):
         self.partition = partition
         self._dsn = dsn
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        #: rows come in the binary format once every column type has a binary loader
-        #: (decided from the first read's result: same values, parsed faster)
+        #: rows come in the binary format while every column type has a binary loader
+        #: (decided from each result's columns: same values, parsed faster)
         self._binary: bool | None = None
+        #: the (name, type) of every column of the last result
+        self._shape: tuple[tuple[str, int], ...] | None = None
         self._safe_end = MIN_OFFSET
         self._pending: deque[_Candidate] = deque()
         self._last_max: int | None = None
@@ -587,6 +589,7 @@ class TableReader(PartitionReader):
         #: where the offset is in a row (None: found from the result's column names)
         self._names: tuple[str, ...] | None = None
         self._offset_index: int | None = None
+        self._select_all = columns is None
         if columns is None:
             select_list: sql.Composable = sql.SQL("*")
         else:
@@ -739,7 +742,13 @@ class TableReader(PartitionReader):
         self._advance_horizon()
         nxt = rows[-1][self._off] + 1 if rows else start
         if nxt < self._safe_end:
-            rows += self._fetch(nxt, self._safe_end, max_records - len(rows))
+            layout = (self._names, self._offset_index)
+            more = self._fetch(nxt, self._safe_end, max_records - len(rows))
+            if rows and (self._names, self._offset_index) != layout:
+                # the table's columns changed between the two fetches: these rows have the
+                # old layout; the next read returns the others
+                return self._rows(rows, start, rows[-1][self._off] + 1, layout)
+            rows += more
         if rows:
             end = rows[-1][self._off] + 1
             if self._split and len(rows) < max_records:
@@ -758,9 +767,15 @@ class TableReader(PartitionReader):
         assert self._offset_index is not None
         return self._offset_index
 
-    def _rows(self, rows: list[tuple[Any, ...]], start: int, end: int) -> TableRows:
-        return TableRows(self._names or (), rows, self._offset_index or 0, start, end,
-                         self._head_hint())  # fmt: skip
+    def _rows(
+        self,
+        rows: list[tuple[Any, ...]],
+        start: int,
+        end: int,
+        layout: tuple[tuple[str, ...] | None, int | None] | None = None,
+    ) -> TableRows:
+        names, offset_index = layout or (self._names, self._offset_index)
+        return TableRows(names or (), rows, offset_index or 0, start, end, self._head_hint())
 
     def _head_hint(self) -> int | None:
         # a split table's newest offset is the table's, not this partition's: unknown here
@@ -782,25 +797,33 @@ class TableReader(PartitionReader):
     def _fetch(self, lo: int, hi: int, limit: int) -> list[tuple[Any, ...]]:
         """The rows with ``lo <= offset < hi`` (at most ``limit``), as tuples."""
         assert self._conn is not None
-        cur = self._conn.cursor(binary=bool(self._binary))
+        binary = bool(self._binary)
+        cur = self._conn.cursor(binary=binary)
         rows = cur.execute(self._q_rows, [lo, hi, limit]).fetchall()
-        if self._binary is None or self._names is None:
-            self._learn(cur)
+        if self._learn(cur) and binary and not self._binary:
+            # the table changed under a binary read: a column now has a type only its text
+            # form loads (it would have come as bytes), so read these rows again as text
+            rows = self._conn.cursor().execute(self._q_rows, [lo, hi, limit]).fetchall()
         return rows
 
-    def _learn(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-        """From a first result: the field names of ``SELECT *`` and whether every column's
+    def _learn(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
+        """From a result's columns, when they differ from the last result's (the first read,
+        or the table was altered): the field names of ``SELECT *`` and whether every column's
         type loads from the binary format (else its text form is kept: an unknown type
-        arrives as text, as it always did)."""
+        arrives as text, as it always did). True when they differed."""
         desc = cur.description or []
-        if self._names is None:
-            self._names = tuple(d.name for d in desc)
+        shape = tuple((d.name, d.type_code) for d in desc)
+        if shape == self._shape:
+            return False
+        self._shape = shape
+        if self._select_all:
+            self._names = tuple(name for name, _ in shape)
             self._offset_index = self._names.index(self.source.offset_column)
-        if self._binary is None:
-            loaders = cur.adapters
-            self._binary = all(
-                loaders.get_loader(d.type_code, pq.Format.BINARY) is not None for d in desc
-            )
+        loaders = cur.adapters
+        self._binary = all(
+            loaders.get_loader(oid, pq.Format.BINARY) is not None for _, oid in shape
+        )
+        return True
 
     def _advance_horizon(self) -> None:
         """Observe the snapshot, max(offset) and the writers; move ``safe_end`` if possible."""

@@ -173,3 +173,36 @@ def test_jobs_over_the_fast_path_give_the_reference(pg_dsn: str, keyed_only: boo
     else:
         assert json.loads(dead[0][1])["note"] == "n777"
         assert facts == (2999, sum(a for _, a in rows) * 100, sum(range(1, 3001)) - 777)
+
+
+def test_a_table_altered_between_reads_keeps_its_records_right(pg_empty_dsn: str) -> None:
+    """A column dropped and one of a text-only type added while a reader reads binary: the
+    next rows carry the new columns, each value under its own name, the new one as text."""
+    with psycopg.connect(pg_empty_dsn, autocommit=True) as conn:
+        _events(conn, 100)
+        conn.execute("ALTER TABLE events DROP COLUMN mood")
+        reader = TableSource("events").open("0", OpenContext(pg_empty_dsn))
+        try:
+            first = reader.read_raw(MIN_OFFSET, 30)
+            second = reader.read_raw(first.end, 30)
+            assert reader._binary is True
+            conn.execute("ALTER TABLE events DROP COLUMN price")
+            conn.execute("ALTER TABLE events ADD COLUMN feeling mood DEFAULT 'sad'")
+            rest = [r for b in _read_all_from(reader, second.end) for r in b.records()]
+        finally:
+            reader.close()
+        want = conn.execute(
+            'SELECT id, "user", amount, note FROM events WHERE id > 60 ORDER BY id'
+        ).fetchall()
+    assert "price" in second.records()[0].value  # type: ignore[operator]
+    assert [(r.value or {}).get("feeling") for r in rest] == ["sad"] * 40
+    assert [(r.offset, v["user"], v["amount"], v["note"]) for r in rest if (v := r.value)] == want
+    assert all("price" not in (r.value or {}) for r in rest)
+
+
+def _read_all_from(reader: TableReader, pos: int) -> list[TableRows]:
+    out: list[TableRows] = []
+    while (rows := reader.read_raw(pos, 25)).end != pos:
+        out.append(rows)
+        pos = rows.end
+    return out
