@@ -1,4 +1,5 @@
-"""The benchmark suite: pgstream against the raw-COPY floor and a per-record baseline.
+"""The benchmark suite: pgstream against the raw-COPY floors (file, table) and a per-record
+baseline.
 
 Run from the repository root::
 
@@ -11,9 +12,10 @@ Database: ``--dsn`` (used as is; its ``bench_*`` tables are dropped and recreate
 database ``pgstream_bench`` on the server pgstream would use (``$PGSTREAM_DSN``,
 ``$DATABASE_URL``, else the embedded server), created and migrated if missing.
 
-It prints one Markdown table (events/s, ratio to the floor and to the per-record baseline,
-peak RSS of the pgstream worker process, correctness of every output), the recovery time after
-``kill -9`` and the checkpoint latency under a steady producer, then the issue's targets.
+It prints one Markdown table (events/s, ratios to the file floor, to the row's own floor - the
+table floor for table rows - and to the per-record baseline, peak RSS of the pgstream worker
+process, correctness of every output), the fixed cost of a one-line run, the recovery time after
+``kill -9`` and the checkpoint latency under a steady producer, then the issues' targets.
 Exit status 1 if any output is wrong; timings never fail the run.
 """
 
