@@ -1,4 +1,5 @@
-"""The benchmark suite: pgstream against the raw-COPY floor and a per-record baseline.
+"""The benchmark suite: pgstream against the raw-COPY floors (file, table) and a per-record
+baseline.
 
 Run from the repository root::
 
@@ -11,9 +12,10 @@ Database: ``--dsn`` (used as is; its ``bench_*`` tables are dropped and recreate
 database ``pgstream_bench`` on the server pgstream would use (``$PGSTREAM_DSN``,
 ``$DATABASE_URL``, else the embedded server), created and migrated if missing.
 
-It prints one Markdown table (events/s, ratio to the floor and to the per-record baseline,
-peak RSS of the pgstream worker process, correctness of every output), the recovery time after
-``kill -9`` and the checkpoint latency under a steady producer, then the issue's targets.
+It prints one Markdown table (events/s, ratios to the file floor, to the row's own floor - the
+table floor for table rows - and to the per-record baseline, peak RSS of the pgstream worker
+process, correctness of every output), the fixed cost of a one-line run, the recovery time after
+``kill -9`` and the checkpoint latency under a steady producer, then the issues' targets.
 Exit status 1 if any output is wrong; timings never fail the run.
 """
 
@@ -35,9 +37,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks import baselines, procs, scenarios
+from benchmarks import baselines, fixedcost, procs, scenarios
 from benchmarks.gen import events_file
 from benchmarks.workloads import (
+    FLOOR_OF,
     SOURCES,
     WORKLOADS,
     Reference,
@@ -87,6 +90,9 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     recovery: scenarios.Recovery | None = None
     latency: scenarios.Latency | None = None
+    fixed_cost: fixedcost.FixedCost | None = None
+    #: rows/s of each way the table floor may read the events table (the fastest is used)
+    table_reads: dict[str, float] = field(default_factory=dict)
 
     def row(self, workload: str, system: str, source: str, create: bool = False) -> Row | None:
         for r in self.rows:
@@ -104,6 +110,8 @@ class Results:
             errs += [f"recovery: {e}" for e in self.recovery.errors]
         if self.latency is not None:
             errs += [f"latency: {e}" for e in self.latency.errors]
+        if self.fixed_cost is not None:
+            errs += [f"fixed cost: {e}" for e in self.fixed_cost.errors]
         return errs
 
 
@@ -148,17 +156,36 @@ def machine(conn: psycopg.Connection[Any]) -> str:
 
 
 def measure_floor(
-    conn: psycopg.Connection[Any], workload: str, path: Path, ref: Reference
+    conn: psycopg.Connection[Any],
+    workload: str,
+    source: str,
+    path: Path,
+    ref: Reference,
+    *,
+    dsn: str = "",
+    table_read: str = "",
 ) -> tuple[float, list[str]]:
-    """The floor's events/s and its output's errors."""
+    """The ``source`` floor's events/s and its output's errors (the table floor reads
+    ``bench_events`` through ``dsn`` with the ``table_read`` method)."""
     create_sink(conn, workload)
     checkpoint(conn)
     conn.autocommit = False
     try:
-        seconds = baselines.floor(conn, workload, path)
+        if source == "file":
+            seconds = baselines.floor(conn, workload, path)
+        else:
+            seconds = baselines.table_floor(conn, dsn, workload, table_read)
     finally:
         conn.autocommit = True
-    return ref.n / seconds, check_workload(conn, workload, ref, "file")
+    return ref.n / seconds, check_workload(conn, workload, ref, source)
+
+
+def floors_needed(sources: list[str], baselines_on: bool) -> list[str]:
+    """The floors measured: the file floor always, the floor of every source run."""
+    if not baselines_on:
+        return []
+    needed = ["file"] + [FLOOR_OF[s] for s in sources]
+    return list(dict.fromkeys(needed))
 
 
 def measure_per_record(
@@ -218,6 +245,13 @@ def run(args: argparse.Namespace, log: Log = print) -> Results:
         log(f"  {path} and bench_events ({loaded:,} rows): {time.perf_counter() - t:.1f}s")
         if err := check_events_table(conn, ref):
             raise SystemExit(f"bench_events is wrong: {err}")
+        floors = floors_needed(args.sources, not args.no_baselines)
+        table_read = ""
+        if "table" in floors:
+            results.table_reads = baselines.read_speeds(dsn)
+            table_read = max(results.table_reads, key=results.table_reads.__getitem__)
+            speeds = ", ".join(f"{k} {v:,.0f}" for k, v in results.table_reads.items())
+            log(f"  reading bench_events (rows/s): {speeds}; the table floor uses {table_read}")
 
         for workload in args.workloads:
             if not args.no_baselines:
@@ -230,12 +264,14 @@ def run(args: argparse.Namespace, log: Log = print) -> Results:
                     row.add(rate, errors)
                     log(f"  {workload} per-record {source}: {rate:,.0f} events/s")
             for rep in range(args.repeat):
-                if not args.no_baselines:
-                    rate, errors = measure_floor(conn, workload, path, ref)
-                    row = results.row(workload, "floor", "file", create=True)
+                for floor_source in floors:
+                    rate, errors = measure_floor(
+                        conn, workload, floor_source, path, ref, dsn=dsn, table_read=table_read
+                    )
+                    row = results.row(workload, "floor", floor_source, create=True)
                     assert row is not None
                     row.add(rate, errors)
-                    log(f"  {workload} floor [{rep + 1}]: {rate:,.0f} events/s")
+                    log(f"  {workload} floor {floor_source} [{rep + 1}]: {rate:,.0f} events/s")
                 for source in args.sources:
                     m = measure_pgstream(conn, dsn, workload, source, path, ref)
                     row = results.row(workload, "pgstream", source, create=True)
@@ -249,6 +285,9 @@ def run(args: argparse.Namespace, log: Log = print) -> Results:
                         f"start-up {m.startup:.2f}s, peak RSS {m.rss_mb:.0f} MiB{wrong}"
                     )
 
+        if args.fixed_cost_runs:
+            results.fixed_cost = fixedcost.measure(conn, dsn, work_dir, args.fixed_cost_runs)
+            log(f"  fixed cost: {results.fixed_cost}")
         if not args.no_recovery:
             results.recovery = scenarios.recovery(
                 conn, dsn, path, ref, work_dir, batch_size=args.recovery_batch_size
@@ -274,6 +313,31 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.4f}"
 
 
+def _report_row(results: Results, r: Row) -> str:
+    """One line of the table: rates and ratios to the file floor, to the floor of the row's
+    own source (a table row: the table floor) and to the per-record baseline."""
+
+    def vs(other: Row | None) -> str:
+        return _ratio(r.events_per_s / other.events_per_s) if other and other.events_per_s else "-"
+
+    file_floor = results.row(r.workload, "floor", "file")
+    own = FLOOR_OF.get(r.source, r.source)
+    own_floor = results.row(r.workload, "floor", own) if own != "file" else None
+    per = results.row(r.workload, "per-record", r.source)
+    vs_per = (
+        "1"
+        if r.system == "per-record"
+        else (f"{r.events_per_s / per.events_per_s:,.0f}" if per and per.events_per_s else "-")
+    )
+    rss = f"{r.peak_rss_mb:.0f} MiB" if r.peak_rss_mb else "-"
+    ok = "correct" if not r.errors else "WRONG"
+    rate = f"{r.events_per_s:,.0f}" + (" (extrapolated)" if r.system == "per-record" else "")
+    return (
+        f"| {TITLES[r.workload]} | {r.system} | {r.source} | {rate} | {vs(file_floor)} "
+        f"| {vs(own_floor)} | {vs_per} | {rss} | {ok} |"
+    )
+
+
 def report(results: Results, args: argparse.Namespace) -> str:
     """The results as Markdown: the table, recovery, latency and the targets."""
     lines = [
@@ -281,29 +345,12 @@ def report(results: Results, args: argparse.Namespace) -> str:
         f"{results.users:,} users, seed {results.seed}",
         f"machine: {results.machine}",
         "",
-        "| workload | system | source | events/s | x floor | x per-record | peak RSS | output |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| workload | system | source | events/s | x file floor | x own floor | x per-record "
+        "| peak RSS | output |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for workload in args.workloads:
-        floor = results.row(workload, "floor", "file")
-        for r in (x for x in results.rows if x.workload == workload):
-            per = results.row(workload, "per-record", r.source)
-            vs_floor = _ratio(r.events_per_s / floor.events_per_s) if floor else "-"
-            if r.system == "per-record":
-                vs_per = "1"
-            elif per and per.events_per_s:
-                vs_per = f"{r.events_per_s / per.events_per_s:,.0f}"
-            else:
-                vs_per = "-"
-            rss = f"{r.peak_rss_mb:.0f} MiB" if r.peak_rss_mb else "-"
-            ok = "correct" if not r.errors else "WRONG"
-            rate = f"{r.events_per_s:,.0f}" + (
-                " (extrapolated)" if r.system == "per-record" else ""
-            )
-            lines.append(
-                f"| {TITLES[workload]} | {r.system} | {r.source} | {rate} | {vs_floor} | {vs_per} "
-                f"| {rss} | {ok} |"
-            )
+        lines += [_report_row(results, r) for r in results.rows if r.workload == workload]
     startups = [r.startup_s for r in results.rows if r.startup_s is not None]
     started = (
         f" (before that, the worker's start-up - connect, check the schema and the sink tables, "
@@ -313,11 +360,14 @@ def report(results: Results, args: argparse.Namespace) -> str:
     )
     lines += [
         "",
-        "floor: orjson and one streaming COPY of the result rows into the same table (the sink "
-        "table, idempotency columns and index included), in one transaction. per-record: one "
-        "transaction per event storing its offset and its result, run "
-        f"{args.per_record_seconds:g} s and extrapolated. Table-source rows are compared with "
-        "the file floor. pgstream: default settings, one worker process; events/s from claiming "
+        "file floor: orjson and one streaming COPY of the result rows into the same table (the "
+        "sink table, idempotency columns and index included), in one transaction. table floor: "
+        "the same events read from bench_events (only the columns the workload uses, "
+        f"{baselines.TABLE_BATCH:,}-row pages by id, {_fastest(results)}), the same Python work "
+        "on the tuples, one streaming COPY, no checkpoint. x own floor: a table row against the "
+        "table floor. per-record: one transaction per event storing its offset and its result, "
+        f"run {args.per_record_seconds:g} s and extrapolated. pgstream: default settings, one "
+        "worker process; events/s from claiming "
         f"the partition to the last COMMIT{started}; best of {args.repeat}; peak RSS of the "
         "worker process (VmHWM).",
     ]
@@ -347,11 +397,40 @@ def report(results: Results, args: argparse.Namespace) -> str:
             "until the row is visible to SQL in the sink; output "
             + ("correct" if not lat.errors else "WRONG")
         )
-    lines += ["", "targets (issue 4):"] + [f"- {t}" for t in targets(results, args)]
+    fixed = results.fixed_cost
+    if fixed is not None:
+        lines += [
+            "",
+            "fixed cost (`pgstream run APP --stop-when-idle` on a one-line file, a fresh process "
+            f"each time, best of {len(fixed.runs)}): {fixed}; output "
+            + ("correct" if not fixed.errors else "WRONG"),
+        ]
+    lines += ["", "targets (issues 4 and 8):"] + [f"- {t}" for t in targets(results, args)]
     errors = results.errors
     if errors:
         lines += ["", "WRONG OUTPUTS:"] + [f"- {e}" for e in errors]
     return "\n".join(lines)
+
+
+def _fastest(results: Results) -> str:
+    """Which read the table floor used, with every measured read's rows/s."""
+    reads = results.table_reads
+    if not reads:
+        return "not measured"
+    best = max(reads, key=reads.__getitem__)
+    others = ", ".join(f"{k} {v:,.0f}" for k, v in reads.items())
+    return f"read with {best}, the fastest of ({others} rows/s)"
+
+
+#: ``(workload, source, floor, ratio)``: pgstream on ``source`` at least ``ratio`` x the floor
+RATIO_TARGETS: list[tuple[str, str, str, float]] = [
+    ("B2", "file", "file", 0.6),  # issue 4
+    ("B1", "file", "file", 0.8),
+    *((w, "table", "file", 0.5) for w in ("B1", "B2", "B3")),
+    *((w, "table", "table", 0.6) for w in ("B1", "B2", "B3")),  # issue 8, Python path
+    # issue 8, pushed down into SQL: compared with the file floor
+    *((w, "table-sql", "file", want) for w, want in (("B1", 1.5), ("B2", 0.7), ("B3", 1.0))),
+]
 
 
 def targets(results: Results, args: argparse.Namespace) -> list[str]:
@@ -361,22 +440,16 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
     def verdict(ok: bool, miss: str = "") -> str:
         return "met" if ok else f"MISSED{miss}"
 
-    def ratio(workload: str, source: str, want: float) -> None:
-        floor = results.row(workload, "floor", "file")
+    for workload, source, floor_of, want in RATIO_TARGETS:
+        floor = results.row(workload, "floor", floor_of)
         r = results.row(workload, "pgstream", source)
-        if floor and r:
+        if floor and r and floor.events_per_s:
             got = r.events_per_s / floor.events_per_s
             miss = f" by {(want - got) / want:.0%}"
             out.append(
-                f"{workload} {source} >= {want}x floor: {got:.2f}x - {verdict(got >= want, miss)}"
+                f"{workload} {source} >= {want}x {floor_of} floor: {got:.2f}x - "
+                + verdict(got >= want, miss)
             )
-
-    ratio("B2", "file", 0.6)
-    ratio("B1", "file", 0.8)
-    for w in args.workloads:
-        ratio(w, "table", 0.5)
-    for w, want in (("B1", 1.5), ("B2", 0.7), ("B3", 1.0)):  # pushed down into SQL (issue 8)
-        ratio(w, "table-sql", want)
     per_record = [
         r.events_per_s / per.events_per_s
         for r in results.rows
@@ -398,6 +471,10 @@ def targets(results: Results, args: argparse.Namespace) -> list[str]:
             f"first commit after kill -9 < 2 s: {rec.time_to_first_commit:.2f} s - "
             + verdict(rec.time_to_first_commit < 2)
         )
+    fixed = results.fixed_cost
+    if fixed is not None and fixed.runs:
+        out.append(f"fixed cost of a run <= 0.2 s: {fixed.wall:.3f} s - "
+                   + verdict(fixed.wall <= 0.2))  # fmt: skip
     lat = results.latency
     if lat is not None and lat.events:
         out.append(f"p99 checkpoint latency < 1 s at {lat.rate:,.0f} events/s: "
@@ -435,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-rate", type=float, default=50_000)
     p.add_argument("--latency-seconds", type=float, default=10.0)
     p.add_argument("--recovery-batch-size", type=int, default=None)
+    p.add_argument(
+        "--fixed-cost-runs", type=int, default=7, help="one-line runs timed (0: not measured)"
+    )
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.smoke:
@@ -444,6 +524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.latency_rate = 5_000
         args.latency_seconds = 1.0
         args.recovery_batch_size = args.recovery_batch_size or 500
+        args.fixed_cost_runs = min(args.fixed_cost_runs, 2)
     args.workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
     args.sources = [s.strip().lower() for s in args.sources.split(",") if s.strip()]
     for w in args.workloads:

@@ -35,6 +35,9 @@ from pgstream.schema import append_table, upsert_table
 WORKLOADS = ("B1", "B2", "B3")
 #: "table" runs every path in Python (pushdown off), "table-sql" pushes them down into SQL
 SOURCES = ("file", "table", "table-sql")
+#: the floor each source's rows are compared with (besides the file floor): its own input read
+#: as fast as plain Python can (a new source kind, e.g. a pushed-down table path, adds a line)
+FLOOR_OF = {"file": "file", "table": "table", "table-sql": "table"}
 STREAM = "events"
 EVENTS_TABLE = "bench_events"
 SINK = {"B1": "bench_b1", "B2": "bench_b2", "B3": "bench_b3"}

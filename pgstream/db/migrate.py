@@ -7,7 +7,9 @@ looked at or changed: user tables in other schemas are invisible to these migrat
 
 from __future__ import annotations
 
+import ast
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgstream.db import queries
 from pgstream.db.connect import connect, describe_dsn, safe_dsn, sqlalchemy_url
-from pgstream.db.tables import SCHEMA
+from pgstream.db.queries import SCHEMA
 from pgstream.errors import DatabaseError
 
 __all__ = [
@@ -143,6 +145,32 @@ def head() -> str:
     return revision
 
 
+#: a revision file's ``revision = "..."`` / ``down_revision = ...`` line (annotation optional)
+_REVISION_LINE = re.compile(r"^(down_)?revision\s*(?::[^=\n]*)?=\s*(.+?)\s*$", re.MULTILINE)
+
+
+def declared_head() -> str | None:
+    """The head revision read from the revision files' own ``revision`` and
+    ``down_revision`` lines, without importing Alembic (start-up's fast path); ``None``
+    unless every file states both as plain literals and there is exactly one head."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (script_location() / "versions").glob("*.py"):
+        found = {bool(m[1]): m[2] for m in _REVISION_LINE.finditer(path.read_text())}
+        if set(found) != {False, True}:
+            return None
+        try:
+            revision, down = ast.literal_eval(found[False]), ast.literal_eval(found[True])
+        except (ValueError, SyntaxError):
+            return None
+        if not isinstance(revision, str):
+            return None
+        revisions.add(revision)
+        parents |= {down} if isinstance(down, str) else set(down or ())
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
 def upgrade(dsn: str, revision: str = "head") -> None:
     """Migrate the ``pgstream`` schema in ``dsn`` up to ``revision`` (default: head).
 
@@ -182,8 +210,11 @@ def current(dsn: str) -> str | None:
 
 
 def ensure_migrated(conn: psycopg.Connection[Any]) -> None:
-    """Raise :class:`DatabaseError` unless the ``pgstream`` schema is at :func:`head`."""
+    """Raise :class:`DatabaseError` unless the ``pgstream`` schema is at :func:`head`
+    (Alembic is imported only when it is not at :func:`declared_head`)."""
     at = current_on(conn)
+    if at is not None and at == declared_head():
+        return
     need = head()
     if at == need:
         return

@@ -16,7 +16,6 @@ When the folded name is missing but a table of the same name in another case exi
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import psycopg
@@ -25,7 +24,18 @@ from psycopg.rows import tuple_row
 from pgstream.errors import ConfigError
 
 _UPPER_TO_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-_PLAIN = re.compile(r"[a-z_\u0080-\U0010ffff][a-z0-9_$\u0080-\U0010ffff]*")
+_FIRST = frozenset("abcdefghijklmnopqrstuvwxyz_")
+_NEXT = _FIRST | frozenset("0123456789$")
+
+
+def _plain(part: str) -> bool:
+    """Whether ``part`` is an identifier SQL takes unquoted once folded (letters, ``_`` or
+    any non-ASCII character first, then also digits and ``$``)."""
+    return (
+        part != ""
+        and (part[0] in _FIRST or part[0] >= "\x80")
+        and all(c in _NEXT or c >= "\x80" for c in part[1:])
+    )
 
 # relations whose name equals the wanted one but for case, where the wanted one would be found
 _SAME_BUT_CASE = """
@@ -123,7 +133,7 @@ def _suggest_quoted(name: str) -> str:
 
 def quote_part(part: str) -> str:
     """``part`` as the user would write it: bare when it folds to itself, else double-quoted."""
-    if _PLAIN.fullmatch(part):
+    if _plain(part):
         return part
     return '"' + part.replace('"', '""') + '"'
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import psycopg
 
 from pgstream.db import queries
-from pgstream.db.tables import SCHEMA
+from pgstream.db.queries import SCHEMA
 from pgstream.errors import PrivilegeError
 
 if TYPE_CHECKING:

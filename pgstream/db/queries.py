@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from psycopg import sql
 
+#: pgstream's own schema (its tables: :mod:`pgstream.db.tables`)
+SCHEMA = "pgstream"
+
 # -- partitions: registration, leases ---------------------------------------------------------
 
 # Rows that exist are skipped before the insert: ON CONFLICT alone would wait for the row

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-SCHEMA = "pgstream"
+from pgstream.db.queries import SCHEMA as SCHEMA  # its home is queries; kept here too
 
 metadata = MetaData(schema=SCHEMA)
 

@@ -85,12 +85,16 @@ class BatchSizer:
 
     def grow(self, batch: InputBatch) -> None:
         """Before reading ahead: after a full batch that took well under ``target_latency`` to
-        read and evaluate (fourfold below an eighth of it, twofold below a quarter), the next
-        batches may hold more, unless the last COMMIT came over half of it after its read."""
+        read and evaluate (sixteenfold below a 32nd of it, fourfold below an eighth, twofold
+        below a quarter), the next batches may hold more, unless the last COMMIT came over half
+        of it after its read. A backlog thus reaches big batches in a step or two: the small
+        first batch only bounds the first COMMIT's latency."""
         target = self.settings.target_latency
         if len(batch) < batch.limit or self._last_latency > target / 2:
             return
-        if batch.evaluated_in < target / 8:
+        if batch.evaluated_in < target / 32:
+            factor = 16
+        elif batch.evaluated_in < target / 8:
             factor = 4
         elif batch.evaluated_in < target / 4:
             factor = 2

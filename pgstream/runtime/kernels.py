@@ -9,7 +9,10 @@ composed steps, and add the result to the batch's output.
 The semantics are the general loop's: a record that fails (undecodable, an operator raising, a
 non-dict output, a bad aggregate input) is handed to ``fail`` *before* it changed anything, and
 the caller turns it into a dead letter (or stops). Undecoded input is a source-neutral
-:class:`~pgstream.sources.raw.RawBatch` (a file's lines, a message source's values). Edge cases
+:class:`~pgstream.sources.raw.RawBatch` (a file's lines, a message source's values) or a
+table's row tuples (:class:`~pgstream.sources.raw.TableRows`): a row becomes a dict only when a
+Python function will see it; an aggregate keyed and fed by field names reads the tuple itself.
+Row loops are compiled once per column layout (the names are known when the rows arrive). Edge cases
 the fast path does not handle itself (a decode error, a value of an unusual type for ``sum``)
 go to the same code the general loop uses, so both paths produce identical outputs. ``fail``
 gets the exception itself, with its traceback, so the dead letter can name the user's file and
@@ -33,17 +36,18 @@ import orjson
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.steps import SKIP, identity
 from pgstream.sources.base import SourceRecord
-from pgstream.sources.raw import RawBatch
+from pgstream.sources.raw import RawBatch, TableRows
 
 Row = tuple[Any, ...]
 Groups = dict[tuple[str, ...], list[Row]]
 Accumulators = dict[Any, list[Any]]
 
 #: ``fail(payload, value, exc)`` for undecoded input: ``value`` is the decoded record (``None``
-#: and ``exc`` ``None`` when the payload did not decode to an object). Failures come in payload
+#: and ``exc`` ``None`` when the payload did not decode to an object; a table row always
+#: decodes). Failures come in payload
 #: order and ``payload`` is the very object of ``batch.payloads``, which is how the caller finds
 #: its offset (only then: offsets are not computed on the way).
-RawFail = Callable[[bytes, Any, "BaseException | None"], None]
+RawFail = Callable[[Any, Any, "BaseException | None"], None]
 #: ``fail(record, exc)`` for decoded records (``exc`` ``None`` when the record has no value).
 RecordFail = Callable[[SourceRecord, "BaseException | None"], None]
 
@@ -110,10 +114,71 @@ def append_kernels(
     run_packed: RawKernel = ns["run_packed"]
     run_listed: RawKernel = ns["run_listed"]
 
+    run_rows = _per_layout(lambda names, offset_index: _append_rows(ns, names, offset_index))
+
     def run_raw(batch: RawBatch, groups: Groups, fail: RawFail) -> None:
-        (run_listed if batch.gap is None else run_packed)(batch, groups, fail)
+        if type(batch) is TableRows:
+            run_rows(batch, groups, fail)
+        else:
+            (run_listed if batch.gap is None else run_packed)(batch, groups, fail)
 
     return run_raw, run_records
+
+
+def _append_rows(ns: dict[str, Any], names: tuple[str, ...], offset_index: int) -> RawKernel:
+    """The append loop over rows of the layout ``names`` (offset at ``offset_index``)."""
+    rns = dict(ns, **_name_constants(names))
+    code = _APPEND_ROWS.format(record=_row_dict(len(names)), offset=int(offset_index))
+    exec(compile(code, APPEND_KERNEL_FILENAME, "exec"), rns)
+    run: RawKernel = rns["run_rows"]
+    return run
+
+
+def _name_constants(names: tuple[str, ...]) -> dict[str, str]:
+    """``N0``, ``N1``...: the field names a compiled row loop refers to (never in its text)."""
+    return {f"N{i}": name for i, name in enumerate(names)}
+
+
+def _row_dict(n: int) -> str:
+    """The expression building row ``row``'s record from its first ``n`` values."""
+    return "{" + ", ".join(f"N{i}: row[{i}]" for i in range(n)) + "}"
+
+
+def _per_layout(compile_rows: Callable[[tuple[str, ...], int], RawKernel]) -> RawKernel:
+    """A row loop that compiles (once) and runs the loop for each batch's column layout."""
+    compiled: dict[tuple[tuple[str, ...], int], RawKernel] = {}
+
+    def run(batch: Any, target: Any, fail: RawFail) -> None:
+        layout = (batch.names, batch.offset_index)
+        loop = compiled.get(layout)
+        if loop is None:
+            loop = compiled[layout] = compile_rows(*layout)
+        loop(batch, target, fail)
+
+    return run
+
+
+#: the loop over a table's row tuples for an append plan (``{record}``: see :func:`_row_dict`)
+_APPEND_ROWS = """\
+def run_rows(batch, groups, fail):
+    cols_prev = None
+    rows = []
+    for row in batch.rows:
+        v = {record}
+        try:
+            o = fn(v)
+            if type(o) is not dict and o is not skip:
+                raise not_a_dict(o)
+        except Exception as exc:
+            fail(row, v, exc)
+            continue
+        if o is not skip:
+            cols = tuple(o)
+            if cols != cols_prev:
+                rows = groups.setdefault(cols, [])
+                cols_prev = cols
+            rows.append((*o.values(), source, partition, row[{offset}], 0))
+"""
 
 
 #: the loop over undecoded payloads for an append plan; ``{first}`` and ``{next}`` make ``pos``
@@ -202,6 +267,17 @@ def _single_field(fn: Callable[[Any], Any]) -> str | None:
     return items[0] if len(items) == 1 and isinstance(items[0], str) else None
 
 
+_ROWS_HEAD = """\
+def run_rows(batch, accs, fail):
+    get = accs.get
+    for row in batch.rows:
+{decode}        try:
+{body}
+        except Exception as exc:
+            fail(row, {record}, exc)
+"""
+
+
 def aggregate_kernels(
     fn: Callable[[Any], Any], key_fn: Callable[[Any], Any], aggregates: Sequence[Aggregate]
 ) -> tuple[RawKernel, RecordsKernel]:
@@ -209,7 +285,8 @@ def aggregate_kernels(
     :class:`Aggregate` ``start``/``add`` build them, inlined by :meth:`Aggregate.kernel_code`).
 
     Every new accumulator value is computed before any is stored, so a record that raises
-    leaves ``accs`` untouched.
+    leaves ``accs`` untouched. Over a table's rows, a plan with no steps whose key and
+    aggregate inputs are fields of the rows reads them from the tuples (no dict per row).
     """
     ns: dict[str, Any] = {
         "_loads": orjson.loads,
@@ -223,24 +300,73 @@ def aggregate_kernels(
         "dict": dict,
         "Exception": Exception,
     }
-    body = ["o = fn(v)", "if o is SKIP:", "    continue"] if fn is not identity else ["o = v"]
-    field = _single_field(key_fn)
-    if field is not None:  # key_by("name"): subscript instead of calling an itemgetter
-        ns["KEY"] = field
-        body.append("k = o[KEY]")
+    for j, agg in enumerate(aggregates):
+        ns[f"A{j}"] = agg
+        ns[f"F{j}"] = agg.field if isinstance(agg.field, str) else None
+        ns[f"E{j}"] = agg.field
+    key_field = _single_field(key_fn)
+    ns["KEY"] = key_field
+    indented = _indent(_aggregate_body(fn, key_field, aggregates, None))
+    # code built from fixed templates, no input text; the file name marks its frames in
+    # tracebacks as pgstream's, so an error's location is the user's function it called
+    for head in (_RAW_HEAD, _RECORDS_HEAD):
+        code = head.format(body=indented, decode=_DECODE_PAYLOAD)
+        exec(compile(code, KERNEL_FILENAME, "exec"), ns)
+    json_raw: RawKernel = ns["run_raw"]
+    run_records: RecordsKernel = ns["run_records"]
+    fields = [key_field] + [a.field for a in aggregates if a.field is not None]
+    from_tuples = fn is identity and all(isinstance(f, str) for f in fields)
+
+    def compile_rows(names: tuple[str, ...], offset_index: int) -> RawKernel:
+        rns = dict(ns, **_name_constants(names))
+        record = _row_dict(len(names))
+        if from_tuples and all(f in names for f in fields):
+            index = {name: i for i, name in enumerate(names)}
+            body = _aggregate_body(fn, key_field, aggregates, index)
+            code = _ROWS_HEAD.format(decode="", body=_indent(body), record=record)
+        else:
+            body = _aggregate_body(fn, key_field, aggregates, None)
+            decode = f"        v = {record}\n"
+            code = _ROWS_HEAD.format(decode=decode, body=_indent(body), record="v")
+        exec(compile(code, KERNEL_FILENAME, "exec"), rns)
+        run: RawKernel = rns["run_rows"]
+        return run
+
+    run_rows = _per_layout(compile_rows)
+
+    def run_raw(batch: RawBatch, accs: Accumulators, fail: RawFail) -> None:
+        (run_rows if type(batch) is TableRows else json_raw)(batch, accs, fail)
+
+    return run_raw, run_records
+
+
+def _indent(body: list[str]) -> str:
+    return "\n".join(" " * 12 + line for line in body)
+
+
+def _aggregate_body(
+    fn: Callable[[Any], Any],
+    key_field: str | None,
+    aggregates: Sequence[Aggregate],
+    index: dict[str, int] | None,
+) -> list[str]:
+    """The lines folding one record ``v`` into ``accs`` (see :func:`aggregate_kernels`); with
+    ``index`` (field name -> position), the key and the inputs are read from the tuple
+    ``row`` instead (the plan has no steps and reads fields only)."""
+    if index is not None:
+        body = [f"k = row[{int(index[key_field])}]"] if key_field is not None else []
     else:
-        body.append("k = key_fn(o)")
+        body = ["o = fn(v)", "if o is SKIP:", "    continue"] if fn is not identity else ["o = v"]
+        # key_by("name"): subscript instead of calling an itemgetter
+        body.append("k = o[KEY]" if key_field is not None else "k = key_fn(o)")
     body.append("acc = get(k)")  # hashing the key may raise: before any input is read
     first: list[str] = []
     then: list[str] = []
     for j, agg in enumerate(aggregates):
-        ns[f"A{j}"] = agg
         x = f"x{j}"
         if isinstance(agg.field, str):
-            ns[f"F{j}"] = agg.field
-            body.append(f"{x} = o[F{j}]")
+            body.append(f"{x} = row[{int(index[agg.field])}]" if index else f"{x} = o[F{j}]")
         elif agg.field is not None:
-            ns[f"E{j}"] = agg.field
             body.append(f"{x} = E{j}(o)")
         else:
             x = "None"
@@ -254,12 +380,4 @@ def aggregate_kernels(
     body.append("else:")
     body += ["    " + line for line in then]
     body += [f"    acc[{j}] = a{j}" for j in range(n)]
-    indented = "\n".join(" " * 12 + line for line in body)
-    # code built from fixed templates, no input text; the file name marks its frames in
-    # tracebacks as pgstream's, so an error's location is the user's function it called
-    for head in (_RAW_HEAD, _RECORDS_HEAD):
-        code = head.format(body=indented, decode=_DECODE_PAYLOAD)
-        exec(compile(code, KERNEL_FILENAME, "exec"), ns)
-    run_raw: RawKernel = ns["run_raw"]
-    run_records: RecordsKernel = ns["run_records"]
-    return run_raw, run_records
+    return body

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,13 +60,23 @@ class LeaseManager:
             queries.REGISTER_PARTITIONS, self._params(source=source, partitions=partitions)
         )
 
+    @contextmanager
+    def liveness_only(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """One transaction for writes that only help liveness (heartbeats, releasing leases):
+        its COMMIT does not wait for the disk; a server crash may forget it, which costs a
+        lease expiry or a stale worker count, never safety (epochs fence, not these rows)."""
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            yield
+
     def heartbeat(self, conn: psycopg.Connection[Any]) -> None:
         """Announce this worker as alive (used for the fair share)."""
-        conn.execute(
-            queries.HEARTBEAT,
-            self._params(hostname=socket.gethostname(), pid=os.getpid()),
-        )
-        conn.execute(queries.PRUNE_WORKERS, self._params())
+        with self.liveness_only(conn):
+            conn.execute(
+                queries.HEARTBEAT,
+                self._params(hostname=socket.gethostname(), pid=os.getpid()),
+            )
+            conn.execute(queries.PRUNE_WORKERS, self._params())
 
     def fair_share(self, conn: psycopg.Connection[Any]) -> int:
         """How many partitions this worker should own: ceil(partitions / live workers)."""

@@ -106,6 +106,18 @@ class Pipeline:
         rather than with the keys it touches (aggregates, folds)."""
         return any(p.PER_RECORD for p in self.plans)
 
+    @property
+    def fields(self) -> frozenset[str] | None:
+        """The record fields the plans read, when every plan can tell (``None``: any field
+        may be read); a table source then reads only those columns."""
+        used: set[str] = set()
+        for plan in self.plans:
+            got = plan.fields()
+            if got is None:
+                return None
+            used |= got
+        return frozenset(used) if self.plans else None
+
     def evaluate_raw(
         self,
         batch: RawBatch,
@@ -122,7 +134,7 @@ class Pipeline:
         payloads = batch.payloads
         cursor = [0]  # the payload after the last failure
 
-        def index_of(payload: bytes) -> int:
+        def index_of(payload: Any) -> int:
             # failures come in order: walk forward to this very payload object
             i = cursor[0]
             while payloads[i] is not payload:
@@ -130,7 +142,7 @@ class Pipeline:
             cursor[0] = i + 1
             return i
 
-        def fail(payload: bytes, value: Any, exc: BaseException | None) -> None:
+        def fail(payload: Any, value: Any, exc: BaseException | None) -> None:
             i = index_of(payload)
             if exc is not None:
                 self._failed(out, SourceRecord(batch.offset(i), value), exc, plan.label)

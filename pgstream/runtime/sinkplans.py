@@ -107,6 +107,11 @@ class SinkPlan(abc.ABC):
         """The sink table this plan writes, for error messages (empty when none)."""
         return ""
 
+    def fields(self) -> frozenset[str] | None:
+        """The record fields this plan reads, when it can tell: no Python function sees its
+        records (``None``: any field may be read)."""
+        return None
+
     def write_state(  # noqa: B027 - an optional step
         self, cur: psycopg.Cursor[Any], out: BatchOutput
     ) -> None:
@@ -251,6 +256,24 @@ class AggregatePlan(SinkPlan):
     def kernels(self, source: str, partition: str) -> Kernels | None:
         fn = compose(self.steps)
         return None if fn is None else kernels.aggregate_kernels(fn, self.key_fn, self.aggs)
+
+    def fields(self) -> frozenset[str] | None:
+        """Key, window time and aggregate inputs, when all are field names and no step
+        comes before them."""
+        by, window = self.key.by, self.key.window
+        if self.steps or not isinstance(by, tuple):
+            return None
+        used = set(by)
+        if window is not None:
+            if not isinstance(window[1], str):
+                return None
+            used.add(window[1])
+        for agg in self.aggs:
+            if agg.field is not None and not isinstance(agg.field, str):
+                return None
+            if agg.field is not None:
+                used.add(agg.field)
+        return frozenset(used)
 
     @property
     def sink_label(self) -> str:

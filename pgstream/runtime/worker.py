@@ -373,7 +373,7 @@ class Worker:
                 states[spec.operator_id] = state
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
         try:
-            reader = source.open(lease.partition, OpenContext(self.dsn))
+            reader = source.open(lease.partition, OpenContext(self.dsn, pipeline.fields))
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
@@ -419,10 +419,12 @@ class Worker:
         if self._prepared and (self.tasks or self.db.is_open):
             try:
                 conn = self.db.conn
+                with self.leases.liveness_only(conn):
+                    for task in self.tasks.values():
+                        self.leases.release(conn, task.lease)
+                    self.leases.forget(conn)
                 for task in self.tasks.values():
-                    self.leases.release(conn, task.lease)
                     self.observer.released(task.lease)
-                self.leases.forget(conn)
             except (psycopg.Error, DatabaseError) as exc:
                 log.warning("could not release leases cleanly: %s", exc)
         for key in list(self.tasks):

@@ -53,6 +53,9 @@ class OpenContext:
     """
 
     dsn: str  # the job's database, for sources that read from it
+    #: the record fields the pipeline reads, when it can tell (no Python function sees the
+    #: records); ``None``: any field may be read. A table source then selects only these.
+    fields: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,18 @@
-"""Undecoded input: the JSON payloads of one read, handed to the runtime's fused kernels.
+"""Undecoded input: the payloads of one read, handed to the runtime's fused kernels.
 
 A source whose records are JSON values (a file's lines, a Kafka/NATS/Redis message's value)
 can give the runtime its payloads undecoded instead of :class:`SourceRecord` objects; the
 runtime then decodes them in the same loop that evaluates them (see
 :mod:`pgstream.runtime.kernels`). Offsets are computed only where needed: a file's are the
 byte positions of its lines (derived from the line lengths), a message source's are listed.
+A table's rows come as the tuples the database driver returns (:class:`TableRows`): the
+kernels build a dict per row only when a Python function needs one.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -19,7 +21,7 @@ import orjson
 from pgstream.gcpause import gc_paused
 from pgstream.sources.base import SourceRecord
 
-__all__ = ["JsonPayloads", "RawBatch", "RawReader", "json_type_name"]
+__all__ = ["JsonPayloads", "RawBatch", "RawReader", "TableRows", "json_type_name"]
 
 _JSON_TYPE_NAMES: dict[type, str] = {
     list: "an array",
@@ -56,8 +58,8 @@ class RawBatch(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def payloads(self) -> list[bytes]:
-        """The undecoded JSON values, in offset order."""
+    def payloads(self) -> Sequence[Any]:
+        """The undecoded values (JSON bytes; a table's row tuples), in offset order."""
 
     @abc.abstractmethod
     def offset(self, index: int) -> int:
@@ -139,4 +141,57 @@ class JsonPayloads(RawBatch):
             )
         self.values.extend(more.payloads)
         self.offset_list.extend(more.offsets())
+        self.end, self.head = more.end, more.head
+
+
+@dataclass(slots=True)
+class TableRows(RawBatch):
+    """Rows of a table as tuples, in offset order: record ``i`` is
+    ``dict(zip(names, rows[i]))`` and its offset is ``rows[i][offset_index]``.
+
+    ``names`` may be shorter than a row: the offset column, when read only for the offsets,
+    comes last and is no field of the record (``zip`` stops at the shorter).
+    """
+
+    names: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    offset_index: int
+    start: int
+    end: int
+    head: int | None = None
+
+    @property
+    def payloads(self) -> list[tuple[Any, ...]]:
+        """The row tuples."""
+        return self.rows
+
+    def offset(self, index: int) -> int:
+        """The offset column of row ``index``."""
+        return int(self.rows[index][self.offset_index])
+
+    def offsets(self) -> Iterable[int]:
+        """Every row's offset column."""
+        i = self.offset_index
+        return (row[i] for row in self.rows)
+
+    def decode(self, index: int) -> SourceRecord:
+        """Row ``index`` as a record (a row always is one)."""
+        row = self.rows[index]
+        return SourceRecord(row[self.offset_index], dict(zip(self.names, row)))
+
+    def records(self) -> list[SourceRecord]:
+        """Every row as a record."""
+        names, i = self.names, self.offset_index
+        with gc_paused():
+            return [SourceRecord(row[i], dict(zip(names, row))) for row in self.rows]
+
+    def extend(self, more: RawBatch) -> None:
+        """Append the rows of the read that continued where this one ended."""
+        if more.start != self.end or not isinstance(more, TableRows):
+            raise ValueError(f"rows at {more.start} do not continue rows ending at {self.end}")
+        if not self.rows:  # nothing read yet: the next read's layout
+            self.names, self.offset_index = more.names, more.offset_index
+        elif more.rows and (more.names, more.offset_index) != (self.names, self.offset_index):
+            raise ValueError(f"rows at {more.start} have other columns than the rows before")
+        self.rows.extend(more.rows)
         self.end, self.head = more.end, more.head

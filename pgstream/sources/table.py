@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import sql
-from psycopg.rows import dict_row, tuple_row
+from psycopg import pq, sql
+from psycopg.rows import tuple_row
 
 from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import ConfigError
@@ -33,6 +33,7 @@ from pgstream.sources.base import (
     SourceRecord,
     TableRead,
 )
+from pgstream.sources.raw import TableRows
 
 __all__ = ["HorizonHolder", "ReadSpan", "TableReader", "TableSource", "parse_table_name"]
 
@@ -44,6 +45,10 @@ _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 #: a split table's partition with no rows of its own in this many final offsets moves past
 #: them (an empty batch) instead of scanning them again at every read
 SPLIT_SKIP_SPAN = 10_000
+#: spellings of a TimeZone setting that is UTC (the reader's session then says ``UTC``)
+_UTC_NAMES = frozenset({"UTC", "Etc/UTC", "UCT", "Etc/UCT", "GMT", "Etc/GMT", "Universal",
+                        "Etc/Universal", "Zulu", "Etc/Zulu", "Etc/GMT0", "GMT0", "Greenwich",
+                        "Etc/Greenwich", "Etc/GMT+0", "Etc/GMT-0", "GMT+0", "GMT-0"})  # fmt: skip
 #: column types whose text form depends only on the value (not on session settings such as
 #: TimeZone or DateStyle), so the hash that splits a table is the same in every session
 _PARTITION_BY_TYPES = _INTEGER_TYPES | frozenset(
@@ -125,6 +130,8 @@ class TableSource(Source):
         if self.columns is not None and not self.columns:
             raise ConfigError(f"TableSource({table!r}) got an empty columns list")
         self.unsafe_offsets_may_skip_rows = unsafe_offsets_may_skip_rows
+        #: the table's columns in their order, as :meth:`validate` last saw them (None before)
+        self.column_names: tuple[str, ...] | None = None
 
     # -- SQL building blocks -----------------------------------------------------------------
 
@@ -183,12 +190,25 @@ class TableSource(Source):
         return MIN_OFFSET
 
     def open(self, partition: str, context: OpenContext) -> TableReader:
-        """Open a reader with its own autocommit connection to the job's database."""
+        """Open a reader with its own autocommit connection to the job's database; it reads
+        only the columns of ``context.fields`` when known (see :meth:`select_columns`)."""
         if partition not in {str(i) for i in range(self.n_partitions)}:
             raise SourceError(
                 f"{self.describe()} has partitions 0..{self.n_partitions - 1}, not {partition!r}"
             )
-        return TableReader(self, context.dsn, partition)
+        return TableReader(self, context.dsn, partition, self.select_columns(context.fields))
+
+    def select_columns(self, fields: frozenset[str] | None) -> tuple[str, ...] | None:
+        """The columns a reader selects, ``None`` for all (``SELECT *``): ``columns`` when
+        given, else the table's columns the pipeline reads (``fields``, when the pipeline
+        can say: no Python function sees the records) once :meth:`validate` has seen them.
+        A field that is no column is left out, so reading it fails record by record as it
+        would with every column read."""
+        if self.columns is not None:
+            return self.columns
+        if fields is None or self.column_names is None:
+            return None
+        return tuple(c for c in self.column_names if c in fields)
 
     def describe(self) -> str:
         """``table <schema.table>``."""
@@ -233,6 +253,7 @@ class TableSource(Source):
         types = {name: typ for name, _, typ in cols}
         attnums = {name: num for name, num, _ in cols}
         self._check_columns(types)
+        self.column_names = tuple(name for name, _, _ in sorted(cols, key=lambda c: c[1]))
         self._check_index(conn, cur, relid, attnums[self.offset_column])
         self._check_sequence(cur, relid, attnums[self.offset_column])
 
@@ -550,11 +571,22 @@ class TableReader(PartitionReader):
     the :class:`psycopg.OperationalError` propagates (a transient error to the runtime).
     """
 
-    def __init__(self, source: TableSource, dsn: str, partition: str = "0") -> None:
+    def __init__(
+        self,
+        source: TableSource,
+        dsn: str,
+        partition: str = "0",
+        columns: Sequence[str] | None = None,
+    ) -> None:
         self.source = source
         self.partition = partition
         self._dsn = dsn
-        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        #: rows come in the binary format while every column type has a binary loader
+        #: (decided from each result's columns: same values, parsed faster)
+        self._binary: bool | None = None
+        #: the (name, type) of every column of the last result
+        self._shape: tuple[tuple[str, int], ...] | None = None
         self._safe_end = MIN_OFFSET
         self._pending: deque[_Candidate] = deque()
         self._last_max: int | None = None
@@ -564,14 +596,19 @@ class TableReader(PartitionReader):
         off = sql.Identifier(source.offset_column)
         table = source.table_ident
         self._off_ident = off
-        self._drop_offset = False
-        if source.columns is None:
+        #: the records' field names (None: the result's column names, ``SELECT *``) and
+        #: where the offset is in a row (None: found from the result's column names)
+        self._names: tuple[str, ...] | None = None
+        self._offset_index: int | None = None
+        self._select_all = columns is None
+        if columns is None:
             select_list: sql.Composable = sql.SQL("*")
         else:
-            cols = list(source.columns)
+            cols = list(columns)
+            self._names = tuple(cols)
             if source.offset_column not in cols:
-                cols.append(source.offset_column)
-                self._drop_offset = True
+                cols.append(source.offset_column)  # last: no field of the records
+            self._offset_index = cols.index(source.offset_column)
             select_list = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
         where = source.partition_filter(partition)
         mine: sql.Composable = sql.SQL("") if where is None else sql.SQL(" AND ") + where
@@ -606,11 +643,15 @@ class TableReader(PartitionReader):
     # -- connection ----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        conn: psycopg.Connection[dict[str, Any]] = psycopg.connect(
-            self._dsn, autocommit=True, row_factory=dict_row
+        conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(
+            self._dsn, autocommit=True, row_factory=tuple_row
         )
         try:
-            cur = conn.cursor(row_factory=tuple_row)
+            cur = conn.cursor()
+            if conn.info.parameter_status("TimeZone") in _UTC_NAMES:
+                # the same instants and offsets; psycopg loads timestamptz values much faster
+                # in a session whose TimeZone is spelt "UTC" (tzinfo=datetime.timezone.utc)
+                cur.execute("SET TimeZone = 'UTC'")
             row = cur.execute(
                 "SELECT to_regclass(%s)::oid", [self.source.regclass_text()]
             ).fetchone()
@@ -662,7 +703,8 @@ class TableReader(PartitionReader):
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Up to ``max_records`` rows with ``start <= offset < safe_end``, in offset order."""
-        return self._with_retry(lambda: self._read(start, max_records))
+        rows = self.read_raw(start, max_records)
+        return ReadResult(rows.records(), rows.end, rows.head)
 
     def head(self) -> int | None:
         """``max(offset) + 1`` of the table (of this partition's rows, for a split table) now,
@@ -695,30 +737,56 @@ class TableReader(PartitionReader):
         row = self._conn.cursor(row_factory=tuple_row).execute(self._q_max).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def _read(self, start: int, max_records: int) -> ReadResult:
-        records: list[SourceRecord] = []
+    def read_raw(self, start: int, max_records: int) -> TableRows:
+        """Like :meth:`read`, the rows as tuples (:class:`~pgstream.sources.raw.TableRows`):
+        the runtime builds a dict per row only where a Python function needs one."""
+        return self._with_retry(lambda: self._read(start, max_records))
+
+    def _read(self, start: int, max_records: int) -> TableRows:
+        rows: list[tuple[Any, ...]] = []
         if max_records <= 0:
-            return ReadResult(records, start, self._head_hint())
+            return self._rows(rows, start, start)
         if start < self._safe_end:
-            records = self._fetch(start, self._safe_end, max_records)
-            if len(records) >= max_records:  # catching up: no need to move the horizon
-                return ReadResult(records, records[-1].offset + 1, self._head_hint())
+            rows = self._fetch(start, self._safe_end, max_records)
+            if len(rows) >= max_records:  # catching up: no need to move the horizon
+                return self._rows(rows, start, rows[-1][self._off] + 1)
         self._advance_horizon()
-        nxt = records[-1].offset + 1 if records else start
+        nxt = rows[-1][self._off] + 1 if rows else start
         if nxt < self._safe_end:
-            records += self._fetch(nxt, self._safe_end, max_records - len(records))
-        if records:
-            end = records[-1].offset + 1
-            if self._split and len(records) < max_records:
+            layout = (self._names, self._offset_index)
+            more = self._fetch(nxt, self._safe_end, max_records - len(rows))
+            if rows and (self._names, self._offset_index) != layout:
+                # the table's columns changed between the two fetches: these rows have the
+                # old layout; the next read returns the others
+                return self._rows(rows, start, rows[-1][self._off] + 1, layout)
+            rows += more
+        if rows:
+            end = rows[-1][self._off] + 1
+            if self._split and len(rows) < max_records:
                 end = max(end, self._safe_end)  # every row of this partition below it was read
-            return ReadResult(records, end, self._head_hint())
+            return self._rows(rows, start, end)
         if self._split and self._safe_end - start >= SPLIT_SKIP_SPAN:
             # none of this partition's rows in a long final range: move past it, so the next
             # read does not walk the other partitions' rows again
-            return ReadResult(records, self._safe_end, self._head_hint())
+            return self._rows(rows, start, self._safe_end)
         if start > MIN_OFFSET and (self._last_max is None or self._last_max + 1 < start):
             self._check_not_reset(start)
-        return ReadResult(records, start, self._head_hint())
+        return self._rows(rows, start, start)
+
+    @property
+    def _off(self) -> int:
+        assert self._offset_index is not None
+        return self._offset_index
+
+    def _rows(
+        self,
+        rows: list[tuple[Any, ...]],
+        start: int,
+        end: int,
+        layout: tuple[tuple[str, ...] | None, int | None] | None = None,
+    ) -> TableRows:
+        names, offset_index = layout or (self._names, self._offset_index)
+        return TableRows(names or (), rows, offset_index or 0, start, end, self._head_hint())
 
     def _head_hint(self) -> int | None:
         # a split table's newest offset is the table's, not this partition's: unknown here
@@ -734,15 +802,39 @@ class TableReader(PartitionReader):
         are now without waiting for the safe horizon: for a range known to be final already
         (below a committed offset, which was below the horizon when it was committed).
         Database errors propagate as they are (no reconnect)."""
-        return self._fetch(start, end, limit)
+        rows = self._fetch(start, end, limit)
+        return self._rows(rows, start, end).records()
 
-    def _fetch(self, lo: int, hi: int, limit: int) -> list[SourceRecord]:
+    def _fetch(self, lo: int, hi: int, limit: int) -> list[tuple[Any, ...]]:
+        """The rows with ``lo <= offset < hi`` (at most ``limit``), as tuples."""
         assert self._conn is not None
-        rows = self._conn.execute(self._q_rows, [lo, hi, limit]).fetchall()
-        off = self.source.offset_column
-        if self._drop_offset:
-            return [SourceRecord(row.pop(off), row) for row in rows]
-        return [SourceRecord(row[off], row) for row in rows]
+        binary = bool(self._binary)
+        cur = self._conn.cursor(binary=binary)
+        rows = cur.execute(self._q_rows, [lo, hi, limit]).fetchall()
+        if self._learn(cur) and binary and not self._binary:
+            # the table changed under a binary read: a column now has a type only its text
+            # form loads (it would have come as bytes), so read these rows again as text
+            rows = self._conn.cursor().execute(self._q_rows, [lo, hi, limit]).fetchall()
+        return rows
+
+    def _learn(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
+        """From a result's columns, when they differ from the last result's (the first read,
+        or the table was altered): the field names of ``SELECT *`` and whether every column's
+        type loads from the binary format (else its text form is kept: an unknown type
+        arrives as text, as it always did). True when they differed."""
+        desc = cur.description or []
+        shape = tuple((d.name, d.type_code) for d in desc)
+        if shape == self._shape:
+            return False
+        self._shape = shape
+        if self._select_all:
+            self._names = tuple(name for name, _ in shape)
+            self._offset_index = self._names.index(self.source.offset_column)
+        loaders = cur.adapters
+        self._binary = all(
+            loaders.get_loader(oid, pq.Format.BINARY) is not None for _, oid in shape
+        )
+        return True
 
     def read_span(self, start: int, max_records: int) -> ReadSpan:
         """Like :meth:`read`, without fetching the rows: where a batch of up to

@@ -20,9 +20,19 @@ def test_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> Non
     assert results.errors == [], text
     for workload in WORKLOADS:
         assert results.row(workload, "floor", "file") is not None, text
+        assert results.row(workload, "floor", "table") is not None, text
         for source in SOURCES:
             for system in ("pgstream", "per-record"):
                 row = results.row(workload, system, source)
                 assert row is not None and row.events_per_s > 0, text
     assert results.recovery is not None and results.recovery.time_to_first_commit is not None
     assert results.latency is not None and results.latency.events == 5_000
+    assert set(results.table_reads) == {
+        "fetchall text",
+        "fetchall binary",
+        "COPY text",
+        "COPY binary",
+    }, text
+    assert "table floor" in text and "x own floor" in text
+    fixed = results.fixed_cost
+    assert fixed is not None and len(fixed.runs) == 2 and 0 < fixed.imports < fixed.wall, text

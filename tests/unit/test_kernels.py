@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -15,6 +16,7 @@ from pgstream.runtime.pipeline import BatchOutput, Pipeline
 from pgstream.runtime.worker import build_sinks
 from pgstream.sources.base import SourceRecord
 from pgstream.sources.file import JsonLines
+from pgstream.sources.raw import TableRows
 
 
 def general(pipeline: Pipeline) -> Pipeline:
@@ -178,3 +180,78 @@ def test_repeated_one_byte_lines_get_their_own_offsets(make_app: Any) -> None:
     want = general(pipeline_of(make_app())).evaluate_raw(batch)
     assert summary(pipeline_of(make_app()).evaluate_raw(batch)) == summary(want)
     assert len(want.dead) == 5
+
+
+def windowed_app() -> ps.App:
+    app = ps.App("k")
+    app.stream("s", ps.FileSource("unused.jsonl")).key_by("user").window(
+        ps.tumbling(seconds=60), time="ts"
+    ).aggregate(n=ps.count(), total=ps.sum("amount")).to_table("windows")
+    return app
+
+
+def table_rows(rng: random.Random, n: int, layout: tuple[str, ...]) -> TableRows:
+    """Random events as a table read's tuples: ``layout`` names the record's fields; the
+    offset column ``id`` comes last when it is no field."""
+    rows = []
+    for i, e in enumerate(random_events(rng, n)):
+        e["id"] = 10 + 3 * i
+        e["ts"] = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=7 * i)
+        if i % 23 == 4:
+            e["ts"] = "not a time"
+        if i % 29 == 6:
+            e["amount"] = Decimal("2.5")  # numeric columns come as Decimal
+        values = tuple(e.get(name) for name in layout)
+        rows.append(values if "id" in layout else (*values, e["id"]))
+    offset_index = layout.index("id") if "id" in layout else len(layout)
+    return TableRows(layout, rows, offset_index, 10, 10 + 3 * n)
+
+
+LAYOUTS = [
+    ("id", "user", "amount", "ts"),
+    ("user", "amount", "ts"),  # the offset column read only for the offsets
+    ("ts", "amount", "user", "id"),
+    ("id", "user", "ts"),  # no "amount" column: reading it fails record by record
+]
+
+
+@pytest.mark.parametrize("make_app", [*APPS, windowed_app])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("seed", range(3))
+def test_table_rows_kernel_equals_general_loop(
+    make_app: Any, layout: tuple[str, ...], seed: int
+) -> None:
+    """A table's tuples give what the general loop gives on the same rows as dicts (the
+    field-only aggregate reads the tuples themselves), dead letters included."""
+    batch = table_rows(random.Random(seed), 300, layout)
+    fast = pipeline_of(make_app())
+    assert fast._raw_kernel is not None
+    want = general(pipeline_of(make_app())).evaluate(batch.records())
+    got = fast.evaluate_raw(batch)
+    assert summary(got) == summary(want)
+    assert got.records_in == 300
+
+
+def test_table_rows_records_and_offsets() -> None:
+    batch = TableRows(("a", "b"), [(1, "x", 5), (2, "y", 9)], 2, 5, 10)
+    assert [r.offset for r in batch.records()] == [5, 9]
+    assert batch.records()[1].value == {"a": 2, "b": "y"}
+    assert list(batch.offsets()) == [5, 9] and batch.offset(1) == 9
+    batch.extend(TableRows(("a", "b"), [(3, "z", 12)], 2, 10, 13))
+    assert len(batch) == 3 and batch.end == 13
+    with pytest.raises(ValueError, match="do not continue"):
+        batch.extend(TableRows(("a", "b"), [], 2, 99, 99))
+    with pytest.raises(ValueError, match="other columns"):
+        batch.extend(TableRows(("a",), [(1, 20)], 1, 13, 21))
+
+
+def test_pipeline_fields_only_when_no_python_function_sees_the_records() -> None:
+    assert pipeline_of(plain_sum_app()).fields == frozenset({"user", "amount"})
+    assert pipeline_of(windowed_app()).fields == frozenset({"user", "amount", "ts"})
+    assert pipeline_of(aggregate_app()).fields is None  # a filter runs first
+    assert pipeline_of(append_app()).fields is None
+    app = ps.App("k")
+    app.stream("s", ps.FileSource("unused.jsonl")).key_by(lambda e: e["u"], name="u").aggregate(
+        n=ps.count()
+    ).to_table("t")
+    assert pipeline_of(app).fields is None

@@ -57,6 +57,16 @@ def test_fast_full_batches_grow_fourfold_or_twofold_up_to_the_cap() -> None:
     assert sizer.limit == DEFAULT_BATCH  # capped
 
 
+def test_a_very_fast_first_batch_grows_sixteenfold() -> None:
+    sizer = BatchSizer(Settings(target_latency=1.0), per_record_output=False)
+    sizer.grow(_full(FIRST_BATCH, 0.02))  # under a 32nd of the target
+    assert sizer.limit == 16 * FIRST_BATCH
+    sizer.grow(_full(sizer.limit, 0.05))  # an eighth: fourfold
+    assert sizer.limit == 64 * FIRST_BATCH
+    sizer.grow(_full(sizer.limit, 0.01))
+    assert sizer.limit == KEYED_BATCH  # capped
+
+
 def test_partial_batches_and_slow_commits_do_not_grow_and_late_commits_halve() -> None:
     sizer = BatchSizer(Settings(target_latency=1.0), per_record_output=True)
     partial = _full(FIRST_BATCH, 0.01)
