@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     source = app.sources[STREAM]
     open_reader = source.open
     opened: list[float] = []
+    opened_wall: list[float] = []
 
     def timed_open(partition: str, context: OpenContext) -> PartitionReader:
         opened.append(time.perf_counter())
+        opened_wall.append(time.time())
         reader = open_reader(partition, context)
         return LoggedReader(reader, args.read_log) if args.read_log else reader
 
@@ -93,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
     first_commit: list[float] = []
     last_commit: list[float] = [0.0]
+    last_commit_wall: list[float] = [0.0]
 
     def on_commit(task: PartitionTask, n: int) -> None:
         if not first_commit:
             first_commit.append(time.time())
         last_commit[0] = time.perf_counter()
+        last_commit_wall[0] = time.time()
 
     worker = Worker(app, args.dsn, stop_when_idle=not args.forever, on_commit=on_commit)
     start = time.time()
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         # from claiming the partition (its reader opens) to the last COMMIT: start-up excluded
         "processing": last_commit[0] - opened[0] if opened and first_commit else None,
         "first_commit": first_commit[0] if first_commit else None,
+        # wall clock, to combine several workers: first reader opened, last COMMIT
+        "opened_wall": opened_wall[0] if opened_wall else None,
+        "last_commit_wall": last_commit_wall[0] if first_commit else None,
         "records": summary.records,
         "batches": summary.batches,
     }

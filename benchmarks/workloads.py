@@ -54,9 +54,17 @@ def make_app(
     *,
     batch_size: int | None = None,
 ) -> ps.App:
-    """The pgstream app of ``workload`` reading ``source`` ("file" or "table")."""
+    """The pgstream app of ``workload`` reading ``source`` ("file", "table", or "kafka" with
+    ``path`` = ``"host:port/topic"``)."""
     app = ps.App(job, batch_size=batch_size)
-    src: ps.Source = ps.FileSource(str(path)) if source == "file" else ps.TableSource(EVENTS_TABLE)
+    src: ps.Source
+    if source == "kafka":  # path is "host:port/topic" (benchmarks/kafka.py)
+        bootstrap, topic = str(path).rsplit("/", 1)
+        src = ps.KafkaSource(topic, bootstrap_servers=bootstrap)
+    elif source == "file":
+        src = ps.FileSource(str(path))
+    else:
+        src = ps.TableSource(EVENTS_TABLE)
     events = app.stream(STREAM, src)
     if workload == "B1":
         events.key_by("user").aggregate(n=ps.count(), total=ps.sum("amount")).to_table(SINK["B1"])
