@@ -30,7 +30,8 @@ def test_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> Non
 
 def test_kafka_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) -> None:
     """``python -m benchmarks.kafka`` on 3,000 events: its own tansu broker, a six-partition
-    topic, the Kafka floor and pgstream with 1 and 2 workers, every output checked."""
+    topic, the Kafka floor and pgstream with 2 workers sharing the partitions (the one-worker
+    path is the same code with one child), every output checked."""
     import pytest
 
     pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed")
@@ -38,7 +39,7 @@ def test_kafka_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) 
     from benchmarks import kafka
 
     args = kafka.parse_args([
-        "--n", "3000", "--users", "100", "--no-recovery", "--dsn", pg_dsn,
+        "--n", "3000", "--users", "100", "--workers", "2", "--no-recovery", "--dsn", pg_dsn,
         "--data-dir", str(tmp_path),
     ])  # fmt: skip
     results = kafka.run(args, log=lambda _msg: None)
@@ -47,6 +48,6 @@ def test_kafka_benchmark_smoke_outputs_are_correct(pg_dsn: str, tmp_path: Path) 
     assert sum(results.partition_counts) == 3000 and all(results.partition_counts), text
     for workload in ("B1", "B2"):
         assert results.floor[workload] > 0, text
-        assert set(results.pgstream[workload]) == {1, 2}, text
+        assert set(results.pgstream[workload]) == {2}, text
         assert all(rate > 0 for rate in results.pgstream[workload].values()), text
         assert sum(results.per_worker[workload][2]) == 3000, text
