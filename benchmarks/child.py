@@ -7,15 +7,18 @@ imports), ``elapsed`` the seconds until it stopped, ``processing`` the seconds f
 partition (its reader opens) to its last COMMIT, ``first_commit`` the wall clock when its first
 batch committed.
 With ``--forever`` it runs until SIGTERM instead of stopping when caught up; with
-``--read-log FILE`` it appends the end offset of every source read to FILE (recovery test).
+``--read-log FILE`` it appends the end offset of every source read to FILE (recovery test);
+with ``--gate DIR`` it writes ``DIR/ready-PID`` once imported and waits for ``DIR/go``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.workloads import STREAM, make_app
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--forever", action="store_true")
     p.add_argument("--read-log", default=None)
+    p.add_argument("--gate", default=None, help="directory: write ready-PID, wait for go")
     args = p.parse_args(argv)
 
     app = make_app(args.workload, args.source, args.path, args.job, batch_size=args.batch_size)
@@ -104,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         last_commit_wall[0] = time.time()
 
     worker = Worker(app, args.dsn, stop_when_idle=not args.forever, on_commit=on_commit)
+    if args.gate:  # several workers start together, interpreter start-up and imports done
+        gate = Path(args.gate)
+        (gate / f"ready-{os.getpid()}").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.005)
     start = time.time()
     t0 = time.perf_counter()
     summary = worker.run()

@@ -16,8 +16,10 @@ settings and produces the events of ``benchmarks.gen`` into it, keyed and partit
   per-user totals) and one streaming COPY into a table of the sink's shape, in one
   transaction, no checkpointing.
 * **pgstream**: ``KafkaSource`` with default settings in 1 or 2 worker processes
-  (``benchmarks.child``) started together; events/s from the first worker claiming a partition
-  to the last COMMIT of any worker (start-up excluded).
+  (``benchmarks.child``), released together once both imported pgstream; events/s from the
+  first worker claiming a partition to the last COMMIT of any worker (the group's own
+  rebalancing included: the first worker may claim every partition and hand half over at its
+  next lease maintenance).
 * **recovery**: two ``--forever`` workers on B2 with an ample backlog; once both commit, one is
   killed with ``kill -9`` and a replacement started at once (what ``--workers`` does). From the
   ledger's per-batch timestamps (``pgstream.batches.committed_at``) in 0.25 s buckets: the
@@ -307,9 +309,16 @@ def run_group(conn: psycopg.Connection[Any], dsn: str, workload: str, where: str
     create_sink(conn, workload)
     forget_job(conn, job)
     checkpoint(conn)
-    cpu0, t0, busy0 = broker.cpu_seconds(), time.monotonic(), machine_times()
-    children = [procs.Child(procs.child_args(dsn, workload, "kafka", where, job))
+    gate = Path(tempfile.mkdtemp(prefix="pgstream-kgate-"))
+    children = [procs.Child(procs.child_args(dsn, workload, "kafka", where, job, gate=gate))
                 for _ in range(workers)]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(gate.glob("ready-*"))) < workers and time.monotonic() < deadline:
+        if not all(c.running() for c in children):
+            break
+        time.sleep(0.01)
+    cpu0, t0, busy0 = broker.cpu_seconds(), time.monotonic(), machine_times()
+    (gate / "go").touch()  # every worker imported: they start together
     results = [c.finish() for c in children]
     wall = time.monotonic() - t0
     cpu_share = (broker.cpu_seconds() - cpu0) / wall

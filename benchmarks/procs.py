@@ -36,6 +36,7 @@ def child_args(
     batch_size: int | None = None,
     forever: bool = False,
     read_log: Path | None = None,
+    gate: Path | None = None,
 ) -> list[str]:
     """The command line of a ``benchmarks.child`` worker."""
     args = [
@@ -48,6 +49,8 @@ def child_args(
         args.append("--forever")
     if read_log is not None:
         args += ["--read-log", str(read_log)]
+    if gate is not None:
+        args += ["--gate", str(gate)]
     return args
 
 
