@@ -287,6 +287,13 @@ def check_ledger(conn: psycopg.Connection[Any], job: str, counts: list[int]) -> 
     return errors
 
 
+def _committed(conn: psycopg.Connection[Any], job: str) -> int:
+    row = conn.execute(
+        "SELECT coalesce(sum(records), 0) FROM pgstream.partitions WHERE job = %s", [job]
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 # -- pgstream runs ------------------------------------------------------------------------------
 
 
@@ -304,14 +311,15 @@ class GroupRun:
 
 def run_group(conn: psycopg.Connection[Any], dsn: str, workload: str, where: str, workers: int,
               ref: Reference, counts: list[int], broker: Tansu) -> GroupRun:  # fmt: skip
-    """``workers`` pgstream processes started together on an empty sink, until caught up."""
+    """``workers`` pgstream processes started together on an empty sink, stopped (SIGTERM)
+    once every event is committed."""
     job = f"bench_k{workload.lower()}_{workers}w"
     create_sink(conn, workload)
     forget_job(conn, job)
     checkpoint(conn)
     gate = Path(tempfile.mkdtemp(prefix="pgstream-kgate-"))
-    children = [procs.Child(procs.child_args(dsn, workload, "kafka", where, job, gate=gate))
-                for _ in range(workers)]  # fmt: skip
+    args = procs.child_args(dsn, workload, "kafka", where, job, gate=gate, forever=True)
+    children = [procs.Child(args) for _ in range(workers)]
     deadline = time.monotonic() + 120
     while len(list(gate.glob("ready-*"))) < workers and time.monotonic() < deadline:
         if not all(c.running() for c in children):
@@ -319,6 +327,16 @@ def run_group(conn: psycopg.Connection[Any], dsn: str, workload: str, where: str
         time.sleep(0.01)
     cpu0, t0, busy0 = broker.cpu_seconds(), time.monotonic(), machine_times()
     (gate / "go").touch()  # every worker imported: they start together
+    # Workers of a group run until stopped (with --stop-when-idle, one that finds every
+    # partition claimed by the other would stop at once): SIGTERM once all is committed.
+    deadline = time.monotonic() + 900
+    while _committed(conn, job) < ref.n and time.monotonic() < deadline:
+        if not all(c.running() for c in children):
+            break
+        time.sleep(0.02)
+    for c in children:
+        if c.running():
+            c.signal(signal.SIGTERM)
     results = [c.finish() for c in children]
     wall = time.monotonic() - t0
     cpu_share = (broker.cpu_seconds() - cpu0) / wall
@@ -366,13 +384,6 @@ def _owners(conn: psycopg.Connection[Any], job: str) -> dict[str, str]:
         [job],
     ).fetchall()
     return {str(p): str(o) for p, o in rows}
-
-
-def _committed(conn: psycopg.Connection[Any], job: str) -> int:
-    row = conn.execute(
-        "SELECT coalesce(sum(records), 0) FROM pgstream.partitions WHERE job = %s", [job]
-    ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _wait(what: str, pred: Any, timeout: float) -> None:
