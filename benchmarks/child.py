@@ -7,15 +7,18 @@ imports), ``elapsed`` the seconds until it stopped, ``processing`` the seconds f
 partition (its reader opens) to its last COMMIT, ``first_commit`` the wall clock when its first
 batch committed.
 With ``--forever`` it runs until SIGTERM instead of stopping when caught up; with
-``--read-log FILE`` it appends the end offset of every source read to FILE (recovery test).
+``--read-log FILE`` it appends the end offset of every source read to FILE (recovery test);
+with ``--gate DIR`` it writes ``DIR/ready-PID`` once imported and waits for ``DIR/go``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.workloads import STREAM, make_app
@@ -77,15 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--forever", action="store_true")
     p.add_argument("--read-log", default=None)
+    p.add_argument("--gate", default=None, help="directory: write ready-PID, wait for go")
     args = p.parse_args(argv)
 
     app = make_app(args.workload, args.source, args.path, args.job, batch_size=args.batch_size)
     source = app.sources[STREAM]
     open_reader = source.open
     opened: list[float] = []
+    opened_wall: list[float] = []
 
     def timed_open(partition: str, context: OpenContext) -> PartitionReader:
         opened.append(time.perf_counter())
+        opened_wall.append(time.time())
         reader = open_reader(partition, context)
         return LoggedReader(reader, args.read_log) if args.read_log else reader
 
@@ -93,13 +99,20 @@ def main(argv: list[str] | None = None) -> int:
 
     first_commit: list[float] = []
     last_commit: list[float] = [0.0]
+    last_commit_wall: list[float] = [0.0]
 
     def on_commit(task: PartitionTask, n: int) -> None:
         if not first_commit:
             first_commit.append(time.time())
         last_commit[0] = time.perf_counter()
+        last_commit_wall[0] = time.time()
 
     worker = Worker(app, args.dsn, stop_when_idle=not args.forever, on_commit=on_commit)
+    if args.gate:  # several workers start together, interpreter start-up and imports done
+        gate = Path(args.gate)
+        (gate / f"ready-{os.getpid()}").touch()
+        while not (gate / "go").exists():
+            time.sleep(0.005)
     start = time.time()
     t0 = time.perf_counter()
     summary = worker.run()
@@ -111,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         # from claiming the partition (its reader opens) to the last COMMIT: start-up excluded
         "processing": last_commit[0] - opened[0] if opened and first_commit else None,
         "first_commit": first_commit[0] if first_commit else None,
+        # wall clock, to combine several workers: first reader opened, last COMMIT
+        "opened_wall": opened_wall[0] if opened_wall else None,
+        "last_commit_wall": last_commit_wall[0] if first_commit else None,
         "records": summary.records,
         "batches": summary.batches,
     }

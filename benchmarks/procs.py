@@ -23,6 +23,7 @@ class ChildResult:
     returncode: int
     peak_rss_mb: float
     stderr: str
+    cpu_seconds: float = 0.0  # user + system CPU time of the process (rusage)
 
 
 def child_args(
@@ -35,6 +36,7 @@ def child_args(
     batch_size: int | None = None,
     forever: bool = False,
     read_log: Path | None = None,
+    gate: Path | None = None,
 ) -> list[str]:
     """The command line of a ``benchmarks.child`` worker."""
     args = [
@@ -47,6 +49,8 @@ def child_args(
         args.append("--forever")
     if read_log is not None:
         args += ["--read-log", str(read_log)]
+    if gate is not None:
+        args += ["--gate", str(gate)]
     return args
 
 
@@ -91,7 +95,7 @@ class Child:
         # The child's own VmHWM when it reported one; ru_maxrss includes the parent's peak
         # (Linux carries it over execve), so it is only an upper bound.
         peak = report.get("peak_rss_mb") or usage.ru_maxrss / 1024
-        return ChildResult(report, code, peak, err)
+        return ChildResult(report, code, peak, err, usage.ru_utime + usage.ru_stime)
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process."""

@@ -7,6 +7,7 @@ Run from the repository root::
     python -m benchmarks.run --repeat 3      # best of three timed runs (a noisy machine)
     python -m benchmarks.run --n 5000000     # bigger input (peak RSS must stay flat)
     python -m benchmarks.run --smoke         # 20,000 events, correctness only (CI)
+    python -m benchmarks.run --sources kafka # the Kafka benchmark (benchmarks/kafka.py)
 
 Database: ``--dsn`` (used as is; its ``bench_*`` tables are dropped and recreated), else the
 database ``pgstream_bench`` on the server pgstream would use (``$PGSTREAM_DSN``,
@@ -502,7 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (B1,B2,B3)")
     p.add_argument(
-        "--sources", default=",".join(SOURCES), help="comma-separated (file,table,table-sql)"
+        "--sources",
+        default=",".join(SOURCES),
+        help="comma-separated (file,table,table-sql), or kafka alone: python -m benchmarks.kafka",
     )
     p.add_argument("--repeat", type=int, default=1, help="timed runs of floor and pgstream; best")
     p.add_argument("--per-record-seconds", type=float, default=3.0)
@@ -537,12 +540,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if _kafka_only(raw):
+        from benchmarks import kafka  # its own suite: broker, topic, worker groups
+
+        return kafka.main(_without_sources(raw))
     args = parse_args(argv)
     results = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(report(results, args))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(results), indent=2, default=str))
     return 1 if results.errors else 0
+
+
+def _kafka_only(argv: list[str]) -> bool:
+    """``--sources kafka`` (or ``--sources=kafka``): the Kafka benchmark's own entry point."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--sources=") else (
+            argv[i + 1] if a == "--sources" and i + 1 < len(argv) else None)  # fmt: skip
+        if value is not None and value.strip().lower() == "kafka":
+            return True
+    return False
+
+
+def _without_sources(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--sources":
+            skip = True
+        elif not a.startswith("--sources="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

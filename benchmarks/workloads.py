@@ -58,9 +58,17 @@ def make_app(
     *,
     batch_size: int | None = None,
 ) -> ps.App:
-    """The pgstream app of ``workload`` reading ``source`` ("file", "table" or "table-sql")."""
+    """The pgstream app of ``workload`` reading ``source`` ("file", "table", "table-sql", or
+    "kafka" with ``path`` = ``"host:port/topic"``)."""
     app = ps.App(job, batch_size=batch_size, pushdown=source == "table-sql")
-    src: ps.Source = ps.FileSource(str(path)) if source == "file" else ps.TableSource(EVENTS_TABLE)
+    src: ps.Source
+    if source == "kafka":  # path is "host:port/topic" (benchmarks/kafka.py)
+        bootstrap, topic = str(path).rsplit("/", 1)
+        src = ps.KafkaSource(topic, bootstrap_servers=bootstrap)
+    elif source == "file":
+        src = ps.FileSource(str(path))
+    else:
+        src = ps.TableSource(EVENTS_TABLE)
     events = app.stream(STREAM, src)
     if workload == "B2" and source == "table-sql":  # B2 as column expressions: pushed down
         events.select(

@@ -711,7 +711,9 @@ class Cluster:
     crash the server (never the shared one). As root, the server runs as ``user`` (initdb
     refuses root). ``dsn`` connects as the cluster's superuser over TCP (trust)."""
 
-    def __init__(self, *, user: str = "pgserver", bindir: str | None = None) -> None:
+    def __init__(
+        self, *, user: str = "pgserver", bindir: str | None = None, max_connections: int = 40
+    ) -> None:
         import os
         import shutil
         import tempfile
@@ -736,6 +738,7 @@ class Cluster:
         self.data = f"{self.dir}/data"
         self.log = f"{self.dir}/server.log"
         self.port = free_port()
+        self.max_connections = max_connections
         if self.as_root:
             shutil.chown(self.dir, user=user)
         self.superuser = user if self.as_root else "postgres"
@@ -758,7 +761,7 @@ class Cluster:
 
     def start(self) -> None:
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
-                "-c max_connections=40 -c shared_buffers=32MB")
+                f"-c max_connections={self.max_connections} -c shared_buffers=32MB")
         self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts,
                   "start")
 
