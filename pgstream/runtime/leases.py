@@ -8,7 +8,6 @@ gone, after ``lease_seconds`` otherwise.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ import psycopg
 import psycopg.errors
 
 from pgstream.db import queries
+from pgstream.runtime.group import payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,10 @@ class LeaseManager:
         #: the app's streams: only their partitions are counted and claimable (None: all)
         self.streams = None if streams is None else sorted(streams)
 
+    def params(self, **extra: Any) -> dict[str, Any]:
+        """This worker's parameters of the lease queries, plus ``extra``."""
+        return self._params(**extra)
+
     def _params(self, **extra: Any) -> dict[str, Any]:
         return {
             "job": self.job,
@@ -68,10 +72,23 @@ class LeaseManager:
         conn.execute(queries.PRUNE_WORKERS, self._params())
 
     def fair_share(self, conn: psycopg.Connection[Any]) -> int:
-        """How many partitions this worker should own: ceil(partitions / live workers)."""
+        """How many partitions this worker should own. The live workers, in the order they
+        all agree on (most partitions owned first, then the oldest: see
+        ``queries.LIVE_WORKER_IDS``), split the partitions evenly: each gets
+        ``partitions // workers``, and the first ``partitions % workers`` one more. The
+        shares add up to the partitions, so a worker below its share always finds a free
+        partition or an owner above its share that hands one over, and a partition moves
+        only from a worker above its share to one below it (never back and forth)."""
         total = _scalar(conn, queries.COUNT_PARTITIONS, self._params())
-        live = max(1, _scalar(conn, queries.LIVE_WORKERS, self._params()))
-        return math.ceil(total / live)
+        rows = conn.execute(queries.LIVE_WORKER_IDS, self._params()).fetchall()
+        live = [str(r[0]) for r in rows]
+        rank = live.index(self.worker) if self.worker in live else len(live)
+        return share_of(total, max(len(live), rank + 1), rank)
+
+    def notify(self, conn: psycopg.Connection[Any]) -> None:
+        """Tell the job's other workers that the group changed (a join, a hand-over, a leave):
+        they re-check their share after their batch in flight."""
+        conn.execute(queries.NOTIFY_GROUP, {"payload": payload(self.job, self.worker)})
 
     def claimable(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
         """Partitions of the app's streams with no live owner."""
@@ -150,6 +167,13 @@ class LeaseManager:
         if row is None:
             raise LookupError(f"partition {source}/{partition} of job {self.job} is not registered")
         return row[0], row[1]
+
+
+def share_of(partitions: int, workers: int, rank: int) -> int:
+    """The share of the worker at ``rank`` (0-based) among ``workers``: an even split of
+    ``partitions`` where the first ``partitions % workers`` get one more."""
+    base, extra = divmod(partitions, max(1, workers))
+    return base + (1 if rank < extra else 0)
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> int:
