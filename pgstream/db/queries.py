@@ -60,6 +60,9 @@ UPDATE pgstream.partitions AS p
 RETURNING p.epoch, p.committed_offset, p.attempts
 """
 
+# A claim waits this long at most for a partition row locked by a batch in flight.
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %(ms)s, true)"
+
 # A stuck owner: its lease has expired (as committed) and its session has held one
 # transaction open for longer than a lease -- frozen inside its batch (SIGSTOP, a VM pause),
 # possibly in a COPY whose data never comes, which no server timeout ends. Its transaction

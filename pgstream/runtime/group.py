@@ -53,11 +53,14 @@ class GroupWatcher:
         #: set when the group changed; the worker clears it when it re-checks its share
         self.changed = threading.Event()
         self._closing = threading.Event()
+        self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgstream-group", daemon=True)
 
-    def start(self) -> GroupWatcher:
-        """Start watching on a background thread."""
+    def start(self, wait: float = 5.0) -> GroupWatcher:
+        """Start watching on a background thread; wait up to ``wait`` seconds until it
+        listens, so a hand-over to this worker right after it joined is not missed."""
         self._thread.start()
+        self._listening.wait(wait)
         return self
 
     def close(self) -> None:
@@ -71,6 +74,7 @@ class GroupWatcher:
             try:
                 self._watch()
             except (psycopg.Error, DatabaseError) as exc:
+                self._listening.set()  # do not hold up the worker's start
                 log.debug("group watcher lost its connection, reconnecting: %s", exc)
                 self.changed.set()  # something may have changed meanwhile: look once
                 self._closing.wait(RECONNECT_SECONDS)
@@ -78,6 +82,7 @@ class GroupWatcher:
     def _watch(self) -> None:
         with connect(self.dsn, autocommit=True, application_name=self.application_name) as conn:
             conn.execute(queries.LISTEN_GROUP)
+            self._listening.set()
             mine = payload(self.params["job"], self.params["worker"])
             job = self.params["job"] + "\t"
             last: tuple[Any, ...] | None = None

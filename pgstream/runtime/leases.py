@@ -32,6 +32,10 @@ class Lease:
     attempts: int
 
 
+#: how long a claim waits for a partition row locked by its owner's batch in flight
+CLAIM_LOCK_TIMEOUT_MS = 100
+
+
 class LeaseManager:
     """Lease operations of one worker of one job, on the worker's autocommit connection."""
 
@@ -111,10 +115,20 @@ class LeaseManager:
         return [(r[0], r[1], int(r[2])) for r in rows if r[3]]
 
     def claim(self, conn: psycopg.Connection[Any], source: str, partition: str) -> Lease | None:
-        """Take over a partition in its own transaction (bumping the epoch), if it is free."""
-        row = conn.execute(
-            queries.CLAIM, self._params(source=source, partition=partition)
-        ).fetchone()
+        """Take over a partition in its own transaction (bumping the epoch), if it is free.
+
+        A partition row locked by a batch in flight is not free, whatever its lease says:
+        the claim gives up after :data:`CLAIM_LOCK_TIMEOUT_MS` instead of waiting behind it
+        (forever, if that owner is frozen; it is terminated by a later pass, see
+        :meth:`terminate_stuck_owners`)."""
+        try:
+            with conn.transaction():
+                conn.execute(queries.SET_LOCK_TIMEOUT, {"ms": f"{CLAIM_LOCK_TIMEOUT_MS}ms"})
+                row = conn.execute(
+                    queries.CLAIM, self._params(source=source, partition=partition)
+                ).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            return None
         if row is None:
             return None
         return Lease(source, partition, row[0], row[1], row[2])

@@ -160,7 +160,7 @@ class Worker:
                 self._start_up()
                 self.group = GroupWatcher(
                     self.dsn, self.leases.params(), f"pgstream-group:{self.app.name}:{os.getpid()}"
-                ).start()
+                ).start()  # listening before this worker's first heartbeat tells the group
                 self._loop()
         finally:
             self._shutdown()
