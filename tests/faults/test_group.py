@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from harness import Job, TableWriters, WorkerProc, insert_events, wait_for
 
 from pgstream.runtime.leases import share_of
@@ -63,6 +64,7 @@ def assert_ledger_tiles(job: Job) -> int:
     return len(rows)
 
 
+@pytest.mark.slow
 def test_group_rebalances_1_to_3_to_2_cooperatively_and_exactly(
     pg_dsn: str, tmp_path: Path
 ) -> None:

@@ -402,6 +402,7 @@ def test_kafka_group_survives_a_kill_a_zombie_and_a_join_exactly(
         feed.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nats", "redis", "files", "table"])
 def test_two_workers_kill_and_join_exactly(
     kind: str, tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any],
