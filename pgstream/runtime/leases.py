@@ -8,7 +8,6 @@ gone, after ``lease_seconds`` otherwise.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 from collections.abc import Iterable, Iterator
@@ -20,6 +19,7 @@ import psycopg
 import psycopg.errors
 
 from pgstream.db import queries
+from pgstream.runtime.group import payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,10 @@ class Lease:
     attempts: int
 
 
+#: how long a claim waits for a partition row locked by its owner's batch in flight
+CLAIM_LOCK_TIMEOUT_MS = 100
+
+
 class LeaseManager:
     """Lease operations of one worker of one job, on the worker's autocommit connection."""
 
@@ -44,6 +48,10 @@ class LeaseManager:
         self.lease_seconds = lease_seconds
         #: the app's streams: only their partitions are counted and claimable (None: all)
         self.streams = None if streams is None else sorted(streams)
+
+    def params(self, **extra: Any) -> dict[str, Any]:
+        """This worker's parameters of the lease queries, plus ``extra``."""
+        return self._params(**extra)
 
     def _params(self, **extra: Any) -> dict[str, Any]:
         return {
@@ -79,10 +87,23 @@ class LeaseManager:
             conn.execute(queries.PRUNE_WORKERS, self._params())
 
     def fair_share(self, conn: psycopg.Connection[Any]) -> int:
-        """How many partitions this worker should own: ceil(partitions / live workers)."""
+        """How many partitions this worker should own. The live workers, in the order they
+        all agree on (most partitions owned first, then the oldest: see
+        ``queries.LIVE_WORKER_IDS``), split the partitions evenly: each gets
+        ``partitions // workers``, and the first ``partitions % workers`` one more. The
+        shares add up to the partitions, so a worker below its share always finds a free
+        partition or an owner above its share that hands one over, and a partition moves
+        only from a worker above its share to one below it (never back and forth)."""
         total = _scalar(conn, queries.COUNT_PARTITIONS, self._params())
-        live = max(1, _scalar(conn, queries.LIVE_WORKERS, self._params()))
-        return math.ceil(total / live)
+        rows = conn.execute(queries.LIVE_WORKER_IDS, self._params()).fetchall()
+        live = [str(r[0]) for r in rows]
+        rank = live.index(self.worker) if self.worker in live else len(live)
+        return share_of(total, max(len(live), rank + 1), rank)
+
+    def notify(self, conn: psycopg.Connection[Any]) -> None:
+        """Tell the job's other workers that the group changed (a join, a hand-over, a leave):
+        they re-check their share after their batch in flight."""
+        conn.execute(queries.NOTIFY_GROUP, {"payload": payload(self.job, self.worker)})
 
     def claimable(self, conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
         """Partitions of the app's streams with no live owner."""
@@ -105,10 +126,20 @@ class LeaseManager:
         return [(r[0], r[1], int(r[2])) for r in rows if r[3]]
 
     def claim(self, conn: psycopg.Connection[Any], source: str, partition: str) -> Lease | None:
-        """Take over a partition in its own transaction (bumping the epoch), if it is free."""
-        row = conn.execute(
-            queries.CLAIM, self._params(source=source, partition=partition)
-        ).fetchone()
+        """Take over a partition in its own transaction (bumping the epoch), if it is free.
+
+        A partition row locked by a batch in flight is not free, whatever its lease says:
+        the claim gives up after :data:`CLAIM_LOCK_TIMEOUT_MS` instead of waiting behind it
+        (forever, if that owner is frozen; it is terminated by a later pass, see
+        :meth:`terminate_stuck_owners`)."""
+        try:
+            with conn.transaction():
+                conn.execute(queries.SET_LOCK_TIMEOUT, {"ms": f"{CLAIM_LOCK_TIMEOUT_MS}ms"})
+                row = conn.execute(
+                    queries.CLAIM, self._params(source=source, partition=partition)
+                ).fetchone()
+        except psycopg.errors.LockNotAvailable:
+            return None
         if row is None:
             return None
         return Lease(source, partition, row[0], row[1], row[2])
@@ -161,6 +192,13 @@ class LeaseManager:
         if row is None:
             raise LookupError(f"partition {source}/{partition} of job {self.job} is not registered")
         return row[0], row[1]
+
+
+def share_of(partitions: int, workers: int, rank: int) -> int:
+    """The share of the worker at ``rank`` (0-based) among ``workers``: an even split of
+    ``partitions`` where the first ``partitions % workers`` get one more."""
+    base, extra = divmod(partitions, max(1, workers))
+    return base + (1 if rank < extra else 0)
 
 
 def _scalar(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> int:

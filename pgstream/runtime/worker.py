@@ -22,6 +22,7 @@ from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
+from pgstream.runtime.group import GroupWatcher
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import CommitCallback, Observers, WorkerObserver
@@ -40,6 +41,8 @@ ProgressFn = Callable[[PartitionTask, int], None]
 
 #: how often a running worker looks for partitions that appeared (new files, topic partitions)
 DISCOVERY_SECONDS = 2.0
+#: an idle worker checks this often whether it should stop or the group changed
+IDLE_SLICE = 0.05
 
 
 @dataclass(slots=True)
@@ -138,6 +141,10 @@ class Worker:
             ]
         )
         self.partitions = 0  # partitions of the app's streams, as registered at start-up
+        #: wakes the loop when another worker joins, hands over or leaves (started with the run)
+        self.group: GroupWatcher | None = None
+        self._share = 0  # this worker's fair share at the last maintenance
+        self._announced = False  # told the group it joined
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in flight."""
@@ -151,6 +158,9 @@ class Worker:
         try:
             with cancel_on_exit_now(self.db.cancel):
                 self._start_up()
+                self.group = GroupWatcher(
+                    self.dsn, self.leases.params(), f"pgstream-group:{self.app.name}:{os.getpid()}"
+                ).start()  # listening before this worker's first heartbeat tells the group
                 self._loop()
         finally:
             self._shutdown()
@@ -238,6 +248,7 @@ class Worker:
                 if (
                     time.monotonic() >= self._next_maintenance
                     or self.db.generation != self._generation
+                    or self._group_changed()
                 ):
                     self._maintain()
                 done = self._poll_all()
@@ -250,7 +261,20 @@ class Worker:
             if done == 0:
                 if self.stop_when_idle and self._caught_up():
                     return
-                self._stop.wait(self.settings.poll_interval)
+                self._idle(self.settings.poll_interval)
+
+    def _group_changed(self) -> bool:
+        """Whether the group changed since this worker last checked its share."""
+        return self.group is not None and self.group.changed.is_set()
+
+    def _idle(self, seconds: float) -> None:
+        """Wait ``seconds`` before polling again, less if asked to stop or the group changed."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and not self._group_changed():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, IDLE_SLICE))
 
     def _back_off(self, failures: int, exc: BaseException, phase: str) -> None:
         """After a lost session: drop it, give up after ``max_retries``, else wait and retry."""
@@ -273,6 +297,8 @@ class Worker:
                 break
             try:
                 done += task.poll()
+                if self._group_changed():
+                    break  # a batch boundary: re-check the share before the next batch
             except LeaseLostError as exc:
                 log.warning(
                     "lost the lease on %s/%s: %s", key[0], key[1], exc, extra=_where(*key)
@@ -313,19 +339,27 @@ class Worker:
             log.debug("could not take back the attempt: %s", exc)
 
     def _caught_up(self) -> bool:
-        """Nothing was safely readable on any owned partition and none is left to claim."""
+        """Nothing was safely readable on any owned partition, none is left to claim and
+        this worker holds its share (else an owner above its share is about to hand one
+        over: a worker that joins a busy group must not stop before it gets its share)."""
         owned = set(self.tasks)
         self._maintain(discover=True)
         if not set(self.tasks) <= owned:
             return False  # just claimed a partition: it has not been polled yet
+        if len(self.tasks) < self._share:
+            return False
         return not self.leases.claimable(self.db.conn)
 
     # -- leases ------------------------------------------------------------------------------
 
     def _maintain(self, *, discover: bool = False) -> None:
-        """Heartbeat, renew owned leases, register new partitions, release surplus and claim
-        free partitions (``discover``: look for new partitions now)."""
+        """Heartbeat, renew owned leases, register new partitions, hand surplus partitions
+        over and claim free ones up to this worker's share (``discover``: look for new
+        partitions now). Runs between batches: at every renewal, and as soon as the group
+        changed (:class:`~pgstream.runtime.group.GroupWatcher`)."""
         conn = self.db.conn
+        if self.group is not None:
+            self.group.changed.clear()
         self._generation = self.db.generation
         self._next_maintenance = time.monotonic() + min(
             self.settings.lease_seconds / 3, DISCOVERY_SECONDS
@@ -333,19 +367,33 @@ class Worker:
         self._check_plan_version(conn)
         self._discover(conn, force=discover)
         self.leases.heartbeat(conn)
+        if not self._announced:
+            self.leases.notify(conn)  # joined: owners above their new share hand over
+            self._announced = True
         for key, task in list(self.tasks.items()):
             if not self.leases.renew(conn, task.lease):
                 log.warning("lease on %s/%s was taken over", *key, extra=_where(*key))
                 self.observer.fenced(task.lease, "taken over")
                 self._drop(key)
-        share = self.leases.fair_share(conn)
-        while len(self.tasks) > share:
-            key = sorted(self.tasks)[-1]
-            self.leases.release(conn, self.tasks[key].lease)
-            self.observer.released(self.tasks[key].lease)
+        self._share = self.leases.fair_share(conn)
+        if len(self.tasks) > self._share:
+            self._hand_over(conn, len(self.tasks) - self._share)
+        elif len(self.tasks) < self._share:
+            self._claim(conn)
+
+    def _hand_over(self, conn: psycopg.Connection[Any], surplus: int) -> None:
+        """Release ``surplus`` partitions (the last in sorted order, so every worker makes
+        the same choice) and tell the group, whose workers below their share claim them."""
+        for key in sorted(self.tasks)[-surplus:]:
+            lease = self.tasks[key].lease
+            self.leases.release(conn, lease)
+            self.observer.released(lease)
+            log.info("handed %s/%s over (share %d)", key[0], key[1], self._share)
             self._drop(key)
-        if len(self.tasks) >= share:
-            return
+        self.leases.notify(conn)
+
+    def _claim(self, conn: psycopg.Connection[Any]) -> None:
+        """Claim free partitions up to this worker's share; never one a live owner holds."""
         for source, partition, pid in self.leases.terminate_stuck_owners(conn):
             log.warning(
                 "%s/%s: its owner's session (pid %d) is stuck in a transaction past its lease: "
@@ -360,7 +408,7 @@ class Worker:
             lease = self.leases.claim(conn, source, partition)
             if lease is not None:
                 self._start_task(lease)
-                if len(self.tasks) >= share:
+                if len(self.tasks) >= self._share:
                     break
 
     def _start_task(self, lease: Lease) -> None:
@@ -425,10 +473,14 @@ class Worker:
                     self.leases.forget(conn)
                 for task in self.tasks.values():
                     self.observer.released(task.lease)
+                if self._announced:
+                    self.leases.notify(conn)  # left: the others take its partitions now
             except (psycopg.Error, DatabaseError) as exc:
                 log.warning("could not release leases cleanly: %s", exc)
         for key in list(self.tasks):
             self._drop(key)
+        if self.group is not None:
+            self.group.close()
         self.db.close()
 
     # -- signals -----------------------------------------------------------------------------

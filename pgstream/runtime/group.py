@@ -1,0 +1,96 @@
+"""Group changes: wake a worker as soon as its job's group changes.
+
+A worker re-checks its share (:meth:`~pgstream.runtime.leases.LeaseManager.fair_share`) at
+every lease renewal. :class:`GroupWatcher` makes that happen right after the batch in flight
+when the group changes: another worker joined, handed partitions over or left (they say so
+with a ``NOTIFY``), or died (no notification: its session is gone, which the watcher sees in
+its snapshot of the group, taken every :data:`CHECK_SECONDS`).
+
+It runs on its own thread and connection and only sets :attr:`GroupWatcher.changed`; the
+worker loop acts on it at a batch boundary. Liveness only: if the watcher loses its
+connection, the worker still rebalances at its next renewal; fencing never depends on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import psycopg
+
+from pgstream.db import queries
+from pgstream.db.connect import connect
+from pgstream.errors import DatabaseError
+
+log = logging.getLogger("pgstream.group")
+
+#: how often the watcher compares the group's live workers and orphaned partitions
+CHECK_SECONDS = 0.5
+#: wait after a lost watcher connection before connecting again
+RECONNECT_SECONDS = 1.0
+
+
+def payload(job: str, worker: str) -> str:
+    """The notification payload: the job, then the worker that sent it."""
+    return f"{job}\t{worker}"
+
+
+class GroupWatcher:
+    """Sets :attr:`changed` when another worker of ``job`` notifies or the group's live
+    workers or orphaned partitions change."""
+
+    def __init__(
+        self,
+        dsn: str,
+        params: dict[str, Any],
+        application_name: str,
+    ) -> None:
+        self.dsn = dsn
+        #: the lease manager's parameters: job, worker, lease, streams
+        self.params = params
+        self.application_name = application_name[:63]
+        #: set when the group changed; the worker clears it when it re-checks its share
+        self.changed = threading.Event()
+        self._closing = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pgstream-group", daemon=True)
+
+    def start(self, wait: float = 5.0) -> GroupWatcher:
+        """Start watching on a background thread; wait up to ``wait`` seconds until it
+        listens, so a hand-over to this worker right after it joined is not missed."""
+        self._thread.start()
+        self._listening.wait(wait)
+        return self
+
+    def close(self) -> None:
+        """Stop watching (returns within about :data:`CHECK_SECONDS`)."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5 * CHECK_SECONDS)
+
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self._watch()
+            except (psycopg.Error, DatabaseError) as exc:
+                self._listening.set()  # do not hold up the worker's start
+                log.debug("group watcher lost its connection, reconnecting: %s", exc)
+                self.changed.set()  # something may have changed meanwhile: look once
+                self._closing.wait(RECONNECT_SECONDS)
+
+    def _watch(self) -> None:
+        with connect(self.dsn, autocommit=True, application_name=self.application_name) as conn:
+            conn.execute(queries.LISTEN_GROUP)
+            self._listening.set()
+            mine = payload(self.params["job"], self.params["worker"])
+            job = self.params["job"] + "\t"
+            last: tuple[Any, ...] | None = None
+            while not self._closing.is_set():
+                snapshot = conn.execute(queries.GROUP_SNAPSHOT, self.params).fetchone()
+                if last is not None and snapshot != last:
+                    self.changed.set()
+                last = snapshot
+                for note in conn.notifies(timeout=CHECK_SECONDS):
+                    if note.payload.startswith(job) and note.payload != mine:
+                        self.changed.set()
