@@ -33,7 +33,9 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         app = load_app(target)
     with connect(resolved, autocommit=True) as conn:
         ensure_migrated(conn)
-        rows = conn.execute(queries.STATUS, {"job": app.name if app else None}).fetchall()
+        job = {"job": app.name if app else None}
+        rows = conn.execute(queries.STATUS, job).fetchall()
+        marks = conn.execute(queries.STATUS_JOB_WATERMARKS, job).fetchall()
     names = [
         "job",
         "source",
@@ -47,6 +49,7 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         "records",
         "leased",
         "dead_letters",
+        "watermark",
     ]
     items = [{**dict(zip(names, r)), "held_by": None} for r in rows]
     if app is not None:
@@ -60,6 +63,12 @@ def command(target: str | None, dsn: str | None, as_json: bool) -> None:
         click.echo(json.dumps(items, default=_json_default, indent=2))
         return
     _print_table(items)
+    for job_name, operator, mark, parts, idle in marks:
+        at = mark.strftime("%Y-%m-%d %H:%M:%S") if mark else "- (a partition has none yet)"
+        click.echo(
+            f"{job_name} {operator}: job watermark {at} (min over {parts} partition(s)"
+            + (f", {idle} idle left out)" if idle else ")")
+        )
 
 
 #: a transaction open at least this long that the safe horizon waits for is named as holding
@@ -116,6 +125,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
         "epoch",
         "batches",
         "dead",
+        "watermark",
     ):
         table.add_column(
             col,
@@ -137,6 +147,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
             str(it["epoch"]),
             str(it["batches"]),
             str(it["dead_letters"]),
+            it["watermark"].strftime("%Y-%m-%d %H:%M:%S") if it["watermark"] else "-",
         )
     console = Console()
     if not console.is_terminal:

@@ -8,6 +8,7 @@ the same names.
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     func,
     text,
 )
@@ -55,6 +57,9 @@ partitions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # what the stream read when this row was created (Source.identity); NULL before 0002
     Column("source_identity", Text, nullable=True),
+    # per window operator ("window:<table>"), its watermark in epoch seconds (0004); the
+    # watermark column above is the least of them
+    Column("watermarks", JSONB, nullable=True),
     PrimaryKeyConstraint("job", "source", "partition", name="partitions_pkey"),
     postgresql_with={"fillfactor": "50"},
 )
@@ -197,3 +202,78 @@ workers = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("job", "worker", name="workers_pkey"),
 )
+
+
+# Records that came too late for their window (its end + grace before the partition's
+# watermark): kept here instead of applied, one row per (record output, window).
+late_records = Table(
+    "late_records",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("operator", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("window_end", DateTime(timezone=True), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("watermark", DateTime(timezone=True), nullable=False),
+    Column("payload", JSONB, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint(
+        "job",
+        "operator",
+        "source",
+        "partition",
+        "offset",
+        "seq",
+        "window_start",
+        name="late_records_record_key",
+    ),
+)
+
+#: each partition's watermark per window operator, as timestamps
+WINDOW_WATERMARKS_VIEW = """
+CREATE VIEW pgstream.window_watermarks AS
+SELECT p.job, p.source, p.partition, w.key AS operator,
+       to_timestamp(w.value::float8) AS watermark, p.last_commit_at
+  FROM pgstream.partitions p, jsonb_each_text(p.watermarks) w
+"""
+
+#: a job's watermark per window operator: the least over the partitions of the streams that
+#: feed it (one that has none yet holds it at NULL), leaving out partitions idle (no commit)
+#: for longer than the window's idle_timeout (from the job's plan); when all are idle, the
+#: largest of theirs
+JOB_WATERMARKS_VIEW = """
+CREATE VIEW pgstream.job_watermarks AS
+WITH ops AS (
+    SELECT j.job, 'window:' || (s ->> 'table') AS operator, s ->> 'stream' AS source,
+           (s -> 'key' -> 'window' ->> 'idle_timeout')::float8 AS idle_timeout
+      FROM pgstream.jobs j, jsonb_array_elements(j.plan -> 'sinks') s
+     WHERE s -> 'key' ? 'window'
+), marks AS (
+    SELECT o.job, o.operator, (p.watermarks ->> o.operator)::float8 AS mark,
+           coalesce(o.idle_timeout IS NOT NULL
+                    AND coalesce(p.last_commit_at, p.created_at)
+                        < now() - make_interval(secs => o.idle_timeout), false) AS idle
+      FROM ops o JOIN pgstream.partitions p ON p.job = o.job AND p.source = o.source
+)
+SELECT job, operator,
+       CASE WHEN bool_and(idle) THEN to_timestamp(max(mark))
+            WHEN bool_or(mark IS NULL AND NOT idle) THEN NULL
+            ELSE to_timestamp(min(mark) FILTER (WHERE NOT idle)) END AS watermark,
+       count(*) AS partitions,
+       count(*) FILTER (WHERE idle) AS idle_partitions
+  FROM marks GROUP BY job, operator
+"""
+
+for _ddl in (WINDOW_WATERMARKS_VIEW, JOB_WATERMARKS_VIEW):
+    event.listen(metadata, "after_create", DDL(_ddl))  # type: ignore[no-untyped-call]
+for _view in ("job_watermarks", "window_watermarks"):
+    event.listen(
+        metadata,
+        "before_drop",
+        DDL(f"DROP VIEW IF EXISTS {SCHEMA}.{_view}"),  # type: ignore[no-untyped-call]
+    )

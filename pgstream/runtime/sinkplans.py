@@ -68,6 +68,11 @@ class Expectations:
     )
     #: (operator id, partition, JSON key) -> the state ``pgstream.state`` must hold
     states: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    #: window operator -> (source, partition, offset, seq, window start) -> (event time,
+    #: watermark) of the records ``pgstream.late_records`` must hold
+    late: dict[str, dict[tuple[str, str, int, int, float], tuple[float, float]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
 
 
 class SinkPlan(abc.ABC):
@@ -416,6 +421,14 @@ def _append(spec: SinkSpec, sink: Any, states: dict[str, KeyedState]) -> SinkPla
 
 def _aggregate(spec: SinkSpec, sink: Any, states: dict[str, KeyedState]) -> SinkPlan:
     assert isinstance(sink, AggregateSink)
+    if spec.window is not None and not spec.window.plain:
+        # windows with a watermark: their own plan (which builds on this module's)
+        from pgstream.runtime.windowplan import WindowPlan
+        from pgstream.state.windows import WindowState
+
+        state = states[spec.operator_id]
+        assert isinstance(state, WindowState)
+        return WindowPlan(spec, sink, state)
     return AggregatePlan(spec, sink)
 
 
