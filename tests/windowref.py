@@ -2,8 +2,10 @@
 rules alone (README "Event time"; :mod:`pgstream.operators.windows`), independently of
 pgstream's operators: per partition, in offset order, the watermark is the largest event time
 of the records accepted before; a window [start, start + size) is closed once
-end + grace < watermark; a record for a closed window is late; emit="final" writes a window
-once its partition's final watermark closes it."""
+end + grace < watermark; a record for a closed window is late (when every window of it is
+closed its key and inputs are not read; otherwise a failing key or input makes the whole
+record a dead letter); emit="final" writes a window once its partition's final watermark
+closes it."""
 
 from __future__ import annotations
 
@@ -69,14 +71,24 @@ def reference(
             try:
                 rec = json.loads(line)
                 t = float(rec[time_field]) / scale
-                user, v = rec["user"], int(rec["v"])
             except (ValueError, KeyError, TypeError):
                 ref.dead.add((part, offset))
                 continue
-            for s in starts(t, size, every):
-                if grace is not None and wm is not None and s + size + grace < wm:
-                    ref.late.add((part, offset, s))
-                else:
+            mine = starts(t, size, every)
+            closed = [
+                s for s in mine if grace is not None and wm is not None and s + size + grace < wm
+            ]
+            ref.late.update((part, offset, s) for s in closed)
+            if len(closed) == len(mine):
+                continue  # late for every window: its key and inputs are not read
+            try:
+                user, v = rec["user"], int(rec["v"])
+            except (ValueError, KeyError, TypeError):
+                ref.late.difference_update((part, offset, s) for s in closed)
+                ref.dead.add((part, offset))
+                continue
+            for s in mine:
+                if s not in closed:
                     acc = sums[(user, s)]
                     acc[0] += 1
                     acc[1] += v
@@ -86,8 +98,8 @@ def reference(
             ref.marks[part] = wm
     for k, (n, total) in sums.items():
         mark = ref.marks.get(owner[k])
-        closed = grace is not None and mark is not None and k[1] + size + grace < mark
-        ref.closed[k] = closed
-        if not final or closed:
+        done = grace is not None and mark is not None and k[1] + size + grace < mark
+        ref.closed[k] = done
+        if not final or done:
             ref.windows[k] = (n, total)
     return ref

@@ -25,6 +25,8 @@ TimeSpec = str | Callable[[Any], Any]
 #: how a number is read as an event time: epoch seconds or epoch milliseconds
 TimeUnit = Literal["s", "ms"]
 
+#: the epoch seconds of years 1 and 9999 (a datetime's range)
+_MIN_EPOCH, _MAX_EPOCH = -62135596800, 253402300799
 _FORMS = "a datetime, an ISO-8601 string or Unix epoch seconds"
 
 
@@ -51,6 +53,8 @@ def event_time(value: Any, unit: TimeUnit = "s") -> datetime:
         if not math.isfinite(seconds):
             raise EventTimeError(f"event time {value!r} is not a finite number")
         try:
+            if not _MIN_EPOCH <= seconds <= _MAX_EPOCH:
+                raise OverflowError
             return datetime.fromtimestamp(seconds, timezone.utc)
         except (OverflowError, OSError, ValueError):
             raise EventTimeError(
@@ -84,12 +88,9 @@ class EventClock:
                     f"record has no event time field {self.time!r} (window time=...)"
                 ) from None
             raise
-        value = raw
-        if self.unit == "s" and type(value) in (int, float):
-            if not math.isfinite(value):
-                raise EventTimeError(f"event time {value!r} is not a finite number")
-            return float(value)  # epoch seconds: no datetime needed
-        return event_time(value, self.unit).timestamp()
+        if self.unit == "s" and type(raw) in (int, float) and _MIN_EPOCH <= raw <= _MAX_EPOCH:
+            return float(raw)  # epoch seconds: no datetime needed
+        return event_time(raw, self.unit).timestamp()
 
     def watermarks(self) -> Watermarks:
         """A fresh per-partition watermark tracker for this clock's event times."""

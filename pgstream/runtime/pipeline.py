@@ -95,12 +95,15 @@ class Pipeline:
         carried = None
         if pending is not None:
             carried = {p.slot: pending.slots[p.slot] for p in self.plans if p.CARRIES_OVER}
-        return BatchOutput(
+        out = BatchOutput(
             source=self.source,
             partition=self.partition,
             slots=[p.new_slot() for p in self.plans],
             pending=carried or None,
         )
+        for plan in self.plans:
+            plan.opened(out)
+        return out
 
     @property
     def per_record_output(self) -> bool:

@@ -101,6 +101,10 @@ class SinkPlan(abc.ABC):
     def apply(self, staged: Any, offset: int, out: BatchOutput) -> None:
         """Add a staged contribution to ``out`` (never raises)."""
 
+    def opened(self, out: BatchOutput) -> None:  # noqa: B027 - an optional step
+        """A new batch output was created (``out.pending``: the previous batch's slots when
+        it has not committed yet): set up this plan's slot from what came before."""
+
     def kernels(self, source: str, partition: str) -> Kernels | None:
         """Fused loops doing :meth:`stage` + :meth:`apply` for a whole batch into this
         plan's slot, when this plan is the partition's only one (see

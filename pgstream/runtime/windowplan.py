@@ -17,6 +17,7 @@ watermark closed (:class:`~pgstream.state.windows.WindowState`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +28,9 @@ import psycopg
 
 from pgstream.api import SinkSpec
 from pgstream.db import queries
-from pgstream.operators.windows import WindowSpec
+from pgstream.operators.steps import compose
+from pgstream.operators.windows import TumblingAssigner, WindowSpec
+from pgstream.runtime import kernels
 from pgstream.runtime.output import BatchOutput
 from pgstream.runtime.sinkplans import AggregatePlan, Expectations, Kernels, SinkPlan
 from pgstream.sinks.upsert import AggregateSink
@@ -46,8 +49,11 @@ class WindowSlot:
 
     #: update: sink key -> the batch's delta; final: state key -> (sink key, accumulator)
     accs: dict[Any, Any] = field(default_factory=dict)
-    #: the watermark after the records evaluated so far (None: not moved by this batch)
+    #: the watermark after the records evaluated so far (None: none yet), set at the start
+    #: from the previous batch's (uncommitted) or the committed one
     watermark: float | None = None
+    #: the previous batch's slot while it has not committed (final mode looks there first)
+    before: WindowSlot | None = None
     late: list[LateRow] = field(default_factory=list)
     #: final mode: the windows this batch closes (state key -> (sink key, accumulator)),
     #: computed once from the committed state when the batch is written
@@ -72,6 +78,7 @@ class WindowPlan(SinkPlan):
         self.table = spec.table
         self.sink = sink
         self.chain = self.rows_of.chain
+        self.steps = spec.steps
         self.aggs = self.rows_of.aggs
         self.extract = self.rows_of.extract
         self.label = f"window->{spec.table}"
@@ -94,7 +101,12 @@ class WindowPlan(SinkPlan):
         return WindowSlot()
 
     def kernels(self, source: str, partition: str) -> Kernels | None:
-        return None
+        """Tumbling windows in update mode after map/filter steps only: the aggregate kernels
+        (:func:`tumbling_update_kernels`)."""
+        fn = compose(self.steps)
+        if fn is None or self.final or not isinstance(self.assigner, TumblingAssigner):
+            return None  # the general path (stage + apply)
+        return tumbling_update_kernels(self, fn)
 
     @property
     def sink_label(self) -> str:
@@ -102,38 +114,42 @@ class WindowPlan(SinkPlan):
 
     # -- evaluation ---------------------------------------------------------------------------
 
-    def _watermark(self, out: BatchOutput) -> float | None:
+    def opened(self, out: BatchOutput) -> None:
+        """Start from the previous batch's watermark (uncommitted) or the committed one."""
         slot: WindowSlot = out.slots[self.slot]
-        if slot.watermark is not None:
-            return slot.watermark
-        if out.pending:
-            before: WindowSlot | None = out.pending.get(self.slot)
-            if before is not None and before.watermark is not None:
-                return before.watermark
-        return self.state.watermark
+        before: WindowSlot | None = out.pending.get(self.slot) if out.pending else None
+        slot.before = before
+        slot.watermark = self.state.watermark
+        if before is not None and before.watermark is not None:
+            slot.watermark = before.watermark
 
     def _sink_key(self, k: Any, start: float) -> Any:
         ws = self.as_datetime(start)
         return (k, ws) if self.width == 1 else (*k, ws)
 
     def stage(self, value: Any, out: BatchOutput) -> tuple[dict[Any, Any], list[Any], Any]:
-        """Per output record, in order: its windows' new accumulators or late rows, then the
-        watermark it leaves."""
+        """Per output record, in order: its event time, its closed windows' late rows; when it
+        has an open window, its key and aggregate inputs (which may raise: a dead letter) and
+        its open windows' new accumulators; then the watermark it leaves."""
         slot: WindowSlot = out.slots[self.slot]
-        wm = self._watermark(out)
+        wm = slot.watermark
         local: dict[Any, Any] = {}
         late: list[Any] = []
         closed = self.window.closed
         size = self.size
         for seq, o in enumerate(self.chain(value)):
             t = self.epoch_of(o)
-            k = self.base_fn(o)
-            inputs = [None if ex is None else ex(o) for ex in self.extract]
-            for start in self.assigner.epochs(t):
+            starts = self.assigner.epochs(t)
+            open_ = [start for start in starts if not closed(start + size, wm)]
+            for start in starts:
                 if closed(start + size, wm):
                     assert wm is not None
                     late.append((seq, start, start + size, t, wm, o))
-                    continue
+            if not open_:
+                continue  # late for all its windows: its key and inputs are not read
+            k = self.base_fn(o)
+            inputs = [None if ex is None else ex(o) for ex in self.extract]
+            for start in open_:
                 self._add(local, slot, out, k, start, inputs)
             if wm is None or t > wm:
                 wm = t
@@ -162,9 +178,8 @@ class WindowPlan(SinkPlan):
             return
         kj = orjson.dumps([k, start]).decode()
         hit = local.get(kj) or slot.accs.get(kj)
-        if hit is None and out.pending:
-            before: WindowSlot | None = out.pending.get(self.slot)
-            hit = before.accs.get(kj) if before is not None else None
+        if hit is None and slot.before is not None:
+            hit = slot.before.accs.get(kj)
         if hit is not None:
             sk, acc = hit
         else:
@@ -308,3 +323,119 @@ def _with_accs(out: BatchOutput, slot: int, accs: dict[Any, Any]) -> BatchOutput
     slots = list(out.slots)
     slots[slot] = accs
     return BatchOutput(out.source, out.partition, slots, out.dead, out.records_in)
+
+
+class _Late(Exception):
+    """Raised by the windowed key of :func:`tumbling_update_kernels` for a closed window."""
+
+    def __init__(self, t: float, start: float, watermark: float, record: Any) -> None:
+        self.t, self.start, self.watermark, self.record = t, start, watermark, record
+
+
+class _Clock:
+    """The watermark of one batch as the windowed key of :func:`tumbling_update_kernels`
+    moves it: ``key`` raises :class:`_Late` for a closed window, else advances the watermark;
+    ``failed`` gives a failed record's advance back."""
+
+    __slots__ = ("as_datetime", "base", "dirty", "epoch_of", "fn", "grace", "limit", "prev",
+                 "single", "size", "wm")
+
+    def __init__(self, plan: WindowPlan, fn: Callable[[Any], Any]) -> None:
+        assert plan.window.grace is not None  # a plain window has no window plan
+        self.grace: float = plan.window.grace
+        self.epoch_of, self.base, self.as_datetime = plan.epoch_of, plan.base_fn, plan.as_datetime
+        self.size, self.single = plan.size, plan.width == 1
+        self.fn = fn
+        self.wm: float | None = None
+        self.prev: float | None = None
+        self.limit = -math.inf
+        self.dirty = False
+
+    def set(self, wm: float | None) -> None:
+        """Continue from watermark ``wm``."""
+        self.wm = wm
+        self.limit = -math.inf if wm is None else wm - self.size - self.grace
+        self.dirty = False
+
+    def first(self, v: Any) -> Any:
+        """The steps, noting that a new record starts (nothing of it to give back yet)."""
+        self.dirty = False
+        return self.fn(v)
+
+    def key(self, o: Any) -> Any:
+        """The record's key and window start; the watermark advanced by its time."""
+        t = self.epoch_of(o)
+        s = t - t % self.size
+        if s < self.limit:
+            assert self.wm is not None
+            raise _Late(t, s, self.wm, o)
+        k = self.base(o)
+        self.prev = wm = self.wm
+        if wm is None or t > wm:
+            self.wm = t
+            self.limit = t - self.size - self.grace
+            self.dirty = True
+        ws = self.as_datetime(s)
+        return (k, ws) if self.single else (*k, ws)
+
+    def failed(self, exc: BaseException | None) -> _Late | None:
+        """A failure's late record, or (a real failure) the record's advance given back."""
+        if isinstance(exc, _Late):
+            return exc
+        if exc is not None and self.dirty:
+            self.set(self.prev)
+        return None
+
+    def late_row(self, offset: int, late: _Late) -> LateRow:
+        """The late record of ``late`` at ``offset``."""
+        s = late.start
+        return (offset, 0, s, s + self.size, late.t, late.watermark, late.record)
+
+
+def tumbling_update_kernels(plan: WindowPlan, fn: Callable[[Any], Any]) -> Kernels:
+    """Tumbling windows in update mode on the aggregate kernels
+    (:func:`pgstream.runtime.kernels.aggregate_kernels`) whose key is the record's window
+    (:class:`_Clock`): a late record comes back through ``fail`` as :class:`_Late`."""
+    clock = _Clock(plan, fn)
+    run_raw, run_records = kernels.aggregate_kernels(clock.first, clock.key, plan.aggs)
+
+    def raw(batch: Any, slot: WindowSlot, fail: kernels.RawFail) -> None:
+        payloads = batch.payloads
+        cursor = [0]
+
+        def on_fail(payload: bytes, value: Any, exc: BaseException | None) -> None:
+            late = clock.failed(exc)
+            if late is None:
+                # the general path may evaluate it (a payload decodable after all)
+                slot.watermark = clock.wm
+                fail(payload, value, exc)
+                if slot.watermark != clock.wm:
+                    clock.set(slot.watermark)
+                return
+            i = cursor[0]
+            while payloads[i] is not payload:
+                i += 1
+            cursor[0] = i + 1
+            slot.late.append(clock.late_row(batch.offset(i), late))
+
+        clock.set(slot.watermark)
+        try:
+            run_raw(batch, slot.accs, on_fail)
+        finally:
+            slot.watermark = clock.wm
+
+    def records(recs: Any, slot: WindowSlot, fail: kernels.RecordFail) -> None:
+        def on_fail(rec: Any, exc: BaseException | None) -> None:
+            late = clock.failed(exc)
+            if late is None:
+                fail(rec, exc)
+            else:
+                slot.late.append(clock.late_row(rec.offset, late))
+
+        clock.set(slot.watermark)
+        try:
+            run_records(recs, slot.accs, on_fail)
+        finally:
+            slot.watermark = clock.wm
+
+    return raw, records
