@@ -304,7 +304,7 @@ class WindowPlan(SinkPlan):
         for offset, seq, start, _end, t, mark, _o in slot.late:
             late[(out.source, partition, offset, seq, start)] = (t, mark)
         if not self.final:
-            self.rows_of.expect(_with_accs(out, self.slot, slot.accs), partition, expected)
+            self.rows_of.expect(_with_accs(out, slot.accs), partition, expected)
             return
         gone = self.emitted(out)
         accs = expected.accumulators[self.table]
@@ -318,11 +318,9 @@ class WindowPlan(SinkPlan):
             states.pop((self.operator, partition, kj), None)
 
 
-def _with_accs(out: BatchOutput, slot: int, accs: dict[Any, Any]) -> BatchOutput:
-    """``out`` with its window slot replaced by the plain accumulators (AggregatePlan's)."""
-    slots = list(out.slots)
-    slots[slot] = accs
-    return BatchOutput(out.source, out.partition, slots, out.dead, out.records_in)
+def _with_accs(out: BatchOutput, accs: dict[Any, Any]) -> BatchOutput:
+    """A batch output whose only slot (0, the ``rows_of`` plan's) holds ``accs``."""
+    return BatchOutput(out.source, out.partition, [accs], out.dead, out.records_in)
 
 
 class _Late(Exception):
