@@ -187,3 +187,78 @@ def test_final_over_several_partitions_is_refused_unless_keyed_by_the_split(
     split.key_by("user").window(ps.tumbling(seconds=60), time="ts", emit="final").aggregate(
         n=ps.count()
     ).to_table("t2")
+
+
+def test_several_files_each_keep_their_watermark_and_the_job_watermark_is_the_least(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    (tmp_path / "in").mkdir()
+    parts: dict[str, list[str]] = {}
+    for f, shift in (("a.jsonl", 0), ("b.jsonl", -300), ("c.jsonl", 120)):
+        lines = [
+            json.dumps({**json.loads(x), "ts": json.loads(x)["ts"] + shift})
+            for x in events(400, seed=len(parts), bad=False)
+        ]
+        write(tmp_path / "in" / f, lines)
+        parts[f] = lines
+    sink_table(pg_conn, "per_minute")
+
+    def app(idle: float | None = None) -> ps.App:
+        a = ps.App("clicks", batch_size=29)
+        s = a.stream("clicks", ps.FileSource(str(tmp_path / "in" / "*.jsonl")))
+        s.key_by("user", name="user_id").window(
+            ps.tumbling(seconds=60), time="ts", grace=20, idle_timeout=idle
+        ).aggregate(n=ps.count(), total=ps.sum("v")).to_table("per_minute")
+        return a
+
+    run_app(app(), pg_dsn, stop_when_idle=True)
+    ref = reference({p: list(file_records(x)) for p, x in parts.items()}, size=60, grace=20)
+    assert stored(pg_conn, "per_minute") == ref.windows
+    late = sorted(
+        (p, off, ws.timestamp())
+        for p, off, ws in pg_conn.execute(
+            'SELECT partition, "offset", window_start FROM pgstream.late_records'
+        )
+    )
+    assert late == sorted(ref.late)
+    marks = dict(
+        pg_conn.execute("SELECT partition, watermark FROM pgstream.window_watermarks").fetchall()
+    )
+    # (timestamps hold microseconds; the stored epoch seconds are exact)
+    assert {p: round(m.timestamp(), 5) for p, m in marks.items()} == {
+        p: round(m, 5) for p, m in ref.marks.items()
+    }
+    job = pg_conn.execute(
+        "SELECT watermark, partitions, idle_partitions FROM pgstream.job_watermarks "
+        "WHERE job = 'clicks' AND operator = 'window:per_minute'"
+    ).fetchone()
+    assert job is not None
+    assert (round(job[0].timestamp(), 5), job[1], job[2]) == (
+        round(min(ref.marks.values()), 5), 3, 0
+    )
+    # the documented reader's condition: a window is final once end + grace < job watermark
+    final = pg_conn.execute(
+        "SELECT count(*) FROM per_minute w, pgstream.job_watermarks j "
+        "WHERE j.job = 'clicks' AND j.operator = 'window:per_minute' "
+        "AND w.window_start + interval '60 s' + interval '20 s' < j.watermark"
+    ).fetchone()
+    low = min(ref.marks.values())
+    assert final is not None and final[0] == sum(1 for _, s in ref.windows if s + 80 < low)
+    assert verify_app(app(), pg_dsn).ok
+    # with an idle timeout the partitions that stopped committing no longer hold it back:
+    # all idle, the job watermark is the largest
+    pg_conn.execute("UPDATE pgstream.partitions SET last_commit_at = now() - interval '1 hour'")
+    run_app(app(idle=60), pg_dsn, stop_when_idle=True, accept_changes=True)
+    job = pg_conn.execute(
+        "SELECT watermark, idle_partitions FROM pgstream.job_watermarks WHERE job = 'clicks'"
+    ).fetchone()
+    assert job is not None
+    assert (round(job[0].timestamp(), 5), job[1]) == (round(max(ref.marks.values()), 5), 3)
+    # pgstream status shows the partitions' watermarks and the job's
+    from click.testing import CliRunner
+
+    from pgstream.cli import main
+
+    shown = CliRunner().invoke(main, ["status", "--dsn", pg_dsn])
+    assert shown.exit_code == 0, shown.output
+    assert "window:per_minute: job watermark" in shown.output
