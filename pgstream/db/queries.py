@@ -555,7 +555,8 @@ UPDATE pgstream.plan_versions SET plan = %(plan)s, fingerprint = %(fingerprint)s
 # everything the checkpoint remembered is forgotten.
 ADMIN_RESET_PARTITIONS = f"""
 UPDATE pgstream.partitions
-   SET committed_offset = NULL, watermark = NULL, source_head = NULL, last_commit_at = NULL,
+   SET committed_offset = NULL, watermark = NULL, watermarks = NULL, source_head = NULL,
+       last_commit_at = NULL,
        batches = 0, records = 0, attempts = 0, source_identity = NULL, {_FENCE}
  WHERE job = %(job)s AND source = %(stream)s
 """
@@ -564,6 +565,18 @@ ADMIN_DELETE_LEDGER = "DELETE FROM pgstream.batches WHERE job = %(job)s AND sour
 
 ADMIN_DELETE_DEAD_LETTERS = """
 DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_DELETE_LATE_RECORDS = """
+DELETE FROM pgstream.late_records WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_RENAME_JOB_LATE_RECORDS = (
+    "UPDATE pgstream.late_records SET job = %(new)s WHERE job = %(old)s"
+)
+
+ADMIN_RENAME_STREAM_LATE_RECORDS = """
+UPDATE pgstream.late_records SET source = %(new)s WHERE job = %(job)s AND source = %(old)s
 """
 
 ADMIN_DELETE_STATE = """

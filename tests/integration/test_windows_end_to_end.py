@@ -262,3 +262,28 @@ def test_several_files_each_keep_their_watermark_and_the_job_watermark_is_the_le
     shown = CliRunner().invoke(main, ["status", "--dsn", pg_dsn])
     assert shown.exit_code == 0, shown.output
     assert "window:per_minute: job watermark" in shown.output
+
+
+def test_a_reset_stream_forgets_its_watermarks_open_windows_and_late_records(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    from pgstream.admin import reset
+
+    lines = events(700, seed=13, bad=False)
+    path = tmp_path / "clicks.jsonl"
+    write(path, lines)
+    sink_table(pg_conn, "per_minute")
+    app = windowed_app(path, 50, grace=10, emit="final")
+    run_app(app, pg_dsn, stop_when_idle=True)
+    with psycopg.connect(pg_dsn) as conn:
+        outcome = reset(conn, app, "clicks", delete_outputs=False, apply=True)
+    assert "open windows" in "\n".join(outcome.lines)
+    row = pg_conn.execute(
+        "SELECT (SELECT count(*) FROM pgstream.state), (SELECT count(*) FROM "
+        "pgstream.late_records), (SELECT watermarks FROM pgstream.partitions)"
+    ).fetchone()
+    assert row == (0, 0, None)
+    pg_conn.execute("TRUNCATE per_minute")
+    run_app(windowed_app(path, 50, grace=10, emit="final"), pg_dsn, stop_when_idle=True)
+    ref = reference({"0": list(file_records(lines))}, size=60, grace=10, final=True)
+    check(pg_conn, "per_minute", ref)
