@@ -47,7 +47,7 @@ LateKey = tuple[str, str, int, int, float]
 class WindowSlot:
     """A batch's output of one window plan."""
 
-    #: update: sink key -> the batch's delta; final: state key -> (sink key, accumulator)
+    #: sink key -> update mode: the batch's delta; final mode: the window's accumulators
     accs: dict[Any, Any] = field(default_factory=dict)
     #: the watermark after the records evaluated so far (None: none yet), set at the start
     #: from the previous batch's (uncommitted) or the committed one
@@ -55,9 +55,9 @@ class WindowSlot:
     #: the previous batch's slot while it has not committed (final mode looks there first)
     before: WindowSlot | None = None
     late: list[LateRow] = field(default_factory=list)
-    #: final mode: the windows this batch closes (state key -> (sink key, accumulator)),
-    #: computed once from the committed state when the batch is written
-    emitted: dict[str, tuple[Any, Any]] | None = None
+    #: final mode: the windows this batch closes (sink key -> accumulators), computed once
+    #: from the committed open windows when the batch is written
+    emitted: dict[Any, list[Any]] | None = None
 
 
 def _epoch_dt(epoch: float) -> datetime:
@@ -94,8 +94,9 @@ class WindowPlan(SinkPlan):
         assert spec.window.key is not None
         self.base_fn: Callable[[Any], Any] = spec.window.key.fn
         self.width = len(spec.key.columns) - 1
-        #: state key -> window end, for the committed open windows (final mode)
-        self._ends: dict[str, float] = {}
+        #: final mode: the committed open windows' accumulators by sink key, parsed from the
+        #: state loaded on takeover (then kept here, not in the state's JSON map)
+        self._open_windows: dict[Any, list[Any]] = self._parse_open()
 
     def new_slot(self) -> WindowSlot:
         return WindowSlot()
@@ -136,62 +137,45 @@ class WindowPlan(SinkPlan):
         local: dict[Any, Any] = {}
         late: list[Any] = []
         closed = self.window.closed
-        size = self.size
+        size, aggs, single = self.size, self.aggs, self.width == 1
         for seq, o in enumerate(self.chain(value)):
             t = self.epoch_of(o)
-            starts = self.assigner.epochs(t)
-            open_ = [start for start in starts if not closed(start + size, wm)]
-            for start in starts:
+            open_ = []
+            for start in self.assigner.epochs(t):
                 if closed(start + size, wm):
                     assert wm is not None
                     late.append((seq, start, start + size, t, wm, o))
+                else:
+                    open_.append(start)
             if not open_:
                 continue  # late for all its windows: its key and inputs are not read
             k = self.base_fn(o)
-            inputs = [None if ex is None else ex(o) for ex in self.extract]
+            xs = [None if ex is None else ex(o) for ex in self.extract]
             for start in open_:
-                self._add(local, slot, out, k, start, inputs)
+                ws = self.as_datetime(start)
+                sk = (k, ws) if single else (*k, ws)
+                acc = local.get(sk)
+                if acc is None:
+                    acc = self._current(slot, sk)
+                local[sk] = (
+                    [a.start(x) for a, x in zip(aggs, xs)]
+                    if acc is None
+                    else [a.add(c, x) for a, c, x in zip(aggs, acc, xs)]
+                )
             if wm is None or t > wm:
                 wm = t
         return local, late, wm
 
-    def _add(
-        self,
-        local: dict[Any, Any],
-        slot: WindowSlot,
-        out: BatchOutput,
-        k: Any,
-        start: float,
-        inputs: list[Any],
-    ) -> None:
-        aggs = self.aggs
-        if not self.final:
-            sk = self._sink_key(k, start)
-            current = local.get(sk)
-            if current is None:
-                current = slot.accs.get(sk)
-            local[sk] = (
-                [a.start(x) for a, x in zip(aggs, inputs)]
-                if current is None
-                else [a.add(c, x) for a, c, x in zip(aggs, current, inputs)]
-            )
-            return
-        kj = orjson.dumps([k, start]).decode()
-        hit = local.get(kj) or slot.accs.get(kj)
-        if hit is None and slot.before is not None:
-            hit = slot.before.accs.get(kj)
-        if hit is not None:
-            sk, acc = hit
-        else:
-            sk = self._sink_key(k, start)
-            blob = self.state.values.get(kj)
-            acc = None if blob is None else orjson.loads(blob)
-        local[kj] = (
-            sk,
-            [a.start(x) for a, x in zip(aggs, inputs)]
-            if acc is None
-            else [a.add(c, x) for a, c, x in zip(aggs, acc, inputs)],
-        )
+    def _current(self, slot: WindowSlot, sk: Any) -> list[Any] | None:
+        """A window's accumulators so far: the batch's (update mode: its delta); final mode:
+        else the previous uncommitted batch's, else the committed open window's."""
+        acc: list[Any] | None = slot.accs.get(sk)
+        if acc is None and self.final:
+            if slot.before is not None:
+                acc = slot.before.accs.get(sk)
+            if acc is None:
+                acc = self._open().get(sk)
+        return acc
 
     def apply(
         self, staged: tuple[dict[Any, Any], list[Any], Any], offset: int, out: BatchOutput
@@ -206,30 +190,40 @@ class WindowPlan(SinkPlan):
 
     # -- final emission -----------------------------------------------------------------------
 
-    def _end_of(self, kj: str) -> float:
-        end = self._ends.get(kj)
-        if end is None:
-            end = self._ends[kj] = float(orjson.loads(kj)[1]) + self.size
-        return end
+    def _parse_open(self) -> dict[Any, list[Any]]:
+        found: dict[Any, list[Any]] = {}
+        for kj, blob in self.state.values.items():
+            k, start = orjson.loads(kj)
+            key = tuple(k) if isinstance(k, list) else k
+            found[self._sink_key(key, start)] = orjson.loads(blob)
+        self.state.values = {}
+        return found
 
-    def emitted(self, out: BatchOutput) -> dict[str, tuple[Any, Any]]:
+    def _open(self) -> dict[Any, list[Any]]:
+        """The committed open windows (final mode) by sink key."""
+        return self._open_windows
+
+    def _state_key(self, sk: Any) -> str:
+        """A window's key in ``pgstream.state``: the JSON of ``[key, window start epoch]``."""
+        k = sk[0] if self.width == 1 else list(sk[:-1])
+        return orjson.dumps([k, sk[-1].timestamp()]).decode()
+
+    def emitted(self, out: BatchOutput) -> dict[Any, list[Any]]:
         """The windows this batch closes (final mode): every open window, committed or
-        touched by the batch, whose end + grace is before the batch's watermark."""
+        touched by the batch, that is closed at the batch's watermark."""
         slot: WindowSlot = out.slots[self.slot]
         if slot.emitted is not None:
             return slot.emitted
-        found: dict[str, tuple[Any, Any]] = {}
+        found: dict[Any, list[Any]] = {}
         wm = slot.watermark
         if self.final and wm is not None:
-            closed = self.window.closed
-            for kj, (sk, acc) in slot.accs.items():
-                if closed(self._end_of(kj), wm):
-                    found[kj] = (sk, acc)
-            for kj, blob in self.state.values.items():
-                if kj not in slot.accs and closed(self._end_of(kj), wm):
-                    k, start = orjson.loads(kj)
-                    key = tuple(k) if isinstance(k, list) else k
-                    found[kj] = (self._sink_key(key, start), orjson.loads(blob))
+            closed, size = self.window.closed, self.size
+            for sk, acc in slot.accs.items():
+                if closed(sk[-1].timestamp() + size, wm):
+                    found[sk] = acc
+            for sk, acc in self._open().items():
+                if sk not in slot.accs and closed(sk[-1].timestamp() + size, wm):
+                    found[sk] = acc
         slot.emitted = found
         return found
 
@@ -243,11 +237,12 @@ class WindowPlan(SinkPlan):
         if not self.final:
             return
         gone = self.emitted(out)
+        key = self._state_key
         self.state.write(
-            cur,
-            {kj: orjson.dumps(acc) for kj, (_, acc) in slot.accs.items() if kj not in gone},
+            cur, {key(sk): orjson.dumps(acc) for sk, acc in slot.accs.items() if sk not in gone}
         )
-        self.state.delete(cur, [kj for kj in gone if kj in self.state.values])
+        committed = self._open()
+        self.state.delete(cur, [key(sk) for sk in gone if sk in committed])
 
     def write_sink(
         self, cur: psycopg.Cursor[Any], out: BatchOutput, tolerate_duplicates: bool
@@ -255,7 +250,7 @@ class WindowPlan(SinkPlan):
         """Late records; then update mode: the batch's deltas; final: the closed windows."""
         slot: WindowSlot = out.slots[self.slot]
         self._write_late(cur, out, slot)
-        accs = dict(self.emitted(out).values()) if self.final else slot.accs
+        accs = self.emitted(out) if self.final else slot.accs
         rows = self.rows_of.rows(accs)
         self.sink.write(cur, self.sink.value_columns(), rows)
         return len(rows)
@@ -285,14 +280,13 @@ class WindowPlan(SinkPlan):
     def committed(self, out: BatchOutput) -> None:
         """Adopt the batch's watermark and (final mode) its open and closed windows."""
         slot: WindowSlot = out.slots[self.slot]
+        slot.before = None  # committed before this one: no chain of old batches kept alive
         if self.final:
             gone = self.emitted(out)
-            self.state.merge(
-                {kj: orjson.dumps(acc) for kj, (_, acc) in slot.accs.items() if kj not in gone}
-            )
-            self.state.forget(list(gone))
-            for kj in gone:
-                self._ends.pop(kj, None)
+            committed = self._open()
+            committed.update((sk, acc) for sk, acc in slot.accs.items() if sk not in gone)
+            for sk in gone:
+                committed.pop(sk, None)
         if slot.watermark is not None:
             self.state.watermark = slot.watermark
 
@@ -308,14 +302,14 @@ class WindowPlan(SinkPlan):
             return
         gone = self.emitted(out)
         accs = expected.accumulators[self.table]
-        for sk, acc in gone.values():
+        for sk, acc in gone.items():
             accs[sk] = list(acc)
         states = expected.states
-        for kj, (_, acc) in slot.accs.items():
-            if kj not in gone:
-                states[(self.operator, partition, kj)] = acc
-        for kj in gone:
-            states.pop((self.operator, partition, kj), None)
+        for sk, acc in slot.accs.items():
+            if sk not in gone:
+                states[(self.operator, partition, self._state_key(sk))] = acc
+        for sk in gone:
+            states.pop((self.operator, partition, self._state_key(sk)), None)
 
 
 def _with_accs(out: BatchOutput, accs: dict[Any, Any]) -> BatchOutput:

@@ -67,8 +67,3 @@ class WindowState(KeyedState):
                     "keys": keys,
                 },
             )
-
-    def forget(self, keys: list[str]) -> None:
-        """A committed batch emitted these windows: drop them from memory."""
-        for k in keys:
-            self.values.pop(k, None)
