@@ -18,6 +18,7 @@ from pgstream.runtime.windowplan import WindowPlan, WindowSlot
 from pgstream.sinks.upsert import AggregateSink
 from pgstream.sources.base import SourceRecord
 from pgstream.sources.raw import JsonPayloads
+from pgstream.state.windows import WindowState
 
 
 def test_a_hopping_window_holds_every_time_within_its_size() -> None:
@@ -131,3 +132,38 @@ def test_the_raw_kernel_equals_the_records_kernel() -> None:
     b: WindowSlot = ref.slots[0]
     assert (a.accs, a.late, a.watermark) == (b.accs, b.late, b.watermark)
     assert [d.offset for d in out.dead] == [d.offset for d in ref.dead]
+
+
+def _final_pipeline(state: dict[str, bytes] | None = None, wm: float | None = None) -> Pipeline:
+    app = ps.App("k")
+    app.stream("s", ps.FileSource("/tmp/x.jsonl")).key_by(["user", "shop"]).window(
+        ps.hopping(seconds=10, every=5), time="ts", grace=1, emit="final"
+    ).aggregate(n=ps.count(), total=ps.sum("v")).to_table("t")
+    sink = AggregateSink("t", ("user", "shop", "window_start"), app.sinks[0].aggregates, "st")
+    states = new_states(app, "s", "0")
+    window_state = states["window:t"]
+    assert isinstance(window_state, WindowState)
+    window_state.values = dict(state or {})
+    window_state.watermark = wm
+    return Pipeline(app, "s", "0", {"t": sink}, states)
+
+
+def test_final_windows_continue_after_a_takeover_as_if_nothing_happened() -> None:
+    rng = random.Random(4)
+    records = []
+    for i in range(600):
+        ts = i / 7 - rng.random() * (9 if i % 20 == 0 else 1)
+        records.append(SourceRecord(i, {"user": i % 3, "shop": "ab"[i % 2], "v": i, "ts": ts}))
+    one = _final_pipeline()
+    plan = one.plans[0]
+    assert isinstance(plan, WindowPlan)
+    first = one.evaluate(records[:300])
+    one.committed(first)
+    # a new owner loads what the batch transaction wrote: open windows and the watermark
+    stored = {plan._state_key(sk): orjson.dumps(acc) for sk, acc in plan._open().items()}
+    two = _final_pipeline(stored, plan.state.watermark)
+    assert two.plans[0]._open() == plan._open()  # type: ignore[attr-defined]
+    a, b = one.evaluate(records[300:]), two.evaluate(records[300:])
+    assert plan.emitted(a) == two.plans[0].emitted(b)  # type: ignore[attr-defined]
+    assert a.slots[0].late == b.slots[0].late and a.slots[0].late
+    assert plan.emitted(a)
