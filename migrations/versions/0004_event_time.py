@@ -41,7 +41,7 @@ WITH ops AS (
     SELECT j.job, 'window:' || (s ->> 'table') AS operator, s ->> 'stream' AS source,
            (s -> 'key' -> 'window' ->> 'idle_timeout')::float8 AS idle_timeout
       FROM pgstream.jobs j, jsonb_array_elements(j.plan -> 'sinks') s
-     WHERE s -> 'key' ? 'window'
+     WHERE s -> 'key' -> 'window' ? 'grace'
 ), marks AS (
     SELECT o.job, o.operator, (p.watermarks ->> o.operator)::float8 AS mark,
            coalesce(o.idle_timeout IS NOT NULL

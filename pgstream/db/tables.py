@@ -242,17 +242,17 @@ SELECT p.job, p.source, p.partition, w.key AS operator,
   FROM pgstream.partitions p, jsonb_each_text(p.watermarks) w
 """
 
-#: a job's watermark per window operator: the least over the partitions of the streams that
-#: feed it (one that has none yet holds it at NULL), leaving out partitions idle (no commit)
-#: for longer than the window's idle_timeout (from the job's plan); when all are idle, the
-#: largest of theirs
+#: a job's watermark per window operator with a grace (the only ones that track one): the least
+#: over the partitions of the streams that feed it (one that has none yet holds it at NULL),
+#: leaving out partitions idle (no commit) for longer than the window's idle_timeout (from
+#: the job's plan); when all are idle, the largest of theirs
 JOB_WATERMARKS_VIEW = """
 CREATE VIEW pgstream.job_watermarks AS
 WITH ops AS (
     SELECT j.job, 'window:' || (s ->> 'table') AS operator, s ->> 'stream' AS source,
            (s -> 'key' -> 'window' ->> 'idle_timeout')::float8 AS idle_timeout
       FROM pgstream.jobs j, jsonb_array_elements(j.plan -> 'sinks') s
-     WHERE s -> 'key' ? 'window'
+     WHERE s -> 'key' -> 'window' ? 'grace'
 ), marks AS (
     SELECT o.job, o.operator, (p.watermarks ->> o.operator)::float8 AS mark,
            coalesce(o.idle_timeout IS NOT NULL

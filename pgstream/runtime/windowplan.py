@@ -96,7 +96,10 @@ class WindowPlan(SinkPlan):
         self.width = len(spec.key.columns) - 1
         #: final mode: the committed open windows' accumulators by sink key, parsed from the
         #: state loaded on takeover (then kept here, not in the state's JSON map)
-        self._open_windows: dict[Any, list[Any]] = self._parse_open()
+        self._open_windows: dict[Any, list[Any]] = {}
+        #: the same windows grouped by start (epoch seconds): emission visits closed starts only
+        self._by_start: dict[float, set[Any]] = {}
+        self._parse_open()
 
     def new_slot(self) -> WindowSlot:
         return WindowSlot()
@@ -190,14 +193,28 @@ class WindowPlan(SinkPlan):
 
     # -- final emission -----------------------------------------------------------------------
 
-    def _parse_open(self) -> dict[Any, list[Any]]:
-        found: dict[Any, list[Any]] = {}
+    def _parse_open(self) -> None:
         for kj, blob in self.state.values.items():
             k, start = orjson.loads(kj)
             key = tuple(k) if isinstance(k, list) else k
-            found[self._sink_key(key, start)] = orjson.loads(blob)
+            self._remember(self._sink_key(key, start), orjson.loads(blob))
         self.state.values = {}
-        return found
+
+    def _remember(self, sk: Any, acc: list[Any]) -> None:
+        """A committed open window's accumulators (final mode)."""
+        if sk not in self._open_windows:
+            self._by_start.setdefault(sk[-1].timestamp(), set()).add(sk)
+        self._open_windows[sk] = acc
+
+    def _forget(self, sk: Any) -> None:
+        """A committed window was emitted."""
+        if self._open_windows.pop(sk, None) is not None:
+            start = sk[-1].timestamp()
+            group = self._by_start.get(start)
+            if group is not None:
+                group.discard(sk)
+                if not group:
+                    del self._by_start[start]
 
     def _open(self) -> dict[Any, list[Any]]:
         """The committed open windows (final mode) by sink key."""
@@ -221,9 +238,12 @@ class WindowPlan(SinkPlan):
             for sk, acc in slot.accs.items():
                 if closed(sk[-1].timestamp() + size, wm):
                     found[sk] = acc
-            for sk, acc in self._open().items():
-                if sk not in slot.accs and closed(sk[-1].timestamp() + size, wm):
-                    found[sk] = acc
+            committed = self._open_windows
+            for start, group in self._by_start.items():
+                if closed(start + size, wm):
+                    for sk in group:
+                        if sk not in slot.accs:
+                            found[sk] = committed[sk]
         slot.emitted = found
         return found
 
@@ -283,10 +303,11 @@ class WindowPlan(SinkPlan):
         slot.before = None  # committed before this one: no chain of old batches kept alive
         if self.final:
             gone = self.emitted(out)
-            committed = self._open()
-            committed.update((sk, acc) for sk, acc in slot.accs.items() if sk not in gone)
+            for sk, acc in slot.accs.items():
+                if sk not in gone:
+                    self._remember(sk, acc)
             for sk in gone:
-                committed.pop(sk, None)
+                self._forget(sk)
         if slot.watermark is not None:
             self.state.watermark = slot.watermark
 
