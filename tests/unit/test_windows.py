@@ -167,3 +167,20 @@ def test_final_windows_continue_after_a_takeover_as_if_nothing_happened() -> Non
     assert plan.emitted(a) == two.plans[0].emitted(b)  # type: ignore[attr-defined]
     assert a.slots[0].late == b.slots[0].late and a.slots[0].late
     assert plan.emitted(a)
+
+
+def test_windows_with_a_watermark_are_not_shared_between_streams() -> None:
+    app = ps.App("u")
+    for name in ("a", "b"):
+        keyed = app.stream(name, ps.FileSource(f"/tmp/{name}.jsonl")).key_by("user")
+        plain = keyed.window(ps.tumbling(seconds=60), time="ts")
+        plain.aggregate(n=ps.count()).to_table("shared")  # plain windows: a union is fine
+    graced = app.stream("c", ps.FileSource("/tmp/c.jsonl")).key_by("user")
+    graced.window(ps.tumbling(seconds=60), time="ts", grace=5).aggregate(n=ps.count()).to_table(
+        "own"
+    )
+    other = app.stream("d", ps.FileSource("/tmp/d.jsonl")).key_by("user")
+    with pytest.raises(ConfigError, match="never shared"):
+        other.window(ps.tumbling(seconds=60), time="ts", grace=5).aggregate(
+            n=ps.count()
+        ).to_table("own")
