@@ -17,7 +17,6 @@ watermark closed (:class:`~pgstream.state.windows.WindowState`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,9 +37,6 @@ from pgstream.state.windows import WindowState
 
 #: a late record: (offset, seq, window start, window end, event time, watermark, value)
 LateRow = tuple[int, int, float, float, float, float, Any]
-#: what ``pgstream verify`` expects in ``pgstream.late_records``, per operator:
-#: (source, partition, offset, seq, window start) -> (event time, watermark)
-LateKey = tuple[str, str, int, int, float]
 
 
 @dataclass(slots=True)
@@ -350,8 +346,8 @@ class _Clock:
     moves it: ``key`` raises :class:`_Late` for a closed window, else advances the watermark;
     ``failed`` gives a failed record's advance back."""
 
-    __slots__ = ("as_datetime", "base", "dirty", "epoch_of", "fn", "grace", "limit", "prev",
-                 "single", "size", "wm")
+    __slots__ = ("as_datetime", "base", "dirty", "epoch_of", "fn", "grace", "prev", "single",
+                 "size", "wm")
 
     def __init__(self, plan: WindowPlan, fn: Callable[[Any], Any]) -> None:
         assert plan.window.grace is not None  # a plain window has no window plan
@@ -361,13 +357,11 @@ class _Clock:
         self.fn = fn
         self.wm: float | None = None
         self.prev: float | None = None
-        self.limit = -math.inf
         self.dirty = False
 
     def set(self, wm: float | None) -> None:
         """Continue from watermark ``wm``."""
         self.wm = wm
-        self.limit = -math.inf if wm is None else wm - self.size - self.grace
         self.dirty = False
 
     def first(self, v: Any) -> Any:
@@ -379,14 +373,13 @@ class _Clock:
         """The record's key and window start; the watermark advanced by its time."""
         t = self.epoch_of(o)
         s = t - t % self.size
-        if s < self.limit:
-            assert self.wm is not None
-            raise _Late(t, s, self.wm, o)
+        wm = self.wm
+        if wm is not None and s + self.size + self.grace < wm:  # WindowSpec.closed, inlined
+            raise _Late(t, s, wm, o)
         k = self.base(o)
-        self.prev = wm = self.wm
+        self.prev = wm
         if wm is None or t > wm:
             self.wm = t
-            self.limit = t - self.size - self.grace
             self.dirty = True
         ws = self.as_datetime(s)
         return (k, ws) if self.single else (*k, ws)
