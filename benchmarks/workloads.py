@@ -5,7 +5,11 @@
 * **B2** map: one row ``(id, user_id, amount_cents)`` per event into the append sink
   ``bench_b2``.
 * **B3** windows: B1 per user and 60-second tumbling event-time window (``ts``) into the upsert
-  sink ``bench_b3`` keyed on ``("user", window_start)``.
+  sink ``bench_b3`` keyed on ``("user", window_start)``. Variants, run when named in
+  ``--workloads`` and compared with B3's floor: **B3G** the same with ``grace=10`` (watermark
+  and late-record checks; the input's five seconds of disorder make nothing late), **B3F**
+  ``emit="final"`` (``grace=10``: only windows the last watermark closed are written) and
+  **B3H** hopping windows ``hopping(seconds=60, every=10)`` with ``grace=10``.
 
 Both read the stream ``events`` from a :class:`~pgstream.FileSource` (the JSONL file) or a
 :class:`~pgstream.TableSource` (``bench_events``, holding the same events). The sink tables are
@@ -40,8 +44,17 @@ SOURCES = ("file", "table", "table-sql")
 FLOOR_OF = {"file": "file", "table": "table", "table-sql": "table"}
 STREAM = "events"
 EVENTS_TABLE = "bench_events"
-SINK = {"B1": "bench_b1", "B2": "bench_b2", "B3": "bench_b3"}
+#: B3 with watermarks: window() options (``every``: hopping windows of WINDOW_SECONDS)
+WINDOW_VARIANTS: dict[str, dict[str, Any]] = {
+    "B3G": {"grace": 10},
+    "B3F": {"grace": 10, "emit": "final"},
+    "B3H": {"grace": 10, "every": 10},
+}
+SINK = {"B1": "bench_b1", "B2": "bench_b2", "B3": "bench_b3"} | dict.fromkeys(
+    WINDOW_VARIANTS, "bench_b3"
+)
 WINDOW_SECONDS = 60
+HOP_SECONDS = 10
 MIN_OFFSET = -(2**63)
 
 
@@ -82,6 +95,17 @@ def make_app(
         events.key_by("user").window(ps.tumbling(seconds=WINDOW_SECONDS), time="ts").aggregate(
             n=ps.count(), total=ps.sum("amount")
         ).to_table(SINK["B3"])
+    elif workload in WINDOW_VARIANTS:
+        options = dict(WINDOW_VARIANTS[workload])
+        every = options.pop("every", None)
+        kind = (
+            ps.tumbling(seconds=WINDOW_SECONDS)
+            if every is None
+            else ps.hopping(seconds=WINDOW_SECONDS, every=every)
+        )
+        events.key_by("user").window(kind, time="ts", **options).aggregate(
+            n=ps.count(), total=ps.sum("amount")
+        ).to_table(SINK[workload])
     else:
         raise ValueError(f"unknown workload {workload!r}")
     return app
@@ -114,7 +138,7 @@ def _sink_tables() -> dict[str, Table]:
         Column("n", BigInteger, nullable=False),
         Column("total", BigInteger),
     )
-    return {"B1": b1, "B2": b2, "B3": b3}
+    return {"B1": b1, "B2": b2, "B3": b3} | dict.fromkeys(WINDOW_VARIANTS, b3)
 
 
 def create_sink(conn: psycopg.Connection[Any], workload: str) -> None:
@@ -192,12 +216,15 @@ class Reference:
     sum_line_starts: int = 0  # the file source's offsets are the lines' byte positions
     totals: dict[str, list[int]] = field(default_factory=dict)
     windows: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # (user, epoch s)
+    #: per (user, HOP_SECONDS bucket): what the hopping windows sum; the largest event time
+    buckets: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    max_epoch: float = -math.inf
 
 
-def window_of(ts: str) -> int:
-    """The epoch second where the ``WINDOW_SECONDS`` window holding ``ts`` starts."""
+def window_of(ts: str, size: int = WINDOW_SECONDS) -> int:
+    """The epoch second where the ``size`` s window holding ``ts`` starts."""
     epoch = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    return int(epoch - epoch % WINDOW_SECONDS)
+    return int(epoch - epoch % size)
 
 
 def reference(path: Path) -> Reference:
@@ -220,9 +247,12 @@ def reference(path: Path) -> Reference:
             else:
                 t[0] += 1
                 t[1] += e["amount"]
-            w = windows.setdefault((e["user"], window_of(e["ts"])), [0, 0])
-            w[0] += 1
-            w[1] += e["amount"]
+            epoch = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+            ref.max_epoch = max(ref.max_epoch, epoch)
+            for size, into in ((WINDOW_SECONDS, windows), (HOP_SECONDS, ref.buckets)):
+                w = into.setdefault((e["user"], int(epoch - epoch % size)), [0, 0])
+                w[0] += 1
+                w[1] += e["amount"]
     ref.size = path.stat().st_size
     return ref
 
@@ -255,18 +285,37 @@ def check_b1(conn: psycopg.Connection[Any], ref: Reference) -> list[str]:
     return [f"B1: {missing} users missing, {extra} unexpected, {wrong} with wrong n/total"]
 
 
-def check_b3(conn: psycopg.Connection[Any], ref: Reference) -> list[str]:
+def b3_windows(ref: Reference, workload: str) -> dict[tuple[str, int], list[int]]:
+    """B3's windows, or a variant's: those the last watermark closed (B3F), hopping (B3H)."""
+    if workload == "B3F":
+        grace = WINDOW_VARIANTS["B3F"]["grace"]
+        return {
+            k: v for k, v in ref.windows.items() if k[1] + WINDOW_SECONDS + grace < ref.max_epoch
+        }
+    if workload != "B3H":
+        return ref.windows
+    hops: dict[tuple[str, int], list[int]] = {}
+    for (user, b), (n, total) in ref.buckets.items():
+        for s in range(b - WINDOW_SECONDS + HOP_SECONDS, b + 1, HOP_SECONDS):
+            w = hops.setdefault((user, s), [0, 0])
+            w[0] += n
+            w[1] += total
+    return hops
+
+
+def check_b3(conn: psycopg.Connection[Any], ref: Reference, workload: str = "B3") -> list[str]:
     """Every (user, window) count and total equal the reference."""
     rows = conn.execute(
         f'SELECT "user", extract(epoch FROM window_start)::bigint, n, total FROM {SINK["B3"]}'
     ).fetchall()
     got = {(u, int(w)): [int(n), int(t)] for u, w, n, t in rows}
-    if got == ref.windows:
+    want = b3_windows(ref, workload)
+    if got == want:
         return []
-    missing = len(ref.windows.keys() - got.keys())
-    extra = len(got.keys() - ref.windows.keys())
-    wrong = sum(1 for k, v in got.items() if k in ref.windows and ref.windows[k] != v)
-    return [f"B3: {missing} windows missing, {extra} unexpected, {wrong} with wrong n/total"]
+    missing = len(want.keys() - got.keys())
+    extra = len(got.keys() - want.keys())
+    wrong = sum(1 for k, v in got.items() if k in want and want[k] != v)
+    return [f"{workload}: {missing} windows missing, {extra} unexpected, {wrong} wrong n/total"]
 
 
 def check_b2(conn: psycopg.Connection[Any], ref: Reference, source: str | None) -> list[str]:
@@ -339,8 +388,8 @@ def check_workload(
     """The sink of ``workload`` holds exactly the reference answer."""
     if workload == "B1":
         return check_b1(conn, ref)
-    if workload == "B3":
-        return check_b3(conn, ref)
+    if workload == "B3" or workload in WINDOW_VARIANTS:
+        return check_b3(conn, ref, workload)
     return check_b2(conn, ref, source)
 
 

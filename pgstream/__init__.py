@@ -14,7 +14,7 @@ from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
-from pgstream.operators.windows import tumbling
+from pgstream.operators.windows import hopping, tumbling
 from pgstream.sources import (
     FileSource,
     KafkaSource,
@@ -45,6 +45,7 @@ __all__ = [
     "coalesce",
     "col",
     "count",
+    "hopping",
     "lit",
     "max",
     "min",

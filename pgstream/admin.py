@@ -219,6 +219,7 @@ def _rename_job(cur: Cursor, old: str, new: str, outcome: Outcome) -> None:
     ledger = _count(cur, queries.ADMIN_COUNT_LEDGER, {"job": old, "streams": None})
     moved = _rowcount(cur, queries.ADMIN_RENAME_JOB_PARTITIONS, names)
     dead = _rowcount(cur, queries.ADMIN_RENAME_JOB_DEAD_LETTERS, names)
+    _rowcount(cur, queries.ADMIN_RENAME_JOB_LATE_RECORDS, names)
     state = _rowcount(cur, queries.ADMIN_RENAME_JOB_STATE, names)
     workers = _rowcount(cur, queries.ADMIN_RENAME_JOB_WORKERS, names)
     jobs = _rowcount(cur, queries.ADMIN_RENAME_JOB_ROW, names)
@@ -271,6 +272,7 @@ def _rename_stream(cur: Cursor, app: App, old: str, new: str, outcome: Outcome) 
     names = {"job": job, "old": old, "new": new}
     moved = _rowcount(cur, queries.ADMIN_RENAME_STREAM_PARTITIONS, names)
     dead = _rowcount(cur, queries.ADMIN_RENAME_STREAM_DEAD_LETTERS, names)
+    _rowcount(cur, queries.ADMIN_RENAME_STREAM_LATE_RECORDS, names)
     state = sum(
         _rowcount(cur, queries.ADMIN_RENAME_STATE_OPERATOR, {"job": job, "old": o, "new": n})
         for o, n in folds
@@ -351,12 +353,23 @@ def reset(
             f"{_offsets(parts)}), {ledger} ledger batch(es) deleted"
         )
         folds = _sinks_of(app, stream, "fold")
+        windows = [
+            s.operator_id
+            for s in _sinks_of(app, stream, "aggregate")
+            if s.window is not None and not s.window.plain
+        ]
         operators = [s.operator_id for s in folds]
         state = _rowcount(cur, queries.ADMIN_DELETE_STATE, {**p, "operators": operators})
         if operators:
             outcome.add(f"  fold state: {state} key(s) deleted ({', '.join(operators)})")
+        if windows:
+            state = _rowcount(cur, queries.ADMIN_DELETE_STATE, {**p, "operators": windows})
+            outcome.add(f"  open windows: {state} deleted ({', '.join(windows)})")
         dead = _rowcount(cur, queries.ADMIN_DELETE_DEAD_LETTERS, p)
         outcome.add(f"  dead letters: {dead} deleted (failing records fail again if still bad)")
+        if windows:
+            late = _rowcount(cur, queries.ADMIN_DELETE_LATE_RECORDS, p)
+            outcome.add(f"  late records: {late} deleted (and the watermarks)")
         _reset_outputs(cur, app, stream, delete_outputs, outcome)
     return outcome
 

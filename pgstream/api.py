@@ -16,11 +16,11 @@ from pgstream.config import OnError, Settings
 from pgstream.errors import ConfigError
 from pgstream.expressions import Expr, Select, col
 from pgstream.operators.aggregates import Aggregate
-from pgstream.operators.eventtime import EventClock
+from pgstream.operators.eventtime import EventClock, TimeUnit
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
-from pgstream.operators.windows import Tumbling, windowed_key
+from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec, windowed_key
 from pgstream.sources.base import Source
 
 SinkKind = Literal["append", "aggregate", "fold"]
@@ -38,6 +38,8 @@ class SinkSpec:
     aggregates: tuple[Aggregate, ...] = ()
     fold: Fold | None = None
     operator_id: str = ""
+    #: the ``window(...)`` of a windowed aggregate (its key holds ``window_start``)
+    window: WindowSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +160,10 @@ def _aggregate_shape(spec: SinkSpec) -> tuple[Any, ...]:
     """What must match for aggregate sinks to share a table: key columns, window size,
     aggregate columns and kinds."""
     assert spec.key is not None
-    window = spec.key.window[0] if spec.key.window is not None else None
+    window: Any = spec.key.window[0] if spec.key.window is not None else None
+    if spec.window is not None and not spec.window.plain:
+        # watermarks, lateness and final rows are per stream: such windows are not shared
+        window = (window, id(spec))
     return spec.key.columns, window, tuple((a.name, a.kind) for a in spec.aggregates)
 
 
@@ -169,7 +174,9 @@ def _an(word: str) -> str:
 def _show_shape(shape: tuple[Any, ...]) -> str:
     columns, window, aggs = shape
     text = f"key {', '.join(columns)}"
-    if window is not None:
+    if isinstance(window, tuple):
+        text += f", {window[0]:g}s windows with grace, emit or hopping (never shared)"
+    elif window is not None:
         text += f", {window:g}s windows"
     return text + ", " + ", ".join(f"{name}={kind}" for name, kind in aggs)
 
@@ -238,6 +245,7 @@ class KeyedStream:
 
     stream: Stream
     key: KeySpec
+    window_spec: WindowSpec | None = None
 
     def aggregate(self, **aggregates: Aggregate) -> AggregatedStream:
         """Per-key aggregates, one sink column each: ``aggregate(n=count(), total=sum("x"))``."""
@@ -259,14 +267,66 @@ class KeyedStream:
         """
         return FoldedStream(self, Fold(initial, fn), name)
 
-    def window(self, window: Tumbling, *, time: str | Callable[[Any], Any]) -> KeyedStream:
+    def window(
+        self,
+        window: Tumbling | Hopping,
+        *,
+        time: str | Callable[[Any], Any],
+        grace: float | None = None,
+        emit: Emit = "update",
+        time_unit: TimeUnit = "s",
+        idle_timeout: float | None = None,
+    ) -> KeyedStream:
         """Event-time windows: the key gains a ``window_start timestamptz`` column.
 
-        ``time`` names the record's timestamp field (datetime, ISO string or epoch seconds).
+        ``time`` names the record's timestamp field (datetime, ISO string or epoch seconds;
+        epoch milliseconds with ``time_unit="ms"``) or is a function of the record. A record
+        whose window ended more than ``grace`` seconds before the partition's watermark goes
+        to ``pgstream.late_records``; ``emit="final"`` writes each window's row once, when
+        the watermark passes its end + grace (see :mod:`pgstream.operators.windows`).
+        ``idle_timeout``: seconds without a commit after which a partition stops holding
+        back the job's watermark (``pgstream.job_watermarks``).
         """
-        if not isinstance(window, Tumbling):
-            raise ConfigError("window() takes ps.tumbling(seconds=...)")
-        return KeyedStream(self.stream, windowed_key(self.key, window, EventClock(time)))
+        if not isinstance(window, (Tumbling, Hopping)):
+            raise ConfigError("window() takes ps.tumbling(seconds=...) or ps.hopping(...)")
+        spec = _window_spec(window, time, grace, emit, time_unit, idle_timeout, self.key)
+        key = windowed_key(self.key, window, spec.clock)
+        return KeyedStream(self.stream, key, spec)
+
+
+def _window_spec(
+    window: Tumbling | Hopping,
+    time: str | Callable[[Any], Any],
+    grace: float | None,
+    emit: str,
+    time_unit: str,
+    idle_timeout: float | None,
+    key: KeySpec,
+) -> WindowSpec:
+    """The checked options of a ``window()`` call."""
+    if emit not in ("update", "final"):
+        raise ConfigError(f"window(emit={emit!r}): emit is 'update' or 'final'")
+    if time_unit not in ("s", "ms"):
+        raise ConfigError(
+            f"window(time_unit={time_unit!r}): time_unit is 's' (epoch seconds) or 'ms'"
+        )
+    if not (isinstance(time, str) or callable(time)):
+        raise ConfigError("window(time=...) takes a field name or a function of the record")
+    for name, value in (("grace", grace), ("idle_timeout", idle_timeout)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+        ):
+            raise ConfigError(f"window({name}={value!r}) must be a number of seconds >= 0")
+    if emit == "final" and grace is None:
+        grace = 0.0
+    return WindowSpec(
+        window,
+        EventClock(time, "ms" if time_unit == "ms" else "s"),
+        None if grace is None else float(grace),
+        "final" if emit == "final" else "update",
+        None if idle_timeout is None else float(idle_timeout),
+        key,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,8 +339,20 @@ class AggregatedStream:
     def to_table(self, table: str) -> None:
         """Merge per-key aggregates into ``table`` (key columns unique)."""
         s = self.keyed.stream
+        window = self.keyed.window_spec
+        if window is not None and window.emit == "final":
+            _check_final_partitioning(s, self.keyed.key, table)
         s.app._add_sink(
-            SinkSpec(s.source, s.steps, "aggregate", table, self.keyed.key, self.aggregates)
+            SinkSpec(
+                s.source,
+                s.steps,
+                "aggregate",
+                table,
+                self.keyed.key,
+                self.aggregates,
+                operator_id=f"window:{table}" if window is not None else "",
+                window=window,
+            )
         )
 
 
@@ -295,6 +367,13 @@ class FoldedStream:
     def to_table(self, table: str) -> None:
         """Overwrite each touched key's row in ``table`` with its state after the batch."""
         s = self.keyed.stream
+        window = self.keyed.window_spec
+        if window is not None and not window.plain:
+            raise ConfigError(
+                f"fold into {table!r}: a fold after window() takes only tumbling windows "
+                "without grace or emit",
+                hint="use aggregate() for hopping windows, grace and emit='final'",
+            )
         _check_fold_partitioning(s, self.keyed.key, table)
         operator_id = self.name or f"{s.source}:fold:{table}"
         s.app._add_sink(
@@ -338,5 +417,38 @@ def _check_fold_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
             "use aggregate() (its deltas merge across partitions), or key the fold by the field "
             "the source partitions on (TableSource(..., partitions=N, partition_by=...)); a "
             "repartition step for other keys is planned"
+        ),
+    )
+
+
+def _check_final_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
+    """Refuse ``emit="final"`` when one window's records may arrive through several partitions.
+
+    A final row is written once, from the window's state in one partition, when that
+    partition's watermark closes the window: correct over a single-partition source, or when
+    the key starts with the field the source partitions by (only filters before it).
+    """
+    source = stream.app.sources[stream.source]
+    if source.single_partition():
+        return
+    field = source.partition_key()
+    by = key.by
+    if (
+        field is not None
+        and isinstance(by, tuple)
+        and by[:1] == (field,)
+        and all(isinstance(step, Filter) for step in stream.steps)
+    ):
+        return
+    raise ConfigError(
+        f"window into {table!r} with emit='final': stream {stream.source!r} "
+        f"({source.describe()}) has several partitions, and records of one key may arrive "
+        "through more than one of them, while a final row is written once from one "
+        "partition's window state (the other partitions' records would be lost or doubled)",
+        hint=(
+            "use emit='update' (deltas merge across partitions; readers tell final windows "
+            "with pgstream.job_watermarks), or key by the field the source partitions on "
+            "(TableSource(..., partitions=N, partition_by=...)); a repartition step for other "
+            "keys is planned"
         ),
     )

@@ -157,6 +157,12 @@ def _sink(spec: SinkSpec) -> dict[str, Any]:
     }
     if spec.key is not None:
         entry["key"] = _key(spec.key)
+        if spec.window is not None and "window" in entry["key"]:
+            window = entry["key"]["window"]
+            extra = spec.window.describe()
+            if "every" in extra:  # hopping: its size under its own name
+                window["hopping_seconds"] = window.pop("tumbling_seconds")
+            window.update(extra)
     if spec.aggregates:
         entry["aggregates"] = [_aggregate(a) for a in spec.aggregates]
     if spec.fold is not None:

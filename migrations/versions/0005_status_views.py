@@ -1,7 +1,7 @@
 """Status views: ``pgstream.partition_status`` and ``pgstream.job_status``.
 
 Revision ID: 0005_status_views
-Revises: 0002_job_identity
+Revises: 0004_event_time
 Create Date: 2026-11-29
 
 What ``pgstream status`` shows, as views a DBA can query in psql:
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0005_status_views"
-down_revision: str | Sequence[str] | None = "0002_job_identity"
+down_revision: str | Sequence[str] | None = "0004_event_time"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -85,10 +85,21 @@ def command(
             _watch(conn, app, resolved, interval, count)
             return
         items = read_status(conn, app, resolved)
+        from pgstream.db import queries
+
+        marks = conn.execute(
+            queries.STATUS_JOB_WATERMARKS, {"job": app.name if app else None}
+        ).fetchall()
     if as_json:
         click.echo(json.dumps(items, default=_json_default, indent=2))
         return
     _print_table(items)
+    for job_name, operator, mark, parts, idle in marks:
+        at = mark.strftime("%Y-%m-%d %H:%M:%S") if mark else "- (a partition has none yet)"
+        click.echo(
+            f"{job_name} {operator}: job watermark {at} (min over {parts} partition(s)"
+            + (f", {idle} idle left out)" if idle else ")")
+        )
 
 
 def read_status(conn: Any, app: Any, dsn: str) -> list[dict[str, Any]]:
@@ -160,6 +171,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
         "epoch",
         "batches",
         "dead",
+        "watermark",
     ):
         table.add_column(
             col,
@@ -181,6 +193,7 @@ def _print_table(items: list[dict[str, Any]]) -> None:
             str(it["epoch"]),
             str(it["batches"]),
             str(it["dead_letters"]),
+            it["watermark"].strftime("%Y-%m-%d %H:%M:%S") if it["watermark"] else "-",
         )
     console = Console()
     if not console.is_terminal:

@@ -249,6 +249,46 @@ SELECT key, value::text FROM pgstream.state
  WHERE job = %(job)s AND operator = %(operator)s AND partition = %(partition)s
 """
 
+# Emitted windows (emit="final") leave the state in the batch that writes their rows.
+DELETE_STATE_KEYS = """
+DELETE FROM pgstream.state
+ WHERE job = %(job)s AND operator = %(operator)s AND partition = %(partition)s
+   AND key = ANY(%(keys)s::text[])
+"""
+
+# -- event time: watermarks and late records (revision 0004_event_time) -----------------------
+
+# A window operator's watermark for one partition (epoch seconds), reloaded on takeover.
+LOAD_WATERMARK = """
+SELECT (watermarks ->> %(operator)s)::float8 FROM pgstream.partitions
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+"""
+
+# Inside the batch transaction, after its fence (the row is already locked by it): the
+# operator's new watermark, and the partition's watermark column = the least over its window
+# operators.
+SAVE_WATERMARK = """
+UPDATE pgstream.partitions p
+   SET watermarks = m.marks,
+       watermark = (SELECT to_timestamp(min(e.value::float8)) FROM jsonb_each_text(m.marks) e)
+  FROM (SELECT coalesce(q.watermarks, '{}'::jsonb) || %(marks)s::jsonb AS marks
+          FROM pgstream.partitions q
+         WHERE q.job = %(job)s AND q.source = %(source)s AND q.partition = %(partition)s) m
+ WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+"""
+
+COPY_LATE_RECORDS = """
+COPY pgstream.late_records (job, operator, source, partition, "offset", seq, window_start,
+                            window_end, event_time, watermark, payload)
+FROM STDIN
+"""
+
+# verify: the late records of a job
+VERIFY_LATE_RECORDS = """
+SELECT operator, source, partition, "offset", seq, window_start, event_time, watermark
+  FROM pgstream.late_records WHERE job = %(job)s
+"""
+
 # Touched keys are COPYed into a session temp table, then moved into pgstream.state in one
 # statement that also empties the stage (several fold operators share it in one batch).
 STAGE_STATE = """
@@ -415,6 +455,13 @@ SELECT job, plan_version, partitions, owned_partitions, owners, records, lag, de
  ORDER BY job
 """
 
+# status: each window operator's job watermark (the view documents the rule)
+STATUS_JOB_WATERMARKS = """
+SELECT job, operator, watermark, partitions, idle_partitions FROM pgstream.job_watermarks
+ WHERE %(job)s::text IS NULL OR job = %(job)s
+ ORDER BY job, operator
+"""
+
 # -- demo (pgstream demo, pgstream.demo) ------------------------------------------------------
 
 # Records committed so far and the committed offset, polled while the demo's workers run.
@@ -553,7 +600,8 @@ UPDATE pgstream.plan_versions SET plan = %(plan)s, fingerprint = %(fingerprint)s
 # everything the checkpoint remembered is forgotten.
 ADMIN_RESET_PARTITIONS = f"""
 UPDATE pgstream.partitions
-   SET committed_offset = NULL, watermark = NULL, source_head = NULL, last_commit_at = NULL,
+   SET committed_offset = NULL, watermark = NULL, watermarks = NULL, source_head = NULL,
+       last_commit_at = NULL,
        batches = 0, records = 0, attempts = 0, source_identity = NULL, {_FENCE}
  WHERE job = %(job)s AND source = %(stream)s
 """
@@ -562,6 +610,18 @@ ADMIN_DELETE_LEDGER = "DELETE FROM pgstream.batches WHERE job = %(job)s AND sour
 
 ADMIN_DELETE_DEAD_LETTERS = """
 DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_DELETE_LATE_RECORDS = """
+DELETE FROM pgstream.late_records WHERE job = %(job)s AND source = %(stream)s
+"""
+
+ADMIN_RENAME_JOB_LATE_RECORDS = (
+    "UPDATE pgstream.late_records SET job = %(new)s WHERE job = %(old)s"
+)
+
+ADMIN_RENAME_STREAM_LATE_RECORDS = """
+UPDATE pgstream.late_records SET source = %(new)s WHERE job = %(job)s AND source = %(old)s
 """
 
 ADMIN_DELETE_STATE = """

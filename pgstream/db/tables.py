@@ -57,6 +57,9 @@ partitions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # what the stream read when this row was created (Source.identity); NULL before 0002
     Column("source_identity", Text, nullable=True),
+    # per window operator ("window:<table>"), its watermark in epoch seconds (0004); the
+    # watermark column above is the least of them
+    Column("watermarks", JSONB, nullable=True),
     PrimaryKeyConstraint("job", "source", "partition", name="partitions_pkey"),
     postgresql_with={"fillfactor": "50"},
 )
@@ -256,9 +259,75 @@ SELECT s.job,
  GROUP BY s.job, j.version
 """
 
+# Records that came too late for their window (its end + grace before the partition's
+# watermark): kept here instead of applied, one row per (record output, window).
+late_records = Table(
+    "late_records",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("operator", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("window_end", DateTime(timezone=True), nullable=False),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("watermark", DateTime(timezone=True), nullable=False),
+    Column("payload", JSONB, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint(
+        "job",
+        "operator",
+        "source",
+        "partition",
+        "offset",
+        "seq",
+        "window_start",
+        name="late_records_record_key",
+    ),
+)
+
+#: each partition's watermark per window operator, as timestamps
+WINDOW_WATERMARKS_VIEW = """
+SELECT p.job, p.source, p.partition, w.key AS operator,
+       to_timestamp(w.value::float8) AS watermark, p.last_commit_at
+  FROM pgstream.partitions p, jsonb_each_text(p.watermarks) w
+"""
+
+#: a job's watermark per window operator with a grace (the only ones that track one): the least
+#: over the partitions of the streams that feed it (one that has none yet holds it at NULL),
+#: leaving out partitions idle (no commit) for longer than the window's idle_timeout (from
+#: the job's plan); when all are idle, the largest of theirs
+JOB_WATERMARKS_VIEW = """
+WITH ops AS (
+    SELECT j.job, 'window:' || (s ->> 'table') AS operator, s ->> 'stream' AS source,
+           (s -> 'key' -> 'window' ->> 'idle_timeout')::float8 AS idle_timeout
+      FROM pgstream.jobs j, jsonb_array_elements(j.plan -> 'sinks') s
+     WHERE s -> 'key' -> 'window' ? 'grace'
+), marks AS (
+    SELECT o.job, o.operator, (p.watermarks ->> o.operator)::float8 AS mark,
+           coalesce(o.idle_timeout IS NOT NULL
+                    AND coalesce(p.last_commit_at, p.created_at)
+                        < now() - make_interval(secs => o.idle_timeout), false) AS idle
+      FROM ops o JOIN pgstream.partitions p ON p.job = o.job AND p.source = o.source
+)
+SELECT job, operator,
+       CASE WHEN bool_and(idle) THEN to_timestamp(max(mark))
+            WHEN bool_or(mark IS NULL AND NOT idle) THEN NULL
+            ELSE to_timestamp(min(mark) FILTER (WHERE NOT idle)) END AS watermark,
+       count(*) AS partitions,
+       count(*) FILTER (WHERE idle) AS idle_partitions
+  FROM marks GROUP BY job, operator
+"""
+
+
 #: the views in creation order (each may read the ones before it)
 VIEWS: dict[str, str] = {
-    "partition_status": PARTITION_STATUS_VIEW,
+    "window_watermarks": WINDOW_WATERMARKS_VIEW,  # revision 0004
+    "job_watermarks": JOB_WATERMARKS_VIEW,
+    "partition_status": PARTITION_STATUS_VIEW,  # revision 0005
     "job_status": JOB_STATUS_VIEW,
 }
 

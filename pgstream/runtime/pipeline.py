@@ -33,11 +33,26 @@ from pgstream.sinks.upsert import UpsertSink
 from pgstream.sources.base import SourceRecord
 from pgstream.sources.raw import RawBatch
 from pgstream.state.store import KeyedState
+from pgstream.state.windows import WindowState
 from pgstream.usercode import describe_at, format_traceback, user_location
 
-__all__ = ["BatchOutput", "DeadLetter", "Pipeline", "payload_of"]
+__all__ = ["BatchOutput", "DeadLetter", "Pipeline", "new_states", "payload_of"]
 
 log = logging.getLogger("pgstream.pipeline")
+
+
+def new_states(app: App, source: str, partition: str) -> dict[str, KeyedState]:
+    """Empty operator states of ``source``'s ``partition``, by operator id: each fold's, and
+    each window's with a watermark (load them on takeover; verify replays from empty)."""
+    states: dict[str, KeyedState] = {}
+    for spec in app.sinks:
+        if spec.stream != source:
+            continue
+        if spec.kind == "fold":
+            states[spec.operator_id] = KeyedState(app.name, spec.operator_id, partition)
+        elif spec.window is not None and not spec.window.plain:
+            states[spec.operator_id] = WindowState(app.name, spec.operator_id, partition, source)
+    return states
 
 
 class Pipeline:
@@ -92,13 +107,16 @@ class Pipeline:
         carried = None
         if pending is not None:
             carried = {p.slot: pending.slots[p.slot] for p in self.plans if p.CARRIES_OVER}
-        return BatchOutput(
+        out = BatchOutput(
             source=self.source,
             partition=self.partition,
             slots=[p.new_slot() for p in self.plans],
             pending=carried or None,
             pushed=frozenset(p.slot for p in self.plans if in_sql and pushdown.in_sql(p)),
         )
+        for plan in self.plans:
+            plan.opened(out)
+        return out
 
     @property
     def per_record_output(self) -> bool:

@@ -150,6 +150,12 @@ def _append_shape(
 def _aggregate_shape(spec: SinkSpec, env: Env, conditions: list[sql.Composable]) -> Shape:
     key = spec.key
     assert key is not None
+    window = spec.window
+    if window is not None and not (window.plain and window.clock.unit == "s"):
+        raise NotPushable(
+            "its window has a grace, emit='final', hopping windows or time_unit (watermarks, "
+            "late records and final rows are kept in Python)"
+        )
     values: list[sql.Composable] = []
     if key.exprs is not None:
         values += [_resolve(e, env, "key_by") for e in key.exprs]

@@ -68,6 +68,11 @@ class Expectations:
     )
     #: (operator id, partition, JSON key) -> the state ``pgstream.state`` must hold
     states: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    #: window operator -> (source, partition, offset, seq, window start) -> (event time,
+    #: watermark) of the records ``pgstream.late_records`` must hold
+    late: dict[str, dict[tuple[str, str, int, int, float], tuple[float, float]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
 
 
 class SinkPlan(abc.ABC):
@@ -95,6 +100,10 @@ class SinkPlan(abc.ABC):
     @abc.abstractmethod
     def apply(self, staged: Any, offset: int, out: BatchOutput) -> None:
         """Add a staged contribution to ``out`` (never raises)."""
+
+    def opened(self, out: BatchOutput) -> None:  # noqa: B027 - an optional step
+        """A new batch output was created (``out.pending``: the previous batch's slots when
+        it has not committed yet): set up this plan's slot from what came before."""
 
     def kernels(self, source: str, partition: str) -> Kernels | None:
         """Fused loops doing :meth:`stage` + :meth:`apply` for a whole batch into this
@@ -439,6 +448,14 @@ def _append(spec: SinkSpec, sink: Any, states: dict[str, KeyedState]) -> SinkPla
 
 def _aggregate(spec: SinkSpec, sink: Any, states: dict[str, KeyedState]) -> SinkPlan:
     assert isinstance(sink, AggregateSink)
+    if spec.window is not None and not spec.window.plain:
+        # windows with a watermark: their own plan (which builds on this module's)
+        from pgstream.runtime.windowplan import WindowPlan
+        from pgstream.state.windows import WindowState
+
+        state = states[spec.operator_id]
+        assert isinstance(state, WindowState)
+        return WindowPlan(spec, sink, state)
     return AggregatePlan(spec, sink)
 
 

@@ -26,14 +26,13 @@ from pgstream.runtime.group import GroupWatcher
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import CommitCallback, Observers, WorkerObserver
-from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.pipeline import Pipeline, new_states
 from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
 from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
 from pgstream.sources.base import OpenContext, SourceError
-from pgstream.state.store import KeyedState
 
 log = logging.getLogger("pgstream.worker")
 
@@ -413,12 +412,9 @@ class Worker:
 
     def _start_task(self, lease: Lease) -> None:
         source = self.app.sources[lease.source]
-        states: dict[str, KeyedState] = {}
-        for spec in self.app.sinks:
-            if spec.kind == "fold" and spec.stream == lease.source:
-                state = KeyedState(self.app.name, spec.operator_id, lease.partition)
-                state.load(self.db.conn)
-                states[spec.operator_id] = state
+        states = new_states(self.app, lease.source, lease.partition)
+        for state in states.values():
+            state.load(self.db.conn)
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
         try:
             reader = source.open(lease.partition, OpenContext(self.dsn, pipeline.fields))

@@ -17,6 +17,7 @@ from pgstream.verify.compare import (
     compare_append,
     compare_dead,
     compare_fold,
+    compare_late,
     compare_states,
 )
 from pgstream.verify.expected import Expected
@@ -64,6 +65,7 @@ def verify_app(app: App, dsn: str, *, chunk: int = CHUNK) -> VerifyReport:
             )
         _compare_sinks(conn, app, expected, committed_of, report)
         compare_dead(dead_rows, expected, committed_of, report)
+        compare_late(conn, app, expected, committed_of, report)
         report.unchecked.extend(judge.notes(expected))
         if app.handlers:
             report.unchecked.append(

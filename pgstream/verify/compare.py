@@ -259,7 +259,8 @@ def compare_states(
         {
             s.operator_id
             for s in app.sinks
-            if s.kind == "fold" and s.table not in expected.unchecked_tables
+            if (s.kind == "fold" or (s.window is not None and s.window.emit == "final"))
+            and s.table not in expected.unchecked_tables
         }
     )
     if not operators:
@@ -285,7 +286,7 @@ def compare_states(
     for op, part, key in expected.plans.states.keys() - seen:
         report.violations.append(
             Violation("lost", "pgstream.state", "-", part, key=f"{op} {key}",
-                      detail="fold state missing")
+                      detail="operator state missing")
         )
 
 
@@ -319,4 +320,59 @@ def compare_dead(
             report.violations.append(
                 Violation("lost", sink, s, p, off, detail="the record fails in the operators "
                           "but has no dead letter")
+            )
+
+
+def compare_late(
+    conn: psycopg.Connection[Any],
+    app: App,
+    expected: Expected,
+    committed_of: dict[tuple[str, str], int | None],
+    report: VerifyReport,
+) -> None:
+    """``pgstream.late_records`` holds exactly the records the window rules call late (by the
+    replayed watermarks), each once, none at or above its partition's committed offset."""
+    want = expected.plans.late
+    checked = {
+        s.operator_id
+        for s in app.sinks
+        if s.window is not None and s.table not in expected.unchecked_tables
+    }
+    sink = "pgstream.late_records"
+    seen: dict[str, set[tuple[str, str, int, int, float]]] = defaultdict(set)
+    for op, src, part, off, seq, start, t, mark in conn.execute(
+        queries.VERIFY_LATE_RECORDS, {"job": app.name}
+    ):
+        if op not in checked:
+            continue
+        report.late_records += 1
+        key = (src, part, int(off), int(seq), start.timestamp())
+        committed = committed_of.get((src, part))
+        item = want.get(op, {}).get(key)
+        if item is None or key in seen[op]:
+            above = committed is None or off >= committed
+            why = "at or above the committed offset" if above else "for a record on time"
+            if item is not None:
+                why = "twice"
+            report.violations.append(
+                Violation("unexpected", sink, src, part, off,
+                          key=f"{op} window {show(start)}", detail=f"late record {why}")
+            )
+            continue
+        seen[op].add(key)
+        exp_t, exp_mark = item
+        if abs(t.timestamp() - exp_t) > 1e-3 or abs(mark.timestamp() - exp_mark) > 1e-3:
+            report.violations.append(
+                Violation("wrong-value", sink, src, part, off, key=f"{op} window {show(start)}",
+                          detail=f"event time/watermark {show(t)}/{show(mark)}, expected "
+                          f"{exp_t}/{exp_mark} (epoch s)")
+            )
+    for op, records in want.items():
+        if op not in checked:
+            continue
+        for key in records.keys() - seen[op]:
+            src, part, off, _seq, start = key
+            report.violations.append(
+                Violation("lost", sink, src, part, off, key=f"{op} window {start}",
+                          detail="the record is late by the window rules but has no late record")
             )

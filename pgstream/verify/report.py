@@ -59,6 +59,7 @@ class VerifyReport:
     append_rows: int = 0
     dead_letters: int = 0
     keyed_rows: int = 0
+    late_records: int = 0
     unchecked: list[str] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -85,6 +86,7 @@ class VerifyReport:
             f"verify {self.job}: {verdict}{' (' + kinds + ')' if kinds else ''}; "
             f"{self.partitions} partition(s), {self.records} records in {self.batches} batches, "
             f"{self.append_rows} append rows, {self.dead_letters} dead letters, "
+            f"{self.late_records} late records, "
             f"{self.keyed_rows} keyed rows checked in {self.elapsed:.2f}s"
         )
 
@@ -100,6 +102,7 @@ class VerifyReport:
             "append_rows": self.append_rows,
             "dead_letters": self.dead_letters,
             "keyed_rows": self.keyed_rows,
+            "late_records": self.late_records,
             "unchecked": self.unchecked,
             "elapsed": round(self.elapsed, 3),
             "violations": [v.as_dict() for v in self.violations],

@@ -13,9 +13,8 @@ import psycopg
 import psycopg.errors
 
 from pgstream.api import App
-from pgstream.runtime.pipeline import Pipeline
+from pgstream.runtime.pipeline import Pipeline, new_states
 from pgstream.sources.base import OpenContext, PartitionReader, Source, SourceError, SourceRecord
-from pgstream.state.store import KeyedState
 from pgstream.verify.expected import Expected
 from pgstream.verify.judge import PlanJudge
 from pgstream.verify.ledger import Partition, Segment, check_count, load_ledger, segments
@@ -106,11 +105,7 @@ class _Operators:
         self.app = app
         self.p = p
         self.sinks = sinks
-        self.states = {
-            spec.operator_id: KeyedState(app.name, spec.operator_id, p.partition)
-            for spec in app.sinks
-            if spec.kind == "fold" and spec.stream == p.source
-        }
+        self.states = new_states(app, p.source, p.partition)
         self._pipelines: dict[tuple[int, ...], Pipeline] = {}
 
     def only(self, indices: tuple[int, ...]) -> Pipeline:

@@ -92,3 +92,22 @@ def ps_ident(name: str) -> Any:
     from psycopg import sql
 
     return sql.Identifier(name)
+
+
+def test_event_time_windows_stay_in_python() -> None:
+    """Watermarks, late records and final rows are kept in Python: a window with grace,
+    emit="final", hopping windows or epoch milliseconds is never pushed down."""
+    windows: list[Any] = [
+        lambda k: k.window(ps.tumbling(seconds=60), time="ts", grace=10),
+        lambda k: k.window(ps.tumbling(seconds=60), time="ts", emit="final"),
+        lambda k: k.window(ps.hopping(seconds=60, every=10), time="ts"),
+        lambda k: k.window(ps.tumbling(seconds=60), time="ts", time_unit="ms"),
+    ]
+    for window in windows:
+        why = reason(lambda s, w=window: w(s.key_by("u")).aggregate(n=ps.count()).to_table("t"))
+        assert "kept in Python" in why
+    app = ps.App("x")
+    app.stream("s", TABLE).key_by("u").window(ps.tumbling(seconds=60), time="ts").aggregate(
+        n=ps.count()
+    ).to_table("t")
+    analyze(app.sinks[0], TABLE)  # a plain tumbling window still is pushed down
