@@ -231,6 +231,20 @@ VALUES (%(job)s, %(source)s, %(partition)s, %(start_offset)s, %(end)s, %(start)s
         %(plan_version)s)
 """
 
+# 5b. a range a source's reset policy skipped (on_lost), recorded once: a range an earlier
+# row already covers (a restart found the same loss again) is not recorded twice.
+RECORD_SKIP = """
+INSERT INTO pgstream.skipped_ranges (job, source, partition, from_offset, to_offset, reason,
+                                     detail, policy, epoch)
+SELECT %(job)s, %(source)s, %(partition)s, %(from)s, %(to)s, %(reason)s, %(detail)s,
+       %(policy)s, %(epoch)s
+ WHERE NOT EXISTS (SELECT 1 FROM pgstream.skipped_ranges s
+                    WHERE s.job = %(job)s AND s.source = %(source)s
+                      AND s.partition = %(partition)s
+                      AND s.from_offset <= %(from)s AND s.to_offset >= %(to)s)
+ON CONFLICT (job, source, partition, from_offset) DO NOTHING
+"""
+
 COPY_DEAD_LETTERS = """
 COPY pgstream.dead_letters (job, source, partition, "offset", payload, error, operator)
 FROM STDIN
@@ -363,7 +377,12 @@ SELECT p.job, p.source, p.partition, p.committed_offset, p.source_head,
        p.last_commit_at, p.owner, p.epoch, p.batches, p.records,
        COALESCE(p.lease_expires_at > now(), false) AS leased,
        (SELECT count(*) FROM pgstream.dead_letters d
-         WHERE d.job = p.job AND d.source = p.source AND d.partition = p.partition) AS dead
+         WHERE d.job = p.job AND d.source = p.source AND d.partition = p.partition) AS dead,
+       (SELECT count(*) FROM pgstream.skipped_ranges s
+         WHERE s.job = p.job AND s.source = p.source AND s.partition = p.partition) AS skips,
+       (SELECT COALESCE(sum(s.to_offset - s.from_offset), 0) FROM pgstream.skipped_ranges s
+         WHERE s.job = p.job AND s.source = p.source AND s.partition = p.partition)
+         AS skipped_offsets
   FROM pgstream.partitions p
  WHERE %(job)s::text IS NULL OR p.job = %(job)s
  ORDER BY p.job, p.source, p.partition
@@ -514,6 +533,10 @@ UPDATE pgstream.partitions
 
 ADMIN_DELETE_LEDGER = "DELETE FROM pgstream.batches WHERE job = %(job)s AND source = %(stream)s"
 
+ADMIN_DELETE_SKIPS = """
+DELETE FROM pgstream.skipped_ranges WHERE job = %(job)s AND source = %(stream)s
+"""
+
 ADMIN_DELETE_DEAD_LETTERS = """
 DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = %(stream)s
 """
@@ -569,6 +592,12 @@ VERIFY_LEDGER = """
 SELECT start_offset, end_offset, records_in, plan_version FROM pgstream.batches
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
  ORDER BY start_offset, end_offset
+"""
+
+VERIFY_SKIPS = """
+SELECT source, partition, from_offset, to_offset, reason, detail, policy, skipped_at
+  FROM pgstream.skipped_ranges WHERE job = %(job)s
+ ORDER BY source, partition, from_offset
 """
 
 VERIFY_STATES = """

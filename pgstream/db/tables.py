@@ -197,3 +197,30 @@ workers = Table(
     Column("heartbeat_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("job", "worker", name="workers_pkey"),
 )
+
+# Ranges [from_offset, to_offset) of a partition that a source's reset policy (on_lost)
+# skipped because the broker no longer held them; written in the batch transaction that
+# covers from_offset, reported by verify ("skipped by policy") and status.
+skipped_ranges = Table(
+    "skipped_ranges",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("from_offset", BigInteger, nullable=False),
+    Column("to_offset", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("policy", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("skipped_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "source", "partition", "from_offset", name="skipped_ranges_pkey"),
+    CheckConstraint("to_offset > from_offset", name="skipped_ranges_nonempty"),
+    ForeignKeyConstraint(
+        ["job", "source", "partition"],
+        ["pgstream.partitions.job", "pgstream.partitions.source", "pgstream.partitions.partition"],
+        name="skipped_ranges_partition_fkey",
+        ondelete="CASCADE",
+        onupdate="CASCADE",
+    ),
+)

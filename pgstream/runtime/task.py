@@ -171,9 +171,22 @@ class PartitionTask:
             end=end,
             head=self.head,
             plan_version=self.plan_version,
+            skips=tuple(self.reader.skips(start, end)),
         )
         self.committer.commit(out, rng)
         self._committed(out, end)
+        self._skipped(rng)
+
+    def _skipped(self, rng: BatchRange) -> None:
+        """After the commit: warn of the ranges the source's reset policy skipped."""
+        self.reader.forget_skips(rng.end)
+        for skip in rng.skips:
+            log.warning(
+                "%s/%s: offsets [%d, %d) are gone from the source (%s: %s); skipped by "
+                "on_lost=%r and recorded in pgstream.skipped_ranges",
+                self.source, self.partition, skip.start, skip.end, skip.reason, skip.detail,
+                skip.policy,
+            )
 
     def _committed(self, out: BatchOutput, end: int) -> None:
         self.pipeline.committed(out)

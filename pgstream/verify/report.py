@@ -60,6 +60,8 @@ class VerifyReport:
     dead_letters: int = 0
     keyed_rows: int = 0
     unchecked: list[str] = field(default_factory=list)
+    #: ranges a source's reset policy skipped (``pgstream.skipped_ranges``): not violations
+    skipped: list[str] = field(default_factory=list)
     elapsed: float = 0.0
 
     @property
@@ -86,6 +88,7 @@ class VerifyReport:
             f"{self.partitions} partition(s), {self.records} records in {self.batches} batches, "
             f"{self.append_rows} append rows, {self.dead_letters} dead letters, "
             f"{self.keyed_rows} keyed rows checked in {self.elapsed:.2f}s"
+            + (f"; {len(self.skipped)} range(s) skipped by policy" if self.skipped else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -101,6 +104,7 @@ class VerifyReport:
             "dead_letters": self.dead_letters,
             "keyed_rows": self.keyed_rows,
             "unchecked": self.unchecked,
+            "skipped": self.skipped,
             "elapsed": round(self.elapsed, 3),
             "violations": [v.as_dict() for v in self.violations],
         }
