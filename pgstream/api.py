@@ -80,6 +80,7 @@ class App:
         lease_seconds: float | None = None,
         on_error: OnError | None = None,
         max_sink_rejections: int | None = None,
+        max_retries: int | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
@@ -92,6 +93,7 @@ class App:
             lease_seconds=lease_seconds,
             on_error=on_error,
             max_sink_rejections=max_sink_rejections,
+            max_retries=max_retries,
         )
         self.settings.validate()
         self.sources: dict[str, Source] = {}

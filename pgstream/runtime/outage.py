@@ -2,7 +2,7 @@
 
 A broker that cannot be reached (:class:`~pgstream.sources.base.SourceUnreachable`: down,
 restarting, network cut) is not a reason to stop the job. The partition's task closes its
-reader, waits (exponential back-off with jitter, 0.2 s doubling up to 5 s: tenacity's
+reader, waits (exponential back-off with jitter, 0.1 s doubling up to 5 s: tenacity's
 ``wait_exponential``), opens a new reader and reads again from its committed position, so
 the job resumes exactly once when the broker is back. Other partitions go on meanwhile, and
 the lease is renewed as usual. After ``Settings.max_retries`` failures in a row the worker
@@ -62,7 +62,7 @@ class SourceOutage:
                 f"{self.where}: the source could not be reached for {now - self._since:.0f}s "
                 f"({self.max_retries} retries): {first}",
                 hint="start the broker (or fix the network) and run again: the job resumes "
-                "at its committed offset; App(max_retries=...) sets how long it waits",
+                "at its committed offset; ps.App(..., max_retries=N) sets how often it reconnects",
             ) from exc
         delay = float(_WAIT(_Attempt(self.failures)))  # type: ignore[arg-type]
         self.retry_at = now + delay

@@ -10,9 +10,11 @@ What happens is told to a :class:`~pgstream.runtime.observers.WorkerObserver`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgstream.config import Settings
@@ -25,11 +27,12 @@ from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import WorkerObserver
+from pgstream.runtime.outage import SourceOutage
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
 from pgstream.runtime.poison import PoisonGuard
 from pgstream.runtime.readahead import ReadAhead
 from pgstream.runtime.reading import BatchReader
-from pgstream.sources.base import PartitionReader, SourceRecord
+from pgstream.sources.base import PartitionReader, SourceRecord, SourceUnreachable
 
 log = logging.getLogger("pgstream.task")
 
@@ -61,6 +64,7 @@ class PartitionTask:
         settings: Settings,
         plan_version: int,
         observer: WorkerObserver | None = None,
+        reopen: Callable[[], PartitionReader] | None = None,
     ) -> None:
         self.job = job
         self.plan_version = plan_version
@@ -81,6 +85,10 @@ class PartitionTask:
         self.sizer = BatchSizer(settings, per_record_output=pipeline.per_record_output)
         self.input = BatchReader(reader, pipeline, self.sizer, settings, where)
         self.ahead = ReadAhead(where)
+        #: opens a new reader after the source's server went away (None: keep this one)
+        self.reopen = reopen
+        self.outage = SourceOutage(settings.max_retries, where)
+        self._reopen_next = False
         self.committer = BatchCommitter(db, leases, pipeline, settings, self._before_retry)
         self.rejections = SinkRejections(
             pipeline, db, settings, where, self._commit, self._set_aside
@@ -108,7 +116,36 @@ class PartitionTask:
         While a batch commits (the database's work), the next one is read and evaluated on a
         helper thread (Python's work), so the two overlap. The helper never touches the
         checkpoint connection; it is used only if the batch before it committed as evaluated.
+
+        A source whose server cannot be reached (:class:`SourceUnreachable`) is retried with
+        back-off through a new reader (:mod:`pgstream.runtime.outage`); meanwhile this returns
+        0 and nothing is committed.
         """
+        if self.outage.waiting():
+            return 0
+        try:
+            if self._reopen_next and self.reopen is not None:
+                self._reopen_next = False
+                self.input.reader = self.reopen()
+            done = self._poll()
+        except SourceUnreachable as exc:
+            self._unreachable(exc)
+            return 0
+        self.outage.recovered()
+        return done
+
+    def _unreachable(self, exc: SourceUnreachable) -> None:
+        """The source went away: drop the read-ahead and the reader, back off (or give up)."""
+        self.ahead.cancel()
+        with contextlib.suppress(Exception):  # best effort: the server is gone
+            self.leases.forgive_attempt(self.db.conn, self.lease)
+        self.outage.failed(exc)
+        if self.reopen is not None:
+            with contextlib.suppress(Exception):
+                self.input.reader.close()
+            self._reopen_next = True
+
+    def _poll(self) -> int:
         batch, out = self._next()
         self.head = batch.head
         if batch.end == self.position:

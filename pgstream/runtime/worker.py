@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -25,13 +26,14 @@ from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import CommitCallback, Observers, WorkerObserver
+from pgstream.runtime.outage import UnreachableReader
 from pgstream.runtime.pipeline import Pipeline
 from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
 from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
-from pgstream.sources.base import OpenContext, SourceError
+from pgstream.sources.base import OpenContext, PartitionReader, SourceError, SourceUnreachable
 from pgstream.state.store import KeyedState
 
 log = logging.getLogger("pgstream.worker")
@@ -312,6 +314,8 @@ class Worker:
 
     def _caught_up(self) -> bool:
         """Nothing was safely readable on any owned partition and none is left to claim."""
+        if any(t.outage.down for t in self.tasks.values()):
+            return False  # a source that went away may hold more when it is back
         owned = set(self.tasks)
         self._maintain(discover=True)
         if not set(self.tasks) <= owned:
@@ -370,8 +374,12 @@ class Worker:
                 state.load(self.db.conn)
                 states[spec.operator_id] = state
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
+        reopen = functools.partial(source.open, lease.partition, OpenContext(self.dsn))
+        reader: PartitionReader
         try:
-            reader = source.open(lease.partition, OpenContext(self.dsn))
+            reader = reopen()
+        except SourceUnreachable as exc:
+            reader = UnreachableReader(exc)  # the task retries it with back-off
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
@@ -393,6 +401,7 @@ class Worker:
             settings=self.settings,
             plan_version=self._version(),
             observer=self.observer,
+            reopen=reopen,
         )
         self.observer.claimed(lease)
 
