@@ -9,6 +9,10 @@ Create Date: 2026-11-29
   held it (retention, trimming, deleted messages). Written in the batch transaction that
   covers ``from_offset`` (so exactly once and fenced like the batch), read by ``verify``
   ("skipped by policy") and ``status``. Goes with its partition row (cascade).
+* ``partitions.source_instance``: which instance of the stream the committed offsets belong
+  to (a Kafka topic id, a NATS stream's creation time), recorded by the batch transaction; a
+  recreated topic or stream (another instance) is refused even when it has grown past the
+  committed offset. NULL before this revision and for sources without an instance id.
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ SCHEMA = "pgstream"
 
 
 def upgrade() -> None:
-    """Create skipped_ranges."""
+    """Create skipped_ranges and partitions.source_instance."""
+    op.add_column(
+        "partitions", sa.Column("source_instance", sa.Text(), nullable=True), schema=SCHEMA
+    )
     op.create_table(
         "skipped_ranges",
         sa.Column("job", sa.Text(), nullable=False),
@@ -60,5 +67,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop skipped_ranges."""
+    """Drop them."""
     op.drop_table("skipped_ranges", schema=SCHEMA)
+    op.drop_column("partitions", "source_instance", schema=SCHEMA)

@@ -57,7 +57,7 @@ UPDATE pgstream.partitions AS p
        lease_expires_at = now() + make_interval(secs => %(lease)s)
  WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
    AND ({_OWNER_GONE})
-RETURNING p.epoch, p.committed_offset, p.attempts
+RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance
 """
 
 # A stuck owner: its lease has expired (as committed) and its session has held one
@@ -213,7 +213,8 @@ UPDATE pgstream.partitions
        source_head = %(head)s,
        batches = batches + 1,
        records = records + %(records)s,
-       attempts = 0
+       attempts = 0,
+       source_instance = COALESCE(%(instance)s, source_instance)
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
    AND epoch = %(epoch)s AND committed_offset IS NOT DISTINCT FROM %(start)s
    AND EXISTS (SELECT 1 FROM pgstream.jobs j
@@ -527,7 +528,8 @@ UPDATE pgstream.plan_versions SET plan = %(plan)s, fingerprint = %(fingerprint)s
 ADMIN_RESET_PARTITIONS = f"""
 UPDATE pgstream.partitions
    SET committed_offset = NULL, watermark = NULL, source_head = NULL, last_commit_at = NULL,
-       batches = 0, records = 0, attempts = 0, source_identity = NULL, {_FENCE}
+       batches = 0, records = 0, attempts = 0, source_identity = NULL, source_instance = NULL,
+       {_FENCE}
  WHERE job = %(job)s AND source = %(stream)s
 """
 

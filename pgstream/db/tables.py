@@ -55,6 +55,10 @@ partitions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # what the stream read when this row was created (Source.identity); NULL before 0002
     Column("source_identity", Text, nullable=True),
+    # which instance of the stream the committed offsets belong to (a Kafka topic id, a NATS
+    # stream's creation time; PartitionReader.instance), set by the first batch; NULL before
+    # 0003 or for sources without one. A reader that finds another instance stops the job.
+    Column("source_instance", Text, nullable=True),
     PrimaryKeyConstraint("job", "source", "partition", name="partitions_pkey"),
     postgresql_with={"fillfactor": "50"},
 )

@@ -63,6 +63,7 @@ class BatchRange:
     head: int | None
     plan_version: int  # the job's plan version this worker runs (see pgstream.runtime.jobcheck)
     skips: tuple[Skip, ...] = ()  # ranges the source's reset policy skipped in [start, end)
+    instance: str | None = None  # the stream instance read (PartitionReader.instance)
 
     def key(self) -> dict[str, Any]:
         """Parameters naming the partition."""
@@ -143,6 +144,7 @@ def _fence(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, lease: f
             "head": rng.head,
             "records": out.records_in,
             "plan_version": rng.plan_version,
+            "instance": rng.instance,
         },
     ).fetchone()
     if row is None:

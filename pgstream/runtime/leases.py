@@ -30,6 +30,7 @@ class Lease:
     epoch: int
     committed_offset: int | None
     attempts: int
+    source_instance: str | None = None  # the stream instance its offsets belong to
 
 
 class LeaseManager:
@@ -100,7 +101,7 @@ class LeaseManager:
         ).fetchone()
         if row is None:
             return None
-        return Lease(source, partition, row[0], row[1], row[2])
+        return Lease(source, partition, row[0], row[1], row[2], row[3])
 
     def renew(self, conn: psycopg.Connection[Any], lease: Lease) -> bool:
         """Extend a lease (and re-announce this session); False if it was lost."""

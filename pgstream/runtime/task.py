@@ -32,7 +32,7 @@ from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload
 from pgstream.runtime.poison import PoisonGuard
 from pgstream.runtime.readahead import ReadAhead
 from pgstream.runtime.reading import BatchReader
-from pgstream.sources.base import PartitionReader, SourceRecord, SourceUnreachable
+from pgstream.sources.base import PartitionReader, SourceError, SourceRecord, SourceUnreachable
 
 log = logging.getLogger("pgstream.task")
 
@@ -89,6 +89,8 @@ class PartitionTask:
         self.reopen = reopen
         self.outage = SourceOutage(settings.max_retries, where)
         self._reopen_next = False
+        self._instance: str | None = lease.source_instance  # as committed
+        self._instance_checked = False  # for the current reader
         self.committer = BatchCommitter(db, leases, pipeline, settings, self._before_retry)
         self.rejections = SinkRejections(
             pipeline, db, settings, where, self._commit, self._set_aside
@@ -127,12 +129,31 @@ class PartitionTask:
             if self._reopen_next and self.reopen is not None:
                 self._reopen_next = False
                 self.input.reader = self.reopen()
+                self._instance_checked = False
             done = self._poll()
         except SourceUnreachable as exc:
             self._unreachable(exc)
             return 0
         self.outage.recovered()
         return done
+
+    def _check_instance(self) -> None:
+        """Refuse a recreated stream: the reader's instance differs from the one the
+        committed offsets belong to (on_lost does not apply: the offsets mean other records)."""
+        found = self.reader.instance()
+        self._instance_checked = True
+        if found is None or self._instance is None or found == self._instance:
+            self._instance = found or self._instance
+            return
+        if self.committed is None:
+            self._instance = found
+            return
+        raise SourceError(
+            f"{self.source}/{self.partition}: the stream was recreated: it is now {found}, the "
+            f"job's committed offset {self.committed} belongs to {self._instance}; fix: if the "
+            f"new stream is meant, start it over with pgstream job reset MODULE:APP --stream "
+            f"{self.source} --yes (on_lost does not apply)"
+        )
 
     def _unreachable(self, exc: SourceUnreachable) -> None:
         """The source went away: drop the read-ahead and the reader, back off (or give up)."""
@@ -197,6 +218,8 @@ class PartitionTask:
         self._commit(out, start, end)
 
     def _commit(self, out: BatchOutput, start: int, end: int) -> None:
+        if not self._instance_checked:  # once per reader, before its first commit
+            self._check_instance()
         rng = BatchRange(
             job=self.job,
             source=self.source,
@@ -209,6 +232,7 @@ class PartitionTask:
             head=self.head,
             plan_version=self.plan_version,
             skips=tuple(self.reader.skips(start, end)),
+            instance=self._instance,
         )
         self.committer.commit(out, rng)
         self._committed(out, end)

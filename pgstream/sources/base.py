@@ -154,6 +154,12 @@ class PartitionReader(abc.ABC):
         """The exclusive end offset of everything the source holds now (for lag), if known."""
         return None
 
+    def instance(self) -> str | None:
+        """Which instance of the stream this reader reads (a Kafka topic id, a NATS stream's
+        creation time), if the source has such a thing: a different one than the committed
+        offsets belong to means the stream was recreated."""
+        return None
+
     def skips(self, start: int, end: int) -> list[Skip]:
         """Ranges starting in ``[start, end)`` that a reset policy skipped (see :class:`Skip`);
         the batch that covers them records them in its transaction."""

@@ -124,6 +124,16 @@ class KafkaSource(Source):
             **self.config,
         }
 
+    def admin_config(self) -> dict[str, Any]:
+        """The librdkafka settings of the admin client that reads the topic id: the
+        bootstrap servers and the connection settings (security, SASL, SSL, client id)."""
+        keep = ("security.", "sasl.", "ssl.", "client.id", "socket.")
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": log,
+            **{k: v for k, v in self.config.items() if k.startswith(keep)},
+        }
+
     def single_partition(self) -> bool:
         """A topic may have (and gain) several partitions."""
         return False
@@ -193,6 +203,7 @@ class KafkaReader(PartitionReader):
         self.where = f"Kafka topic {source.topic!r} partition {partition}"
         self._kafka = _kafka()
         self._down: str | None = None  # a lost connection librdkafka told of (error_cb)
+        self._topic_id: str | None = None  # "" once known to be unknown
         config = source.consumer_config()
         config.setdefault("error_cb", self._on_error)
         self._consumer = self._kafka.Consumer(config)
@@ -202,6 +213,31 @@ class KafkaReader(PartitionReader):
         self._pending: list[Any] = []  # messages read while positioning, not returned yet
         self._floor = 0  # after a skip: a read from the committed offset ends at least here
         self._log = SkipLog()
+
+    def instance(self) -> str | None:
+        """``topic id <id>`` (a recreated topic has a new one), asked of the broker once per
+        reader; None when the broker does not tell topic ids."""
+        if self._topic_id is None:
+            self._topic_id = self._describe_topic_id()
+        return self._topic_id or None
+
+    def _describe_topic_id(self) -> str:
+        import confluent_kafka.admin
+
+        admin = confluent_kafka.admin.AdminClient(self.source.admin_config())
+        topics = self._kafka.TopicCollection([self.source.topic])
+        try:
+            futures = admin.describe_topics(topics, request_timeout=self.source.timeout)
+            found = futures[self.source.topic].result(self.source.timeout)
+        except self._kafka.KafkaException as exc:
+            error = exc.args[0]
+            if self._is_missing(error):
+                raise SourceError(f"{self.where} does not exist any more") from None
+            if hasattr(error, "code") and error.code() in self._unreachable_codes():
+                raise SourceUnreachable(f"cannot describe {self.where}: {error}") from None
+            return ""  # the broker cannot describe topics: no instance check
+        topic_id = getattr(found, "topic_id", None)
+        return f"topic id {topic_id}" if topic_id is not None else ""
 
     def _on_error(self, err: Any) -> None:
         """librdkafka's error callback: notes a lost connection. librdkafka keeps reconnecting
@@ -266,6 +302,8 @@ class KafkaReader(PartitionReader):
                 self._raise(err, start)
             self._next = start
             return
+        if self._down is not None:  # the broker went away while positioning
+            raise SourceUnreachable(f"cannot read {self.where}: {self._down}")
         self._past_end(start, high)
 
     def _skip_to(self, start: int, low: int, high: int) -> None:

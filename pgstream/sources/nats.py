@@ -209,6 +209,7 @@ class NatsReader(PartitionReader):
         self._next = -1  # the sequence the open consumer delivers next
         self._lock: asyncio.Lock | None = None
         self._log = SkipLog()
+        self._created: str | None = None  # the stream's creation time (its instance)
         try:
             self._loop.run(self._connect(), self._timeout)
         except BaseException:
@@ -249,6 +250,7 @@ class NatsReader(PartitionReader):
                 f"{self.where} does not exist; fix: create it (nats stream add "
                 f"{self.source.stream}) or correct the name given to NatsSource"
             ) from None
+        self._created = str(info.created) if info.created is not None else None
         return int(info.state.first_seq), int(info.state.last_seq)
 
     async def _read(self, start: int, max_records: int) -> JsonPayloads:
@@ -311,6 +313,12 @@ class NatsReader(PartitionReader):
                     return values[:i], seqs[:i], head
             expected = seq + 1
         return values, seqs, None
+
+    def instance(self) -> str | None:
+        """``stream created <time>``: a recreated stream has another creation time."""
+        if self._created is None:
+            self.head()  # reads the stream's info
+        return None if self._created is None else f"stream created {self._created}"
 
     def skips(self, start: int, end: int) -> list[Skip]:
         """The ranges the ``on_lost`` policy skipped from ``[start, end)``."""

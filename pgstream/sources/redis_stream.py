@@ -22,7 +22,8 @@ instant, and fails loudly (:class:`SourceError`) when entries the job has not re
   stops too; keep MAXLEN/MINID behind the job's lag.
 * deleted (``XDEL``): Redis records the largest id it ever deleted (``max-deleted-entry-id``,
   Redis >= 7); at or above the committed offset means an unread entry was deleted.
-* recreated: the committed id is above the stream's last id.
+* recreated: the committed id is above the stream's last id, or the last entry the job read
+  is missing from a stream that never lost an entry (``entries-added`` equals its length).
 
 ``on_lost="earliest"`` continues after trimmed entries at the stream's first entry (skipping
 ``[committed, first)``) and accepts deleted ones (recording ``[committed, largest deleted
@@ -251,6 +252,13 @@ class RedisStreamReader(PartitionReader):
             return last + 1, None
         first = info.get("first-entry")
         gone = last >= start if not first else id_to_offset(first[0]) >= start
+        if gone and _never_shrank(info):
+            raise SourceError(
+                f"{self.where}: the last entry the job read (before {offset_to_id(start)}) was "
+                "never in this stream: nothing was ever trimmed or deleted from it, so the key "
+                "was deleted and recreated; fix: reset the job's offsets if the new stream is "
+                "meant (pgstream job reset MODULE:APP --stream S --yes; on_lost does not apply)"
+            )
         if gone:
             now = f"now starts at {_text(first[0])}" if first else "is now empty"
             if self.source.on_lost == "error":
@@ -343,6 +351,13 @@ def _check_deleted(where: str, start: int, deleted: Any) -> None:
             "has read, reset the job's offsets, or opt into RedisStreamSource(..., "
             "on_lost='earliest' or 'latest')"
         )
+
+
+def _never_shrank(info: dict[Any, Any]) -> bool:
+    """Whether no entry was ever trimmed or deleted from the stream (Redis >= 7 counts every
+    entry added; an unknown count says nothing)."""
+    added = info.get("entries-added")
+    return added is not None and int(added) == int(info.get("length", -1))
 
 
 def _text(value: Any) -> str:

@@ -168,6 +168,21 @@ def test_redis_recreated_stream_stops_the_job_whatever_the_policy(
     assert skips(pg_conn) == []
 
 
+def test_redis_recreated_stream_with_newer_ids_is_refused_not_skipped(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+) -> None:
+    bj.setup(tmp_path, pg_conn, rstream.source("earliest"))
+    rstream.add(bj.payloads(0, 20))
+    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    rstream.client.delete(rstream.key)
+    rstream.add(bj.payloads(20, 30))  # new ids (later milliseconds) past the committed id
+    done = bj.run_idle(tmp_path, pg_dsn)
+    assert done.returncode != 0
+    assert "was never in this stream" in done.stderr and "recreated" in done.stderr
+    assert skips(pg_conn) == []
+    bj.check_sinks(pg_conn, list(range(20)), bad=0)
+
+
 # -- NATS JetStream ------------------------------------------------------------------------------
 
 
@@ -272,3 +287,22 @@ def test_nats_default_policy_still_stops_with_the_fix_named(
     assert "committed sequence 11 are gone" in done.stderr
     assert "on_lost='earliest' or 'latest'" in done.stderr
     assert skips(pg_conn) == []
+
+
+def test_nats_recreated_stream_grown_past_the_committed_sequence_is_refused(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nstream: NatsStream
+) -> None:
+    bj.setup(tmp_path, pg_conn, nstream.source("earliest"))
+    nstream.call("publish", bj.payloads(0, 10))
+    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    assert bj.committed(pg_conn) == 11
+    stored = pg_conn.execute("SELECT source_instance FROM pgstream.partitions").fetchone()
+    assert stored is not None and str(stored[0]).startswith("stream created ")
+    nstream.call("delete_stream", nstream.name)
+    nstream.call("add_stream", name=nstream.name, subjects=[f"{nstream.name}.>"])
+    nstream.call("publish", bj.payloads(100, 20))  # sequences 1..20: past 11
+    done = bj.run_idle(tmp_path, pg_dsn)
+    assert done.returncode != 0
+    assert "the stream was recreated: it is now stream created" in done.stderr, done.stderr
+    assert "committed offset 11 belongs to" in done.stderr
+    bj.check_sinks(pg_conn, list(range(10)), bad=0)
