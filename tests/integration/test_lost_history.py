@@ -306,3 +306,15 @@ def test_nats_recreated_stream_grown_past_the_committed_sequence_is_refused(
     assert "the stream was recreated: it is now stream created" in done.stderr, done.stderr
     assert "committed offset 11 belongs to" in done.stderr
     bj.check_sinks(pg_conn, list(range(10)), bad=0)
+    # the fix the error names: start the stream over (its instance is forgotten too)
+    reset = bj.pgstream(
+        tmp_path, pg_dsn, "job", "reset", "brokerapp:app", "--stream", "events",
+        "--delete-outputs", "--yes",
+    )
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+    done = bj.run_idle(tmp_path, pg_dsn)
+    assert done.returncode == 0, done.stderr
+    ids = pg_conn.execute("SELECT id FROM facts ORDER BY id").fetchall()
+    assert [i for (i,) in ids] == list(range(100, 120))
+    now = pg_conn.execute("SELECT source_instance FROM pgstream.partitions").fetchone()
+    assert now is not None and now[0] != stored[0] and skips(pg_conn) == []
