@@ -154,6 +154,12 @@ class PartitionReader(abc.ABC):
         """The exclusive end offset of everything the source holds now (for lag), if known."""
         return None
 
+    def retained_from(self) -> int | None:
+        """The first offset the source still holds, for sources that drop old records
+        (broker retention, trimming); None when it keeps everything. ``verify`` cannot
+        re-read below it."""
+        return None
+
     def instance(self) -> str | None:
         """Which instance of the stream this reader reads (a Kafka topic id, a NATS stream's
         creation time), if the source has such a thing: a different one than the committed

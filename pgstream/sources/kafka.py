@@ -214,6 +214,10 @@ class KafkaReader(PartitionReader):
         self._floor = 0  # after a skip: a read from the committed offset ends at least here
         self._log = SkipLog()
 
+    def retained_from(self) -> int | None:
+        """The partition's earliest retained offset."""
+        return self._watermarks()[0]
+
     def instance(self) -> str | None:
         """``topic id <id>`` (a recreated topic has a new one), asked of the broker once per
         reader; None when the broker does not tell topic ids."""

@@ -314,6 +314,15 @@ class NatsReader(PartitionReader):
             expected = seq + 1
         return values, seqs, None
 
+    def retained_from(self) -> int | None:
+        """The stream's first retained sequence."""
+        try:
+            return self._loop.run(self._state(), self._timeout)[0]
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise self._failed("reading the stream's state", exc) from exc
+
     def instance(self) -> str | None:
         """``stream created <time>``: a recreated stream has another creation time."""
         if self._created is None:

@@ -291,6 +291,12 @@ class RedisStreamReader(PartitionReader):
             self._log.add(Skip(start, to, reason, detail, self.source.on_lost))
         return last + 1 if self.source.on_lost == "latest" else None
 
+    def retained_from(self) -> int | None:
+        """The offset of the stream's first entry (after its last id when it is empty)."""
+        info = self.info()
+        first = info.get("first-entry")
+        return id_to_offset(first[0]) if first else id_to_offset(info["last-generated-id"]) + 1
+
     def skips(self, start: int, end: int) -> list[Skip]:
         """The ranges the ``on_lost`` policy skipped from ``[start, end)``."""
         return self._log.within(start, end)

@@ -111,6 +111,12 @@ def test_redis_trimmed_unread_entries_earliest_goes_on_at_the_first_entry(
     # a rerun finds nothing new and records nothing twice
     assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
     assert len(skips(pg_conn)) == 1
+    # verify: what the stream still holds is checked, what it lost is not (and not "lost")
+    out = verify_clean(tmp_path, pg_dsn)
+    assert f"events/0 offsets [0, {committed}): the source no longer holds them" in out
+    assert "per_user: records of events/0 before offset" in out
+    assert f"skipped by policy: events/0 offsets [{committed}, {offsets[50]})" in out
+    assert "verify brokers: clean;" in out and ", 50 records in" in out
 
 
 def test_redis_deleted_unread_entries_earliest_is_exact_and_verify_says_skipped(
@@ -238,6 +244,9 @@ def test_nats_max_msgs_earliest_goes_on_at_the_first_retained_message(
     bj.check_sinks(pg_conn, list(range(100)) + list(range(150, 200)), bad=0)
     assert skips(pg_conn) == [(101, 151, "retention", "earliest")]
     assert bj.committed(pg_conn) == 201
+    out = verify_clean(tmp_path, pg_dsn)
+    assert "events/0 offsets [0, 101): the source no longer holds them" in out
+    assert "skipped by policy: events/0 offsets [101, 151)" in out
 
 
 def test_nats_deleted_messages_inside_a_range_earliest_and_verify(
