@@ -277,7 +277,7 @@ class KafkaReader(PartitionReader):
         """Assign the consumer at ``start``, failing if records from ``start`` on are gone."""
         self._eof, self._pending, self._floor = None, [], 0
         low, high = self._watermarks()
-        if start <= 0:
+        if start <= 0 or start == low:  # nothing before the log start to check against
             self._consumer.assign([self._tp(max(0, low))])
             self._next = start
             return

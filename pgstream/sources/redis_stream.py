@@ -251,7 +251,8 @@ class RedisStreamReader(PartitionReader):
         if start <= 0:
             return last + 1, None
         first = info.get("first-entry")
-        gone = last >= start if not first else id_to_offset(first[0]) >= start
+        # the entry at ``start`` itself (the first unread one) may be the first: nothing lost
+        gone = last >= start if not first else id_to_offset(first[0]) > start
         if gone and _never_shrank(info):
             raise SourceError(
                 f"{self.where}: the last entry the job read (before {offset_to_id(start)}) was "
