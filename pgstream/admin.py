@@ -345,6 +345,7 @@ def reset(
         p = {"job": job, "stream": stream}
         outcome.add(f"reset stream {stream!r} of job {job!r}: the next run reads it from the start")
         ledger = _rowcount(cur, queries.ADMIN_DELETE_LEDGER, p)
+        _rowcount(cur, queries.ADMIN_DELETE_SKIPS, p)
         _rowcount(cur, queries.ADMIN_RESET_PARTITIONS, p)
         keep = list(app.sources[stream].partitions(conn))
         _rowcount(cur, queries.ADMIN_DELETE_GONE_PARTITIONS, {**p, "keep": keep})

@@ -84,6 +84,7 @@ class App:
         on_error: OnError | None = None,
         max_sink_rejections: int | None = None,
         pushdown: bool | None = None,
+        max_retries: int | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise ConfigError("App needs a non-empty job name, e.g. ps.App('shop')")
@@ -97,6 +98,7 @@ class App:
             on_error=on_error,
             max_sink_rejections=max_sink_rejections,
             pushdown=pushdown,
+            max_retries=max_retries,
         )
         self.settings.validate()
         self.sources: dict[str, Source] = {}

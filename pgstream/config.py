@@ -26,7 +26,8 @@ class Settings:
     * ``on_error``: ``"dead_letter"`` sends a failing record to ``pgstream.dead_letters``
       in the batch transaction; ``"fail"`` stops the worker without committing it.
     * ``max_retries``: attempts for a batch hitting transient database errors before the
-      worker stops with the last error.
+      worker stops with the last error; also the reconnects to a broker source that went
+      away (back-off 0.1 s doubling up to 5 s) before the worker stops.
     * ``max_record_attempts``: a batch whose worker died this many times in a row is split
       down to single records and a record that still kills the worker is dead-lettered.
     * ``max_sink_rejections``: when the database rejects a batch's sink rows, its first
@@ -66,6 +67,8 @@ class Settings:
             raise ConfigError(f"target_latency must be > 0, got {self.target_latency}")
         if self.max_interval < 0 or self.poll_interval <= 0:
             raise ConfigError("max_interval must be >= 0 and poll_interval > 0")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.lease_seconds < 1:
             raise ConfigError(f"lease_seconds must be >= 1, got {self.lease_seconds}")
         if self.max_sink_rejections < 0 or self.max_sink_rejections == 1:

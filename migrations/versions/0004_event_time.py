@@ -1,7 +1,7 @@
 """Event time: per-operator watermarks in the partition row, late records, watermark views.
 
 Revision ID: 0004_event_time
-Revises: 0002_job_identity
+Revises: 0003_source_skips
 Create Date: 2026-11-29
 
 * ``partitions.watermarks``: per window operator (``window:<table>``) the partition's
@@ -22,7 +22,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0004_event_time"
-down_revision: str | Sequence[str] | None = "0002_job_identity"
+down_revision: str | Sequence[str] | None = "0003_source_skips"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

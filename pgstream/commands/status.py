@@ -28,6 +28,8 @@ COLUMNS = (
     "lease_expires_at",
     "watermark",
     "last_commit_age",
+    "skipped_ranges",
+    "skipped_offsets",
 )
 
 
@@ -200,6 +202,18 @@ def _print_table(items: list[dict[str, Any]]) -> None:
         console = Console(width=160)
     console.print(table)
     _print_holders(items)
+    _print_skips(items)
+
+
+def _print_skips(items: list[dict[str, Any]]) -> None:
+    """Below the table: partitions where a reset policy (``on_lost``) skipped lost ranges."""
+    for it in items:
+        if it.get("skipped_ranges"):
+            click.echo(
+                f"{it['job']} {it['source']}/{it['partition']}: {it['skipped_ranges']} range(s), "
+                f"{it['skipped_offsets']} offset(s) skipped by policy (the source no longer held "
+                "them; see pgstream.skipped_ranges and pgstream verify)"
+            )
 
 
 def _print_holders(items: list[dict[str, Any]]) -> None:

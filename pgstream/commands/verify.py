@@ -61,6 +61,8 @@ def command(target: str, dsn: str | None, as_json: bool, max_report: int) -> Non
             click.echo(f"... and {hidden} more violation(s)")
         for note in report.unchecked:
             click.echo(f"note: not checked: {note}")
+        for line in report.skipped:
+            click.echo(f"note: {line}")
         click.echo(report.summary())
     sys.exit(report.exit_code)
 

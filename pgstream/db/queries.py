@@ -60,7 +60,7 @@ UPDATE pgstream.partitions AS p
        lease_expires_at = now() + make_interval(secs => %(lease)s)
  WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
    AND ({_OWNER_GONE})
-RETURNING p.epoch, p.committed_offset, p.attempts
+RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance
 """
 
 # A claim waits this long at most for a partition row locked by a batch in flight.
@@ -219,7 +219,8 @@ UPDATE pgstream.partitions
        source_head = %(head)s,
        batches = batches + 1,
        records = records + %(records)s,
-       attempts = 0
+       attempts = 0,
+       source_instance = COALESCE(%(instance)s, source_instance)
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
    AND epoch = %(epoch)s AND committed_offset IS NOT DISTINCT FROM %(start)s
    AND EXISTS (SELECT 1 FROM pgstream.jobs j
@@ -235,6 +236,20 @@ INSERT INTO pgstream.batches (job, source, partition, start_offset, end_offset,
 VALUES (%(job)s, %(source)s, %(partition)s, %(start_offset)s, %(end)s, %(start)s,
         %(epoch)s, %(worker)s, %(records_in)s, %(records_out)s, %(dead_letters)s,
         %(plan_version)s)
+"""
+
+# 5b. a range a source's reset policy skipped (on_lost), recorded once: a range an earlier
+# row already covers (a restart found the same loss again) is not recorded twice.
+RECORD_SKIP = """
+INSERT INTO pgstream.skipped_ranges (job, source, partition, from_offset, to_offset, reason,
+                                     detail, policy, epoch)
+SELECT %(job)s, %(source)s, %(partition)s, %(from)s, %(to)s, %(reason)s, %(detail)s,
+       %(policy)s, %(epoch)s
+ WHERE NOT EXISTS (SELECT 1 FROM pgstream.skipped_ranges s
+                    WHERE s.job = %(job)s AND s.source = %(source)s
+                      AND s.partition = %(partition)s
+                      AND s.from_offset <= %(from)s AND s.to_offset >= %(to)s)
+ON CONFLICT (job, source, partition, from_offset) DO NOTHING
 """
 
 COPY_DEAD_LETTERS = """
@@ -440,7 +455,13 @@ STATUS = """
 SELECT s.job, s.source, s.partition, s.committed_offset, s.source_head,
        s.last_commit_at, s.owner, s.epoch, s.batches, s.records,
        s.leased, s.dead_letters, s.lease_expires_at, s.watermark,
-       extract(epoch FROM s.last_commit_age)::float8 AS last_commit_age
+       extract(epoch FROM s.last_commit_age)::float8 AS last_commit_age,
+       (SELECT count(*) FROM pgstream.skipped_ranges k
+         WHERE k.job = s.job AND k.source = s.source AND k.partition = s.partition)
+         AS skipped_ranges,
+       (SELECT COALESCE(sum(k.to_offset - k.from_offset), 0) FROM pgstream.skipped_ranges k
+         WHERE k.job = s.job AND k.source = s.source AND k.partition = s.partition)
+         AS skipped_offsets
   FROM pgstream.partition_status AS s
  WHERE %(job)s::text IS NULL OR s.job = %(job)s
  ORDER BY s.job, s.source, s.partition
@@ -601,12 +622,16 @@ UPDATE pgstream.plan_versions SET plan = %(plan)s, fingerprint = %(fingerprint)s
 ADMIN_RESET_PARTITIONS = f"""
 UPDATE pgstream.partitions
    SET committed_offset = NULL, watermark = NULL, watermarks = NULL, source_head = NULL,
-       last_commit_at = NULL,
-       batches = 0, records = 0, attempts = 0, source_identity = NULL, {_FENCE}
+       last_commit_at = NULL, batches = 0, records = 0, attempts = 0, source_identity = NULL,
+       source_instance = NULL, {_FENCE}
  WHERE job = %(job)s AND source = %(stream)s
 """
 
 ADMIN_DELETE_LEDGER = "DELETE FROM pgstream.batches WHERE job = %(job)s AND source = %(stream)s"
+
+ADMIN_DELETE_SKIPS = """
+DELETE FROM pgstream.skipped_ranges WHERE job = %(job)s AND source = %(stream)s
+"""
 
 ADMIN_DELETE_DEAD_LETTERS = """
 DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = %(stream)s
@@ -675,6 +700,12 @@ VERIFY_LEDGER = """
 SELECT start_offset, end_offset, records_in, plan_version FROM pgstream.batches
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
  ORDER BY start_offset, end_offset
+"""
+
+VERIFY_SKIPS = """
+SELECT source, partition, from_offset, to_offset, reason, detail, policy, skipped_at
+  FROM pgstream.skipped_ranges WHERE job = %(job)s
+ ORDER BY source, partition, from_offset
 """
 
 VERIFY_STATES = """

@@ -57,6 +57,10 @@ partitions = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # what the stream read when this row was created (Source.identity); NULL before 0002
     Column("source_identity", Text, nullable=True),
+    # which instance of the stream the committed offsets belong to (a Kafka topic id, a NATS
+    # stream's creation time; PartitionReader.instance), set by the first batch; NULL before
+    # 0003 or for sources without one. A reader that finds another instance stops the job.
+    Column("source_instance", Text, nullable=True),
     # per window operator ("window:<table>"), its watermark in epoch seconds (0004); the
     # watermark column above is the least of them
     Column("watermarks", JSONB, nullable=True),
@@ -203,6 +207,33 @@ workers = Table(
     PrimaryKeyConstraint("job", "worker", name="workers_pkey"),
 )
 
+
+# Ranges [from_offset, to_offset) of a partition that a source's reset policy (on_lost)
+# skipped because the broker no longer held them; written in the batch transaction that
+# covers from_offset, reported by verify ("skipped by policy") and status.
+skipped_ranges = Table(
+    "skipped_ranges",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("partition", Text, nullable=False),
+    Column("from_offset", BigInteger, nullable=False),
+    Column("to_offset", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=True),
+    Column("policy", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("skipped_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "source", "partition", "from_offset", name="skipped_ranges_pkey"),
+    CheckConstraint("to_offset > from_offset", name="skipped_ranges_nonempty"),
+    ForeignKeyConstraint(
+        ["job", "source", "partition"],
+        ["pgstream.partitions.job", "pgstream.partitions.source", "pgstream.partitions.partition"],
+        name="skipped_ranges_partition_fkey",
+        ondelete="CASCADE",
+        onupdate="CASCADE",
+    ),
+)
 
 # -- views: what `pgstream status` shows, for psql and dashboards (revision 0005) -------------
 # Definitions here and in the migration must stay equal (a test compares them as the server

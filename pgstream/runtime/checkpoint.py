@@ -10,7 +10,8 @@ session sets ``synchronous_commit = on``):
 2. **State**: every sink plan writes its operator state (fold overlays, touched keys only).
 3. **Sinks**: every sink plan writes its rows (append ``COPY``, keyed upserts merging deltas).
 4. **Handlers**: every ``@app.batch`` handler runs with the transaction's cursor.
-5. **Dead letters**: ``COPY`` into ``pgstream.dead_letters``.
+5. **Dead letters**: ``COPY`` into ``pgstream.dead_letters``; then the ranges a source's
+   reset policy skipped (``on_lost``) into ``pgstream.skipped_ranges``.
 6. **Ledger**: one ``pgstream.batches`` row for the offset range.
 7. ``COMMIT`` -- the checkpoint. A connection lost during it leaves the outcome unknown
    (:class:`CommitOutcomeUnknown`): the caller reads the partition row instead of resending.
@@ -34,6 +35,7 @@ from pgstream.runtime.crashpoints import crash_point, maybe_inject_error
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
 from pgstream.runtime.sinkplans import HandlerError
 from pgstream.sinks.append import DuplicateOutputError
+from pgstream.sources.base import Skip
 
 __all__ = [
     "BatchRange",
@@ -60,6 +62,8 @@ class BatchRange:
     end: int  # exclusive end
     head: int | None
     plan_version: int  # the job's plan version this worker runs (see pgstream.runtime.jobcheck)
+    skips: tuple[Skip, ...] = ()  # ranges the source's reset policy skipped in [start, end)
+    instance: str | None = None  # the stream instance read (PartitionReader.instance)
 
     def key(self) -> dict[str, Any]:
         """Parameters naming the partition."""
@@ -114,6 +118,7 @@ def commit_batch(
             for plan in pipeline.plans:  # 4
                 plan.run_handler(cur, rng, out)
             _write_dead_letters(cur, rng, out)  # 5
+            _write_skips(cur, rng)
             _write_ledger(cur, rng, out, written)  # 6
         crash_point("before_commit")
     except BaseException:
@@ -140,6 +145,7 @@ def _fence(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOutput, lease: f
             "head": rng.head,
             "records": out.records_in,
             "plan_version": rng.plan_version,
+            "instance": rng.instance,
         },
     ).fetchone()
     if row is None:
@@ -158,6 +164,23 @@ def _write_dead_letters(cur: psycopg.Cursor[Any], rng: BatchRange, out: BatchOut
             copy.write_row(
                 (rng.job, rng.source, rng.partition, d.offset, d.payload, d.error, d.operator)
             )
+
+
+def _write_skips(cur: psycopg.Cursor[Any], rng: BatchRange) -> None:
+    """Step 5, continued: the ranges the source's reset policy skipped."""
+    for skip in rng.skips:
+        cur.execute(
+            queries.RECORD_SKIP,
+            {
+                **rng.key(),
+                "from": skip.start,
+                "to": skip.end,
+                "reason": skip.reason,
+                "detail": skip.detail,
+                "policy": skip.policy,
+                "epoch": rng.epoch,
+            },
+        )
 
 
 def _write_ledger(

@@ -31,6 +31,7 @@ class Lease:
     epoch: int
     committed_offset: int | None
     attempts: int
+    source_instance: str | None = None  # the stream instance its offsets belong to
 
 
 #: how long a claim waits for a partition row locked by its owner's batch in flight
@@ -142,7 +143,7 @@ class LeaseManager:
             return None
         if row is None:
             return None
-        return Lease(source, partition, row[0], row[1], row[2])
+        return Lease(source, partition, row[0], row[1], row[2], row[3])
 
     def renew(self, conn: psycopg.Connection[Any], lease: Lease) -> bool:
         """Extend a lease (and re-announce this session); False if it was lost."""

@@ -10,9 +10,11 @@ What happens is told to a :class:`~pgstream.runtime.observers.WorkerObserver`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgstream.config import Settings
@@ -25,12 +27,13 @@ from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import WorkerObserver
+from pgstream.runtime.outage import SourceOutage
 from pgstream.runtime.pipeline import BatchOutput, DeadLetter, Pipeline, payload_of
 from pgstream.runtime.poison import PoisonGuard
 from pgstream.runtime.pushdown import SQL_BATCH, PushdownFallback
 from pgstream.runtime.readahead import ReadAhead
 from pgstream.runtime.reading import BatchReader
-from pgstream.sources.base import PartitionReader, SourceRecord
+from pgstream.sources.base import PartitionReader, SourceError, SourceRecord, SourceUnreachable
 
 log = logging.getLogger("pgstream.task")
 
@@ -62,6 +65,7 @@ class PartitionTask:
         settings: Settings,
         plan_version: int,
         observer: WorkerObserver | None = None,
+        reopen: Callable[[], PartitionReader] | None = None,
     ) -> None:
         self.job = job
         self.plan_version = plan_version
@@ -84,6 +88,12 @@ class PartitionTask:
             self.sizer.cap = self.sizer.limit = settings.batch_size or SQL_BATCH
         self.input = BatchReader(reader, pipeline, self.sizer, settings, where)
         self.ahead = ReadAhead(where)
+        #: opens a new reader after the source's server went away (None: keep this one)
+        self.reopen = reopen
+        self.outage = SourceOutage(settings.max_retries, where)
+        self._reopen_next = False
+        self._instance: str | None = lease.source_instance  # as committed
+        self._instance_checked = False  # for the current reader
         self.committer = BatchCommitter(db, leases, pipeline, settings, self._before_retry)
         self.rejections = SinkRejections(
             pipeline, db, settings, where, self._commit, self._set_aside
@@ -111,7 +121,55 @@ class PartitionTask:
         While a batch commits (the database's work), the next one is read and evaluated on a
         helper thread (Python's work), so the two overlap. The helper never touches the
         checkpoint connection; it is used only if the batch before it committed as evaluated.
+
+        A source whose server cannot be reached (:class:`SourceUnreachable`) is retried with
+        back-off through a new reader (:mod:`pgstream.runtime.outage`); meanwhile this returns
+        0 and nothing is committed.
         """
+        if self.outage.waiting():
+            return 0
+        try:
+            if self._reopen_next and self.reopen is not None:
+                self._reopen_next = False
+                self.input.reader = self.reopen()
+                self._instance_checked = False
+            done = self._poll()
+        except SourceUnreachable as exc:
+            self._unreachable(exc)
+            return 0
+        self.outage.recovered()
+        return done
+
+    def _check_instance(self) -> None:
+        """Refuse a recreated stream: the reader's instance differs from the one the
+        committed offsets belong to (on_lost does not apply: the offsets mean other records)."""
+        found = self.reader.instance()
+        self._instance_checked = True
+        if found is None or self._instance is None or found == self._instance:
+            self._instance = found or self._instance
+            return
+        if self.committed is None:
+            self._instance = found
+            return
+        raise SourceError(
+            f"{self.source}/{self.partition}: the stream was recreated: it is now {found}, the "
+            f"job's committed offset {self.committed} belongs to {self._instance}; fix: if the "
+            f"new stream is meant, start it over with pgstream job reset MODULE:APP --stream "
+            f"{self.source} --yes (on_lost does not apply)"
+        )
+
+    def _unreachable(self, exc: SourceUnreachable) -> None:
+        """The source went away: drop the read-ahead and the reader, back off (or give up)."""
+        self.ahead.cancel()
+        with contextlib.suppress(Exception):  # best effort: the server is gone
+            self.leases.forgive_attempt(self.db.conn, self.lease)
+        self.outage.failed(exc)
+        if self.reopen is not None:
+            with contextlib.suppress(Exception):
+                self.input.reader.close()
+            self._reopen_next = True
+
+    def _poll(self) -> int:
         batch, out = self._next()
         self.head = batch.head
         if batch.end == self.position:
@@ -166,6 +224,8 @@ class PartitionTask:
         self._commit(out, start, end)
 
     def _commit(self, out: BatchOutput, start: int, end: int) -> None:
+        if not self._instance_checked:  # once per reader, before its first commit
+            self._check_instance()
         rng = BatchRange(
             job=self.job,
             source=self.source,
@@ -177,10 +237,24 @@ class PartitionTask:
             end=end,
             head=self.head,
             plan_version=self.plan_version,
+            skips=tuple(self.reader.skips(start, end)),
+            instance=self._instance,
         )
         began = time.monotonic()
         self.committer.commit(out, rng)
         self._committed(out, end, time.monotonic() - began)
+        self._skipped(rng)
+
+    def _skipped(self, rng: BatchRange) -> None:
+        """After the commit: warn of the ranges the source's reset policy skipped."""
+        self.reader.forget_skips(rng.end)
+        for skip in rng.skips:
+            log.warning(
+                "%s/%s: offsets [%d, %d) are gone from the source (%s: %s); skipped by "
+                "on_lost=%r and recorded in pgstream.skipped_ranges",
+                self.source, self.partition, skip.start, skip.end, skip.reason, skip.detail,
+                skip.policy,
+            )
 
     def _committed(self, out: BatchOutput, end: int, seconds: float) -> None:
         self.pipeline.committed(out)

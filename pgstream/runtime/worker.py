@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -26,13 +27,14 @@ from pgstream.runtime.group import GroupWatcher
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
 from pgstream.runtime.leases import Lease, LeaseManager
 from pgstream.runtime.observers import CommitCallback, Observers, WorkerObserver
+from pgstream.runtime.outage import UnreachableReader
 from pgstream.runtime.pipeline import Pipeline, new_states
 from pgstream.runtime.progress import Progress, ProgressReporter, total_lag
 from pgstream.runtime.stopping import cancel_on_exit_now, stop_on_signal
 from pgstream.runtime.task import PartitionTask
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import AggregateSink, UpsertSink
-from pgstream.sources.base import OpenContext, SourceError
+from pgstream.sources.base import OpenContext, PartitionReader, SourceError, SourceUnreachable
 
 log = logging.getLogger("pgstream.worker")
 
@@ -341,6 +343,8 @@ class Worker:
         """Nothing was safely readable on any owned partition, none is left to claim and
         this worker holds its share (else an owner above its share is about to hand one
         over: a worker that joins a busy group must not stop before it gets its share)."""
+        if any(t.outage.down for t in self.tasks.values()):
+            return False  # a source that went away may hold more when it is back
         owned = set(self.tasks)
         self._maintain(discover=True)
         if not set(self.tasks) <= owned:
@@ -416,8 +420,14 @@ class Worker:
         for state in states.values():
             state.load(self.db.conn)
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
+        reopen = functools.partial(
+            source.open, lease.partition, OpenContext(self.dsn, pipeline.fields)
+        )
+        reader: PartitionReader
         try:
-            reader = source.open(lease.partition, OpenContext(self.dsn, pipeline.fields))
+            reader = reopen()
+        except SourceUnreachable as exc:
+            reader = UnreachableReader(exc)  # the task retries it with back-off
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
@@ -440,6 +450,7 @@ class Worker:
             settings=self.settings,
             plan_version=self._version(),
             observer=self.observer,
+            reopen=reopen,
         )
         self.observer.claimed(lease)
 

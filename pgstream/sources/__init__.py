@@ -4,9 +4,11 @@ from pgstream.sources.base import (
     OpenContext,
     PartitionReader,
     ReadResult,
+    Skip,
     Source,
     SourceError,
     SourceRecord,
+    SourceUnreachable,
 )
 from pgstream.sources.file import FileSource
 from pgstream.sources.kafka import KafkaSource
@@ -22,8 +24,10 @@ __all__ = [
     "PartitionReader",
     "ReadResult",
     "RedisStreamSource",
+    "Skip",
     "Source",
     "SourceError",
     "SourceRecord",
+    "SourceUnreachable",
     "TableSource",
 ]

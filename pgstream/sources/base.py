@@ -8,9 +8,10 @@ exclusive end offset of what it returned, so the next read starts exactly where 
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 
@@ -78,6 +79,73 @@ class SourceError(Exception):
     """A source cannot continue (missing table, truncated file, offsets jumped)."""
 
 
+class SourceUnreachable(SourceError):
+    """The source's server cannot be reached now (down, restarting, network cut): the
+    runtime retries with back-off, reopening the reader, and stops only after
+    ``Settings.max_retries`` failures in a row."""
+
+
+#: what a broker source does when records after the committed offset are gone: stop
+#: (``"error"``), continue at the oldest record still held (``"earliest"``) or at the end
+#: (``"latest"``); a skipped range is recorded in ``pgstream.skipped_ranges``
+OnLost = Literal["error", "earliest", "latest"]
+ON_LOST: tuple[OnLost, ...] = ("error", "earliest", "latest")
+
+
+def check_on_lost(owner: str, on_lost: str) -> OnLost:
+    """``on_lost`` if it is a policy, else a ConfigError naming ``owner`` and the choices."""
+    from pgstream.errors import ConfigError
+
+    for policy in ON_LOST:
+        if on_lost == policy:
+            return policy
+    raise ConfigError(
+        f"{owner}: on_lost must be 'error', 'earliest' or 'latest', not {on_lost!r}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Offsets ``[start, end)`` of a partition that a reset policy passed over unread:
+    ``reason`` is ``"retention"`` (expired, trimmed, purged), ``"deleted"`` (single records
+    removed); ``detail`` says what the source held instead; ``policy`` is the source's
+    ``on_lost``."""
+
+    start: int
+    end: int
+    reason: str
+    detail: str
+    policy: str
+
+
+class SkipLog:
+    """The skips a reader made, kept until the batch covering them commits (the runtime
+    reads them with :meth:`PartitionReader.skips`). Thread-safe: the read-ahead thread reads
+    too. A skip found again (a re-read) is kept once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._skips: dict[int, Skip] = {}
+
+    def add(self, skip: Skip) -> None:
+        """Remember ``skip`` (one per start offset)."""
+        with self._lock:
+            self._skips.setdefault(skip.start, skip)
+
+    def within(self, start: int, end: int) -> list[Skip]:
+        """The skips starting in ``[start, end)``, in offset order."""
+        with self._lock:
+            return sorted(
+                (s for s in self._skips.values() if start <= s.start < end),
+                key=lambda s: s.start,
+            )
+
+    def forget(self, below: int) -> None:
+        """Drop the skips starting below ``below`` (their batch committed)."""
+        with self._lock:
+            self._skips = {k: s for k, s in self._skips.items() if k >= below}
+
+
 class PartitionReader(abc.ABC):
     """Reads one partition. Owned by exactly one worker while it holds the lease."""
 
@@ -88,6 +156,26 @@ class PartitionReader(abc.ABC):
     def head(self) -> int | None:
         """The exclusive end offset of everything the source holds now (for lag), if known."""
         return None
+
+    def retained_from(self) -> int | None:
+        """The first offset the source still holds, for sources that drop old records
+        (broker retention, trimming); None when it keeps everything. ``verify`` cannot
+        re-read below it."""
+        return None
+
+    def instance(self) -> str | None:
+        """Which instance of the stream this reader reads (a Kafka topic id, a NATS stream's
+        creation time), if the source has such a thing: a different one than the committed
+        offsets belong to means the stream was recreated."""
+        return None
+
+    def skips(self, start: int, end: int) -> list[Skip]:
+        """Ranges starting in ``[start, end)`` that a reset policy skipped (see :class:`Skip`);
+        the batch that covers them records them in its transaction."""
+        return []
+
+    def forget_skips(self, below: int) -> None:  # noqa: B027 - optional hook
+        """The batch ending at ``below`` committed: drop its skips."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release files and connections."""

@@ -22,13 +22,18 @@ import psycopg
 
 from pgstream.errors import ConfigError
 from pgstream.sources.base import (
+    OnLost,
     OpenContext,
     PartitionReader,
     ReadResult,
     Record,
+    Skip,
+    SkipLog,
     Source,
     SourceError,
     SourceRecord,
+    SourceUnreachable,
+    check_on_lost,
 )
 from pgstream.sources.raw import JsonPayloads
 
@@ -62,8 +67,11 @@ class KafkaSource(Source):
     every record. ``config`` passes extra librdkafka settings (security, timeouts, ...).
 
     A partition the job has not read yet starts at its earliest retained offset. A committed
-    offset that is no longer retained, or past the end of the partition (the topic was
-    recreated), stops the job with :class:`SourceError`.
+    offset that is no longer retained stops the job with :class:`SourceError` unless
+    ``on_lost`` is ``"earliest"`` (continue at the earliest retained offset) or ``"latest"``
+    (continue at the partition's end); the skipped range is recorded. A committed offset
+    past the end of the partition (the topic was recreated) always stops the job. A broker
+    that cannot be reached raises :class:`SourceUnreachable` (retried by the runtime).
     """
 
     kind = "kafka"
@@ -78,6 +86,7 @@ class KafkaSource(Source):
         isolation_level: str = "read_committed",
         config: Mapping[str, Any] | None = None,
         timeout: float = 10.0,
+        on_lost: OnLost = "error",
     ) -> None:
         if not topic:
             raise ConfigError("KafkaSource needs a topic name")
@@ -97,6 +106,7 @@ class KafkaSource(Source):
         self.isolation_level = isolation_level
         self.config = dict(config or {})
         self.timeout = timeout
+        self.on_lost = check_on_lost(f"KafkaSource({topic!r})", on_lost)
 
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka settings of a reader's consumer."""
@@ -112,6 +122,16 @@ class KafkaSource(Source):
             "fetch.wait.max.ms": 100,
             "logger": log,  # librdkafka's log lines go to Python logging, not stderr
             **self.config,
+        }
+
+    def admin_config(self) -> dict[str, Any]:
+        """The librdkafka settings of the admin client that reads the topic id: the
+        bootstrap servers and the connection settings (security, SASL, SSL, client id)."""
+        keep = ("security.", "sasl.", "ssl.", "client.id", "socket.")
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "logger": log,
+            **{k: v for k, v in self.config.items() if k.startswith(keep)},
         }
 
     def single_partition(self) -> bool:
@@ -182,11 +202,55 @@ class KafkaReader(PartitionReader):
         self.partition = partition
         self.where = f"Kafka topic {source.topic!r} partition {partition}"
         self._kafka = _kafka()
-        self._consumer = self._kafka.Consumer(source.consumer_config())
+        self._down: str | None = None  # a lost connection librdkafka told of (error_cb)
+        self._topic_id: str | None = None  # "" once known to be unknown
+        config = source.consumer_config()
+        config.setdefault("error_cb", self._on_error)
+        self._consumer = self._kafka.Consumer(config)
         self._next: int | None = None  # the offset the consumer delivers next
         self._eof: int | None = None  # the end-of-partition offset seen after the last record
         self._head: int | None = None
         self._pending: list[Any] = []  # messages read while positioning, not returned yet
+        self._floor = 0  # after a skip: a read from the committed offset ends at least here
+        self._log = SkipLog()
+
+    def retained_from(self) -> int | None:
+        """The partition's earliest retained offset."""
+        return self._watermarks()[0]
+
+    def instance(self) -> str | None:
+        """``topic id <id>`` (a recreated topic has a new one), asked of the broker once per
+        reader; None when the broker does not tell topic ids."""
+        if self._topic_id is None:
+            self._topic_id = self._describe_topic_id()
+        return self._topic_id or None
+
+    def _describe_topic_id(self) -> str:
+        import confluent_kafka.admin
+
+        admin = confluent_kafka.admin.AdminClient(self.source.admin_config())
+        topics = self._kafka.TopicCollection([self.source.topic])
+        try:
+            futures = admin.describe_topics(topics, request_timeout=self.source.timeout)
+            found = futures[self.source.topic].result(self.source.timeout)
+        except self._kafka.KafkaException as exc:
+            error = exc.args[0]
+            if self._is_missing(error):
+                raise SourceError(f"{self.where} does not exist any more") from None
+            if hasattr(error, "code") and error.code() in self._unreachable_codes():
+                raise SourceUnreachable(f"cannot describe {self.where}: {error}") from None
+            return ""  # the broker cannot describe topics: no instance check
+        topic_id = getattr(found, "topic_id", None)
+        return f"topic id {topic_id}" if topic_id is not None else ""
+
+    def _on_error(self, err: Any) -> None:
+        """librdkafka's error callback: notes a lost connection. librdkafka keeps reconnecting
+        meanwhile; until an end-of-partition event proves a fetch got through again, a read
+        that gets nothing raises :class:`SourceUnreachable` instead of reporting "nothing
+        new" (messages fetched before the loss are still delivered)."""
+        e = self._kafka.KafkaError
+        if err.code() in (e._ALL_BROKERS_DOWN, e._TRANSPORT):
+            self._down = err.str()
 
     # -- positioning --------------------------------------------------------------------------
 
@@ -199,19 +263,29 @@ class KafkaReader(PartitionReader):
                 self._tp(0), timeout=self.source.timeout
             )
         except self._kafka.KafkaException as exc:
-            raise SourceError(f"cannot read the offsets of {self.where}: {exc.args[0]}") from None
+            error = exc.args[0]
+            kind = SourceError if self._is_missing(error) else SourceUnreachable
+            raise kind(f"cannot read the offsets of {self.where}: {error}") from None
         return int(low), int(high)
+
+    def _is_missing(self, error: Any) -> bool:
+        e = self._kafka.KafkaError
+        codes = (e.UNKNOWN_TOPIC_OR_PART, e._UNKNOWN_TOPIC)
+        return hasattr(error, "code") and error.code() in codes
 
     def _position(self, start: int) -> None:
         """Assign the consumer at ``start``, failing if records from ``start`` on are gone."""
-        self._eof, self._pending = None, []
+        self._eof, self._pending, self._floor = None, [], 0
         low, high = self._watermarks()
-        if start <= 0:
+        if start <= 0 or start == low:  # nothing before the log start to check against
             self._consumer.assign([self._tp(max(0, low))])
             self._next = start
             return
         if low > start:
-            self._not_retained(start, low)
+            if self.source.on_lost == "error":
+                self._not_retained(start, low)
+            self._skip_to(start, low, high)
+            return
         # The record before ``start`` ended the last batch: it (or a transaction marker) must
         # exist, so reading from it tells a live partition from a recreated, shorter one.
         self._consumer.assign([self._tp(start - 1)])
@@ -232,22 +306,45 @@ class KafkaReader(PartitionReader):
                 self._raise(err, start)
             self._next = start
             return
+        if self._down is not None:  # the broker went away while positioning
+            raise SourceUnreachable(f"cannot read {self.where}: {self._down}")
         self._past_end(start, high)
+
+    def _skip_to(self, start: int, low: int, high: int) -> None:
+        """Under a reset policy: record ``[start, low)`` (to ``high`` under ``"latest"``) as
+        skipped and continue reading there."""
+        to = max(low, high) if self.source.on_lost == "latest" else low
+        detail = f"the earliest retained offset is {low}, the end offset {high}"
+        self._log.add(Skip(start, to, "retention", detail, self.source.on_lost))
+        log.warning("%s: offsets [%d, %d) are gone; on_lost=%r skips them", self.where,
+                    start, to, self.source.on_lost)
+        self._consumer.assign([self._tp(to)])
+        self._next, self._floor = start, to
+
+    def skips(self, start: int, end: int) -> list[Skip]:
+        """The ranges the ``on_lost`` policy skipped from ``[start, end)``."""
+        return self._log.within(start, end)
+
+    def forget_skips(self, below: int) -> None:
+        """Their batch committed."""
+        self._log.forget(below)
 
     def _past_end(self, start: int, end: int) -> NoReturn:
         raise SourceError(
             f"offsets jumped in {self.where}: the committed offset {start} is past the end "
             f"of the partition (the broker reports end offset {end}); the topic was recreated "
             "or truncated. fix: restore the topic, or reset this job's offsets for the stream "
-            "if the new topic is meant to be read from its start"
+            "if the new topic is meant to be read from its start (pgstream job reset "
+            "MODULE:APP --stream S --yes; on_lost does not apply)"
         )
 
     def _not_retained(self, start: int, low: int) -> NoReturn:
         raise SourceError(
             f"offsets jumped in {self.where}: the committed offset is {start} but the "
             f"earliest retained offset is {low} (retention deleted the records in between). "
-            "fix: raise the topic's retention so the job keeps up, or reset this job's "
-            "offsets for the stream to accept the loss"
+            "fix: raise the topic's retention so the job keeps up, reset this job's "
+            "offsets for the stream, or accept the loss with KafkaSource(..., "
+            "on_lost='earliest' or 'latest')"
         )
 
     def _raise(self, err: Any, start: int) -> NoReturn:
@@ -260,7 +357,13 @@ class KafkaReader(PartitionReader):
             self._past_end(start, high)
         if err.code() == self._kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise SourceError(f"{self.where} does not exist any more; fix: recreate the topic")
+        if err.code() in self._unreachable_codes() or err.retriable():
+            raise SourceUnreachable(f"cannot read {self.where}: {err.str()}")
         raise SourceError(f"error reading {self.where}: {err.str()}")
+
+    def _unreachable_codes(self) -> tuple[int, ...]:
+        e = self._kafka.KafkaError
+        return (e._TRANSPORT, e._ALL_BROKERS_DOWN, e._TIMED_OUT, e._RESOLVE, e.NETWORK_EXCEPTION)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -270,7 +373,7 @@ class KafkaReader(PartitionReader):
             self._position(start)
         messages: list[Any] = self._pending[:max_records]
         del self._pending[:max_records]
-        end = int(messages[-1].offset()) + 1 if messages else start
+        end = int(messages[-1].offset()) + 1 if messages else max(start, self._floor)
         deadline = time.monotonic() + _IDLE_WAIT
         while len(messages) < max_records:
             # an end-of-partition event after every record delivered: nothing more is there
@@ -289,12 +392,27 @@ class KafkaReader(PartitionReader):
                     self._eof = None
                 elif err.code() == self._kafka.KafkaError._PARTITION_EOF:
                     self._eof = self._head = int(msg.offset())
+                    self._down = None
+                elif self._lost_meanwhile(err):
+                    self._next = None  # the next read positions again (and skips)
+                    return messages, end
                 else:
                     self._raise(err, end)
         if self._eof is not None and self._eof > end:
             end = self._eof  # markers or aborted records, never delivered: skip past them
+        if not messages and end == start and self._down is not None:
+            self._next = None  # a new consumer positions again
+            raise SourceUnreachable(f"cannot read {self.where}: {self._down}")
         self._next = end
         return messages, end
+
+    def _lost_meanwhile(self, err: Any) -> bool:
+        """A fetch fell below the log start (retention ran while reading) and a reset policy
+        is set: the records read so far stand, the next read skips."""
+        return bool(
+            err.code() == self._kafka.KafkaError._AUTO_OFFSET_RESET
+            and self.source.on_lost != "error"
+        )
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Records from offset ``start``, decoded with the source's decoder."""

@@ -14,11 +14,19 @@ its last sequence is below it (the stream was recreated), and when messages insi
 being read are missing (deleted): they can never be read, and passing over them silently
 would hide the loss. A job with nothing committed starts at the stream's first retained
 message.
+
+``on_lost="earliest"`` continues at the first message still held after lost ones (expired
+before the committed sequence, or deleted inside a range); ``on_lost="latest"`` skips to the
+stream's end. Either records the skipped range (:class:`~pgstream.sources.base.Skip`). A
+recreated stream always stops the job. A server that cannot be reached raises
+:class:`~pgstream.sources.base.SourceUnreachable` (retried by the runtime with a new
+connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine, Sequence
@@ -28,7 +36,18 @@ import orjson
 import psycopg
 
 from pgstream.errors import ConfigError
-from pgstream.sources.base import OpenContext, PartitionReader, ReadResult, Source, SourceError
+from pgstream.sources.base import (
+    OnLost,
+    OpenContext,
+    PartitionReader,
+    ReadResult,
+    Skip,
+    SkipLog,
+    Source,
+    SourceError,
+    SourceUnreachable,
+    check_on_lost,
+)
 from pgstream.sources.raw import JsonPayloads
 
 __all__ = ["NatsReader", "NatsSource"]
@@ -56,7 +75,8 @@ class NatsSource(Source):
     """Messages of the JetStream stream ``stream``; each message's data is one JSON object.
 
     One partition, ``"0"``; the offset is the stream sequence. Messages that are not one JSON
-    object go to the dead letters. ``connect_timeout`` bounds every request to the server.
+    object go to the dead letters. ``connect_timeout`` bounds every request to the server;
+    ``on_lost`` is what to do when unread messages expired or were deleted.
     """
 
     kind = "nats"
@@ -67,6 +87,7 @@ class NatsSource(Source):
         *,
         servers: str | Sequence[str] = "nats://127.0.0.1:4222",
         connect_timeout: float = 5.0,
+        on_lost: OnLost = "error",
     ) -> None:
         if not stream or any(c in stream for c in " .*>\t\r\n"):
             raise ConfigError(f"NatsSource: {stream!r} is not a JetStream stream name")
@@ -75,6 +96,7 @@ class NatsSource(Source):
         if not self.servers:
             raise ConfigError("NatsSource: servers= names no server")
         self.connect_timeout = connect_timeout
+        self.on_lost = check_on_lost(f"NatsSource({stream!r})", on_lost)
 
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         """A stream is one partition, ``"0"``."""
@@ -186,6 +208,8 @@ class NatsReader(PartitionReader):
         self._pull: _Pull | None = None
         self._next = -1  # the sequence the open consumer delivers next
         self._lock: asyncio.Lock | None = None
+        self._log = SkipLog()
+        self._created: str | None = None  # the stream's creation time (its instance)
         try:
             self._loop.run(self._connect(), self._timeout)
         except BaseException:
@@ -206,7 +230,7 @@ class NatsReader(PartitionReader):
                 error_cb=_quiet,
             )
         except Exception as exc:
-            raise SourceError(
+            raise SourceUnreachable(
                 f"cannot reach the NATS server {','.join(self.source.servers)} "
                 f"for stream {self.source.stream!r}: {type(exc).__name__}: {exc}; "
                 "fix: start the server or correct servers="
@@ -226,6 +250,7 @@ class NatsReader(PartitionReader):
                 f"{self.where} does not exist; fix: create it (nats stream add "
                 f"{self.source.stream}) or correct the name given to NatsSource"
             ) from None
+        self._created = str(info.created) if info.created is not None else None
         return int(info.state.first_seq), int(info.state.last_seq)
 
     async def _read(self, start: int, max_records: int) -> JsonPayloads:
@@ -236,24 +261,81 @@ class NatsReader(PartitionReader):
     async def _read_locked(self, start: int, max_records: int) -> JsonPayloads:
         first, last = await self._state()
         head = last + 1
-        if start > 0 and start < first:
-            raise SourceError(
-                f"{self.where}: messages from the committed sequence {start} are gone, the "
-                f"stream's first sequence is now {first} (expired by the stream's limits, "
-                "deleted or purged); fix: keep messages longer, or reset the job's offsets"
-            )
         if start > head:
             raise SourceError(
                 f"{self.where}: the committed sequence {start} is beyond the stream's last "
                 f"sequence {last} (the stream was recreated or purged); fix: reset the job's "
-                "offsets if the new stream is meant"
+                "offsets if the new stream is meant (pgstream job reset MODULE:APP --stream S "
+                "--yes; on_lost does not apply)"
             )
         begin = max(start, first, 1)
-        if last == 0 or begin > last:
-            return JsonPayloads([], [], start, start, head)
+        if start > 0 and start < first:
+            detail = f"the stream's first sequence is now {first}"
+            if self.source.on_lost == "error":
+                raise SourceError(
+                    f"{self.where}: messages from the committed sequence {start} are gone, "
+                    f"{detail} (expired by the stream's limits, deleted or purged); fix: keep "
+                    "messages longer, reset the job's offsets, or opt into "
+                    "NatsSource(..., on_lost='earliest' or 'latest')"
+                )
+            if self._skip(start, first, head, "retention", detail):
+                return JsonPayloads([], [], start, head, head)
+        if last == 0 or begin > last:  # nothing to read (after a skip: commit the skip)
+            end = max([start] + [k.end for k in self._log.within(start, start + 1)])
+            return JsonPayloads([], [], start, end, head)
         values, seqs = await self._fetch(begin, min(max_records, last - begin + 1), start == 0)
+        if self.source.on_lost != "error":
+            values, seqs, skipped_to = self._over_gaps(begin, values, seqs, start == 0, head)
+            if skipped_to is not None:
+                await self._drop_consumer()
+                return JsonPayloads(values, seqs, start, skipped_to, head)
         end = seqs[-1] + 1 if seqs else start
         return JsonPayloads(values, seqs, start, end, max(head, end))
+
+    def _skip(self, start: int, to: int, head: int, reason: str, detail: str) -> bool:
+        """Record the skip of ``[start, to)`` (to ``head`` under ``"latest"``); True when
+        reading goes on at the end (``"latest"``)."""
+        latest = self.source.on_lost == "latest"
+        end = max(to, head) if latest else to
+        self._log.add(Skip(start, end, reason, detail, self.source.on_lost))
+        return latest
+
+    def _over_gaps(
+        self, begin: int, values: list[bytes], seqs: list[int], from_first: bool, head: int
+    ) -> tuple[list[bytes], list[int], int | None]:
+        """Under a reset policy: record each hole in ``seqs`` as a skip; under ``"latest"``
+        cut the read at the first hole and say where reading goes on (the end)."""
+        expected = seqs[0] if from_first and seqs else begin
+        for i, seq in enumerate(seqs):
+            if seq != expected:
+                detail = f"sequences {expected}..{seq - 1} were deleted or expired"
+                if self._skip(expected, seq, head, "deleted", detail):
+                    return values[:i], seqs[:i], head
+            expected = seq + 1
+        return values, seqs, None
+
+    def retained_from(self) -> int | None:
+        """The stream's first retained sequence."""
+        try:
+            return self._loop.run(self._state(), self._timeout)[0]
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise self._failed("reading the stream's state", exc) from exc
+
+    def instance(self) -> str | None:
+        """``stream created <time>``: a recreated stream has another creation time."""
+        if self._created is None:
+            self.head()  # reads the stream's info
+        return None if self._created is None else f"stream created {self._created}"
+
+    def skips(self, start: int, end: int) -> list[Skip]:
+        """The ranges the ``on_lost`` policy skipped from ``[start, end)``."""
+        return self._log.within(start, end)
+
+    def forget_skips(self, below: int) -> None:
+        """Their batch committed."""
+        self._log.forget(below)
 
     async def _fetch(
         self, begin: int, want: int, from_first: bool
@@ -274,12 +356,13 @@ class NatsReader(PartitionReader):
             await self._drop_consumer()
         expected = begin if not (from_first and seqs) else seqs[0]
         for i, seq in enumerate(seqs):
-            if seq != expected + i:
+            if seq != expected + i and self.source.on_lost == "error":
                 await self._drop_consumer()
                 raise SourceError(
                     f"{self.where}: sequences {expected + i}..{seq - 1} are missing (deleted "
-                    f"or expired) before sequence {seq}; fix: restore them or reset the "
-                    "job's offsets past them"
+                    f"or expired) before sequence {seq}; fix: restore them, reset the job's "
+                    "offsets past them, or opt into NatsSource(..., on_lost='earliest' or "
+                    "'latest')"
                 )
         self._next = seqs[-1] + 1 if seqs else begin
         return values, seqs
@@ -326,10 +409,14 @@ class NatsReader(PartitionReader):
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(
-                f"{self.where}: reading from sequence {start} failed: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise self._failed(f"reading from sequence {start}", exc) from exc
+
+    def _failed(self, what: str, exc: Exception) -> SourceError:
+        """``exc`` as a SourceError; SourceUnreachable when the server is not there."""
+        text = f"{self.where}: {what} failed: {type(exc).__name__}: {exc}"
+        if _unreachable(exc) or (self._nc is not None and not self._nc.is_connected):
+            return SourceUnreachable(text + "; the server is not reachable")
+        return SourceError(text)
 
     def read(self, start: int, max_records: int) -> ReadResult:
         """Like :meth:`read_raw`, decoded."""
@@ -338,10 +425,34 @@ class NatsReader(PartitionReader):
 
     def head(self) -> int | None:
         """The stream's last sequence + 1."""
-        return self._loop.run(self._state(), self._timeout)[1] + 1
+        try:
+            return self._loop.run(self._state(), self._timeout)[1] + 1
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise self._failed("reading the stream's state", exc) from exc
 
     def close(self) -> None:
         """Delete the consumer, close the connection and stop the loop thread."""
         with contextlib.suppress(Exception):  # closing is best effort
             self._loop.run(self._close(), self._timeout)
         self._loop.stop()
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the server cannot be reached (closed, timed out, no servers)."""
+    from nats import errors
+
+    kinds = (
+        errors.ConnectionClosedError,
+        errors.NoServersError,
+        errors.TimeoutError,
+        errors.StaleConnectionError,
+        errors.ConnectionReconnectingError,
+        errors.OutboundBufferLimitError,
+        errors.NoRespondersError,
+        asyncio.TimeoutError,
+        concurrent.futures.TimeoutError,
+        OSError,
+    )
+    return isinstance(exc, kinds)

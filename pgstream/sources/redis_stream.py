@@ -22,7 +22,15 @@ instant, and fails loudly (:class:`SourceError`) when entries the job has not re
   stops too; keep MAXLEN/MINID behind the job's lag.
 * deleted (``XDEL``): Redis records the largest id it ever deleted (``max-deleted-entry-id``,
   Redis >= 7); at or above the committed offset means an unread entry was deleted.
-* recreated: the committed id is above the stream's last id.
+* recreated: the committed id is above the stream's last id, or the last entry the job read
+  is missing from a stream that never lost an entry (``entries-added`` equals its length).
+
+``on_lost="earliest"`` continues after trimmed entries at the stream's first entry (skipping
+``[committed, first)``) and accepts deleted ones (recording ``[committed, largest deleted
+id]`` as possibly skipped); ``on_lost="latest"`` skips to the stream's end. Either records
+the skipped range (:class:`~pgstream.sources.base.Skip`). A recreated stream always stops
+the job. A server that cannot be reached raises
+:class:`~pgstream.sources.base.SourceUnreachable` (retried by the runtime).
 
 A job with nothing committed starts at the stream's first entry.
 """
@@ -38,13 +46,18 @@ import psycopg
 
 from pgstream.errors import ConfigError
 from pgstream.sources.base import (
+    OnLost,
     OpenContext,
     PartitionReader,
     ReadResult,
     Record,
+    Skip,
+    SkipLog,
     Source,
     SourceError,
     SourceRecord,
+    SourceUnreachable,
+    check_on_lost,
 )
 from pgstream.sources.raw import JsonPayloads
 
@@ -93,7 +106,8 @@ def _redacted(url: str) -> str:
 
 
 class RedisStreamSource(Source):
-    """Entries of the Redis stream at ``key`` (see the module docstring)."""
+    """Entries of the Redis stream at ``key`` (see the module docstring); ``on_lost`` is
+    what to do when unread entries were trimmed or deleted."""
 
     kind = "redis"
 
@@ -104,6 +118,7 @@ class RedisStreamSource(Source):
         url: str = "redis://127.0.0.1:6379",
         field: str | None = "data",
         connect_timeout: float = 5.0,
+        on_lost: OnLost = "error",
     ) -> None:
         if not key:
             raise ConfigError("RedisStreamSource: the stream key is empty")
@@ -113,6 +128,7 @@ class RedisStreamSource(Source):
         self.url = url
         self.field = field
         self.connect_timeout = connect_timeout
+        self.on_lost = check_on_lost(f"RedisStreamSource({key!r})", on_lost)
 
     def partitions(self, conn: psycopg.Connection[Any]) -> Sequence[str]:
         """A stream key is one partition, ``"0"``."""
@@ -191,6 +207,8 @@ class RedisStreamReader(PartitionReader):
                 f"RedisStreamSource: bad url {_redacted(source.url)!r}: {exc}"
             ) from None
         self._field = source.field.encode() if source.field is not None else None
+        self._log = SkipLog()
+        self._deleted_ok = -1  # deletions up to this offset were accepted (on_lost policy)
 
     def _call(self, *commands: tuple[str, tuple[Any, ...], dict[str, Any]]) -> list[Any]:
         """Run ``commands`` in one MULTI; translate connection and missing-key errors."""
@@ -200,7 +218,7 @@ class RedisStreamReader(PartitionReader):
         try:
             return list(pipe.execute())
         except (self._errors.ConnectionError, self._errors.TimeoutError) as exc:
-            raise SourceError(
+            raise SourceUnreachable(
                 f"cannot reach the Redis server {_redacted(self.source.url)} for stream "
                 f"{self.source.key!r}: {exc}; fix: start the server or correct url="
             ) from None
@@ -218,28 +236,75 @@ class RedisStreamReader(PartitionReader):
         info: dict[Any, Any] = self._call(("xinfo_stream", (self.source.key,), {}))[0]
         return info
 
-    def _check(self, start: int, info: dict[Any, Any]) -> int:
-        """The head offset; SourceError if entries from ``start`` on may be gone."""
+    def _check(self, start: int, info: dict[Any, Any]) -> tuple[int, int | None]:
+        """The head offset, and where the stream skips to under the ``on_lost`` policy
+        (``None``: read on from ``start``); SourceError if entries from ``start`` on may be
+        gone and the policy is ``"error"``."""
         last = id_to_offset(info["last-generated-id"])
         if start > last + 1:
             raise SourceError(
                 f"{self.where}: the committed id {offset_to_id(start)} is beyond the stream's "
                 f"last id {_text(info['last-generated-id'])} (the key was deleted and "
-                "recreated); fix: reset the job's offsets if the new stream is meant"
+                "recreated); fix: reset the job's offsets if the new stream is meant "
+                "(pgstream job reset MODULE:APP --stream S --yes; on_lost does not apply)"
             )
-        if start > 0:
-            _check_deleted(self.where, start, info.get("max-deleted-entry-id"))
-            first = info.get("first-entry")
-            gone = last >= start if not first else id_to_offset(first[0]) >= start
-            if gone:
-                now = f"now starts at {_text(first[0])}" if first else "is now empty"
+        if start <= 0:
+            return last + 1, None
+        first = info.get("first-entry")
+        # the entry at ``start`` itself (the first unread one) may be the first: nothing lost
+        gone = last >= start if not first else id_to_offset(first[0]) > start
+        if gone and _never_shrank(info):
+            raise SourceError(
+                f"{self.where}: the last entry the job read (before {offset_to_id(start)}) was "
+                "never in this stream: nothing was ever trimmed or deleted from it, so the key "
+                "was deleted and recreated; fix: reset the job's offsets if the new stream is "
+                "meant (pgstream job reset MODULE:APP --stream S --yes; on_lost does not apply)"
+            )
+        if gone:
+            now = f"now starts at {_text(first[0])}" if first else "is now empty"
+            if self.source.on_lost == "error":
                 raise SourceError(
                     f"{self.where} was trimmed past the committed id {offset_to_id(start)}: "
                     f"the last entry the job read is gone and the stream {now}, so unread "
                     "entries may be lost; fix: trim only entries the job has read (keep "
-                    "MAXLEN/MINID behind its lag), or reset the job's offsets"
+                    "MAXLEN/MINID behind its lag), reset the job's offsets, or opt into "
+                    "RedisStreamSource(..., on_lost='earliest' or 'latest')"
                 )
-        return last + 1
+            to = id_to_offset(first[0]) if first else last + 1
+            return last + 1, self._skip(start, to, last, "retention", f"the stream {now}")
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is None or id_to_offset(deleted) < start:
+            return last + 1, None
+        if id_to_offset(deleted) <= self._deleted_ok:
+            return last + 1, None
+        if self.source.on_lost == "error":
+            _check_deleted(self.where, start, deleted)
+        self._deleted_ok = id_to_offset(deleted)
+        detail = f"entries up to id {_text(deleted)} were deleted (XDEL)"
+        return last + 1, self._skip(start, self._deleted_ok + 1, last, "deleted", detail)
+
+    def _skip(self, start: int, to: int, last: int, reason: str, detail: str) -> int | None:
+        """Record the skip of ``[start, to)`` (to the end under ``"latest"``); where reading
+        continues (None: at ``start``, the lost entries are simply not there)."""
+        if self.source.on_lost == "latest":
+            to = max(to, last + 1)
+        if to > start:
+            self._log.add(Skip(start, to, reason, detail, self.source.on_lost))
+        return last + 1 if self.source.on_lost == "latest" else None
+
+    def retained_from(self) -> int | None:
+        """The offset of the stream's first entry (after its last id when it is empty)."""
+        info = self.info()
+        first = info.get("first-entry")
+        return id_to_offset(first[0]) if first else id_to_offset(info["last-generated-id"]) + 1
+
+    def skips(self, start: int, end: int) -> list[Skip]:
+        """The ranges the ``on_lost`` policy skipped from ``[start, end)``."""
+        return self._log.within(start, end)
+
+    def forget_skips(self, below: int) -> None:
+        """Their batch committed."""
+        self._log.forget(below)
 
     def read_raw(self, start: int, max_records: int) -> RedisPayloads:
         """Up to ``max_records`` entries from offset ``start``, their values undecoded."""
@@ -248,8 +313,11 @@ class RedisStreamReader(PartitionReader):
             ("xrange", (self.source.key,), {"min": low, "count": max(1, max_records)}),
             ("xinfo_stream", (self.source.key,), {}),
         )
-        head = self._check(start, info)
+        head, skip_to = self._check(start, info)
         batch = RedisPayloads([], [], start, start, head)
+        if skip_to is not None:  # on_lost="latest": nothing before the end is read
+            batch.end = skip_to
+            return batch
         name = self._field
         for entry_id, fields in entries:
             if name is None:
@@ -263,6 +331,8 @@ class RedisStreamReader(PartitionReader):
             batch.offset_list.append(id_to_offset(entry_id))
         if batch.offset_list:
             batch.end = batch.offset_list[-1] + 1
+        else:  # nothing from ``start`` on: a skip starting there can be committed at once
+            batch.end = max([start] + [k.end for k in self._log.within(start, start + 1)])
         return batch
 
     def read(self, start: int, max_records: int) -> ReadResult:
@@ -285,8 +355,16 @@ def _check_deleted(where: str, start: int, deleted: Any) -> None:
         raise SourceError(
             f"{where}: entries at or after the committed id {offset_to_id(start)} were deleted "
             f"(the largest deleted id is {_text(deleted)}); fix: delete only entries the job "
-            "has read, or reset the job's offsets"
+            "has read, reset the job's offsets, or opt into RedisStreamSource(..., "
+            "on_lost='earliest' or 'latest')"
         )
+
+
+def _never_shrank(info: dict[Any, Any]) -> bool:
+    """Whether no entry was ever trimmed or deleted from the stream (Redis >= 7 counts every
+    entry added; an unknown count says nothing)."""
+    added = info.get("entries-added")
+    return added is not None and int(added) == int(info.get("length", -1))
 
 
 def _text(value: Any) -> str:

@@ -28,6 +28,12 @@ all (its rows mix both plans), and the report lists every such range as "not che
 (``unchecked``) instead of reporting violations. So do batches from before the job's plan
 was recorded.
 
+Ranges a broker no longer holds (``PartitionReader.retained_from``: retention, trimming)
+cannot be re-read: they are listed as not checked, with the stream's keyed sinks.
+Ranges a broker source's reset policy skipped (``on_lost``, ``pgstream.skipped_ranges``) are
+listed as "skipped by policy" (``skipped``), never as ``lost``: the ledger batch that covers
+one counts only the records the source still holds, which is what re-reading finds.
+
 Violations have a kind: ``lost``, ``duplicated``, ``unexpected``, ``wrong-value``,
 ``ledger-gap`` or ``ledger-overlap``. All database reads run in one REPEATABLE READ
 snapshot, so a live job can be verified while it runs.

@@ -44,6 +44,18 @@ def load_dead_letters(
     return out
 
 
+def load_skips(conn: psycopg.Connection[Any], job: str) -> list[str]:
+    """One report line per range a source's reset policy skipped (not a violation: the
+    source no longer held it and the job was told to go on)."""
+    return [
+        f"skipped by policy: {source}/{partition} offsets [{start}, {end}) ({reason}: "
+        f"{detail}; on_lost={policy!r}, at {at:%Y-%m-%d %H:%M:%S%z})"
+        for source, partition, start, end, reason, detail, policy, at in conn.execute(
+            queries.VERIFY_SKIPS, {"job": job}
+        )
+    ]
+
+
 #: a partition's batches: (start, end, records_in, plan_version), in offset order
 Ledger = list[tuple[int, int, int, int | None]]
 

@@ -61,6 +61,8 @@ class VerifyReport:
     keyed_rows: int = 0
     late_records: int = 0
     unchecked: list[str] = field(default_factory=list)
+    #: ranges a source's reset policy skipped (``pgstream.skipped_ranges``): not violations
+    skipped: list[str] = field(default_factory=list)
     elapsed: float = 0.0
 
     @property
@@ -88,6 +90,7 @@ class VerifyReport:
             f"{self.append_rows} append rows, {self.dead_letters} dead letters, "
             f"{self.late_records} late records, "
             f"{self.keyed_rows} keyed rows checked in {self.elapsed:.2f}s"
+            + (f"; {len(self.skipped)} range(s) skipped by policy" if self.skipped else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,6 +107,7 @@ class VerifyReport:
             "keyed_rows": self.keyed_rows,
             "late_records": self.late_records,
             "unchecked": self.unchecked,
+            "skipped": self.skipped,
             "elapsed": round(self.elapsed, 3),
             "violations": [v.as_dict() for v in self.violations],
         }

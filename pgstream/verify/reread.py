@@ -147,8 +147,17 @@ def audit_partition(
     except SourceError as exc:
         raise CannotVerify(f"{source.describe()} cannot be opened: {exc}") from exc
     try:
-        stream = read_range(source, reader, segs[0].start, segs[-1].end, chunk)
+        low = reader.retained_from()
+        gone = _Gone(app, p, mine, stored_dead, expected, report)
+        segs = gone.below(segs, low)
+        if not segs:
+            return
+        begin = segs[0].start if low is None else max(segs[0].start, low)
+        stream = read_range(source, reader, begin, segs[-1].end, chunk)
         for seg, records in _by_segment(stream, segs):
+            if low is not None and seg.start < low and len(records) != seg.records_in:
+                gone.mark(seg.start, seg.end)  # partly below the retained start
+                continue
             check_count(seg, records, source, p, report)
             report.records += len(records)
             status = judge.status(seg.version)
@@ -167,6 +176,57 @@ def audit_partition(
                 plan.expect(out, p.partition, expected.plans)
     finally:
         reader.close()
+
+
+class _Gone:
+    """Ranges of one partition the source no longer holds (broker retention): their outputs
+    cannot be recomputed, so they are not checked (a note says so) instead of failing the
+    whole audit. Append rows in them are skipped, their dead letters accepted, and keyed
+    sinks of the stream (aggregates, folds: they sum over those records) are not checked."""
+
+    def __init__(
+        self,
+        app: App,
+        p: Partition,
+        mine: list[int],
+        stored_dead: dict[int, str],
+        expected: Expected,
+        report: VerifyReport,
+    ) -> None:
+        self.app, self.p, self.mine = app, p, mine
+        self.stored_dead, self.expected, self.report = stored_dead, expected, report
+
+    def below(self, segs: list[Segment], low: int | None) -> list[Segment]:
+        """Mark the segments wholly below ``low``; return the others."""
+        if low is None or not segs or segs[0].end > low:
+            return segs
+        gone = [s for s in segs if s.end <= low]
+        self.mark(gone[0].start, gone[-1].end)
+        return [s for s in segs if s.end > low]
+
+    def mark(self, start: int, end: int) -> None:
+        """``[start, end)`` cannot be re-read: not checked."""
+        where = (self.p.source, self.p.partition)
+        self.report.unchecked.append(
+            f"{self.p.source}/{self.p.partition} offsets [{start}, {end}): the source no longer "
+            "holds them (retention or trimming), so their effects cannot be recomputed"
+        )
+        self.expected.dead[where].update(o for o in self.stored_dead if start <= o < end)
+        for i in self.mine:
+            spec = self.app.sinks[i]
+            if spec.kind == "append":
+                ranges = self.expected.skip_append[spec.table][where]
+                if ranges and ranges[-1][1] == start:
+                    ranges[-1] = (ranges[-1][0], end)
+                else:
+                    ranges.append((start, end))
+            else:
+                self.expected.unchecked_tables.setdefault(
+                    spec.table,
+                    f"{spec.table}: records of {self.p.source}/{self.p.partition} before offset "
+                    f"{end} are no longer in the source, so its keyed results cannot be "
+                    "recomputed",
+                )
 
 
 def _by_segment(

@@ -299,6 +299,40 @@ def test_a_recreated_topic_stops_the_job_with_a_clear_error(
     assert "recreated" in text and "fix:" in text
 
 
+def test_a_recreated_topic_grown_past_the_committed_offset_is_refused_by_its_topic_id(
+    pg_dsn: str, pg_conn: psycopg.Connection[Any], topic: Topic
+) -> None:
+    pg_conn.execute(
+        "CREATE TABLE seen (id bigint, _source text, _partition text, _offset bigint, "
+        "_seq int, UNIQUE (_source, _partition, _offset, _seq))"
+    )
+    topic.produce([orjson.dumps({"id": i}) for i in range(20)])
+    source = ps.KafkaSource(
+        topic.name, bootstrap_servers=topic.bootstrap, timeout=3, on_lost="earliest"
+    )
+    Worker(_worker_app(source), pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
+    stored = pg_conn.execute(
+        "SELECT source_instance FROM pgstream.partitions WHERE job = 'kdecode' AND "
+        "partition = '0'"
+    ).fetchone()
+    assert stored is not None and str(stored[0]).startswith("topic id ")
+    topic.delete()
+    time.sleep(0.5)
+    topic.create()
+    topic.produce([orjson.dumps({"id": 100 + i}) for i in range(30)])  # past offset 20
+    with pytest.raises(ps.PgStreamError) as err:
+        Worker(
+            _worker_app(source), pg_dsn, stop_when_idle=True, install_signal_handlers=False
+        ).run()
+    text = str(err.value)
+    assert "orders/0: the stream was recreated: it is now topic id " in text
+    assert f"committed offset 20 belongs to {stored[0]}" in text
+    assert "pgstream job reset" in text and "on_lost does not apply" in text
+    # nothing of the new topic was committed (on_lost="earliest" does not apply either)
+    assert pg_conn.execute("SELECT max(id) FROM seen").fetchone() == (19,)
+    assert pg_conn.execute("SELECT count(*) FROM pgstream.skipped_ranges").fetchone() == (0,)
+
+
 def test_a_committed_offset_below_the_retained_range_is_an_error(topic: Topic) -> None:
     topic.produce([orjson.dumps({"id": i}) for i in range(30)])
     deleted = topic.admin.delete_records([kafka.TopicPartition(topic.name, 0, 20)])
