@@ -21,6 +21,7 @@ from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Tumbling, windowed_key
 from pgstream.sources.base import Source
+from pgstream.sources.repartition import DEFAULT_PARTITIONS, Repartition, RepartitionSource
 
 SinkKind = Literal["append", "aggregate", "fold"]
 
@@ -37,6 +38,9 @@ class SinkSpec:
     aggregates: tuple[Aggregate, ...] = ()
     fold: Fold | None = None
     operator_id: str = ""
+    #: a fold's records handed over through ``pgstream.repartition`` (``stream`` is then the
+    #: second stage's stream, ``steps`` empty: they run in the first stage)
+    repartition: Repartition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +227,30 @@ class KeyedStream:
         return AggregatedStream(self, named)
 
     def fold(
-        self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None
+        self,
+        initial: Any,
+        fn: Callable[[Any, Any], Any],
+        *,
+        name: str | None = None,
+        partitions: int | None = None,
+        prune: bool = False,
     ) -> FoldedStream:
         """Per-key state ``fn(state, record) -> state`` starting at ``initial``.
 
         States are stored as JSON and must come back exactly as returned: plain dicts with str
         keys, lists, str, int, finite float, bool, None (see :mod:`pgstream.operators.fold`).
+
+        Over a source with several partitions whose records of one key may arrive through more
+        than one of them, the records go through a repartition (``pgstream.repartition``, see
+        :mod:`pgstream.runtime.repartition`) in ``partitions`` partitions (default: the
+        source's partition count when it declares one, else 8). ``prune=True`` deletes the
+        rows the fold has consumed (``pgstream verify`` then cannot replay the fold over them).
         """
-        return FoldedStream(self, Fold(initial, fn), name)
+        if partitions is not None and (
+            isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1
+        ):
+            raise ConfigError(f"fold(partitions=...) must be an int >= 1, got {partitions!r}")
+        return FoldedStream(self, Fold(initial, fn), name, partitions, prune)
 
     def window(self, window: Tumbling, *, time: str | Callable[[Any], Any]) -> KeyedStream:
         """Event-time windows: the key gains a ``window_start timestamptz`` column.
@@ -264,52 +284,65 @@ class FoldedStream:
     keyed: KeyedStream
     fold: Fold
     name: str | None
+    partitions: int | None = None
+    prune: bool = False
 
     def to_table(self, table: str) -> None:
         """Overwrite each touched key's row in ``table`` with its state after the batch."""
         s = self.keyed.stream
-        _check_fold_partitioning(s, self.keyed.key, table)
+        key = self.keyed.key
         operator_id = self.name or f"{s.source}:fold:{table}"
-        s.app._add_sink(
-            SinkSpec(
-                s.source,
-                s.steps,
-                "fold",
-                table,
-                self.keyed.key,
-                fold=self.fold,
-                operator_id=operator_id,
+        if not _needs_repartition(s, key, table):
+            if self.partitions is not None:
+                raise ConfigError(
+                    f"fold into {table!r}: partitions={self.partitions} is for a repartition, "
+                    f"and stream {s.source!r} needs none (every record of a key arrives "
+                    "through one partition)",
+                    hint="drop the partitions= argument",
+                )
+            s.app._add_sink(
+                SinkSpec(s.source, s.steps, "fold", table, key, fold=self.fold,
+                         operator_id=operator_id)
             )
+            return
+        source = s.app.sources[s.source]
+        count = self.partitions or getattr(source, "n_partitions", None) or DEFAULT_PARTITIONS
+        stream = f"{operator_id}:repartition"
+        if stream in s.app.sources:
+            raise ConfigError(
+                f"fold into {table!r}: its repartition stream {stream!r} is declared already",
+                hint="give the fold another name= (or rename the stream)",
+            )
+        rep = Repartition(s.source, s.steps, stream, count, self.prune)
+        s.app._add_sink(
+            SinkSpec(stream, (), "fold", table, key, fold=self.fold, operator_id=operator_id,
+                     repartition=rep)
         )
+        s.app.sources[stream] = RepartitionSource(s.app.name, stream, s.source, count)
 
 
-def _check_fold_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
-    """Refuse a fold whose key's records may arrive through several partitions.
+def _needs_repartition(stream: Stream, key: KeySpec, table: str) -> bool:
+    """Whether a fold's key's records may arrive through several partitions of its source.
 
-    Fold state is kept per source partition: two partitions holding records of one key would
-    each fold their own part, and the sink row would hold whichever committed last. A fold is
-    correct over a single-partition source, or when the key is the field the source partitions
-    by (and only filters run before it, so the field still means what the source split on).
+    Fold state is kept per partition: two partitions holding records of one key would each
+    fold their own part. No repartition is needed over a single-partition source, or when
+    the key is the field the source partitions by (and only filters run before it, so the
+    field still means what the source split on). A windowed fold over several partitions is
+    refused (its window start is not carried through a repartition yet).
     """
     source = stream.app.sources[stream.source]
     if source.single_partition():
-        return
+        return False
     field = source.partition_key()
-    by = key.by
-    if (
+    if key.window is not None:
+        raise ConfigError(
+            f"fold into {table!r}: stream {stream.source!r} ({source.describe()}) has several "
+            "partitions and a fold over event-time windows is not repartitioned (its window "
+            "start would not follow the key)",
+            hint="use aggregate() over the window (its deltas merge across partitions)",
+        )
+    return not (
         field is not None
-        and key.window is None
-        and by == (field,)
+        and key.by == (field,)
         and all(isinstance(step, Filter) for step in stream.steps)
-    ):
-        return
-    raise ConfigError(
-        f"fold into {table!r}: stream {stream.source!r} ({source.describe()}) has several "
-        "partitions, and records of one key may arrive through more than one of them, while a "
-        "fold's state is kept per partition (each partition would fold its own part of a key)",
-        hint=(
-            "use aggregate() (its deltas merge across partitions), or key the fold by the field "
-            "the source partitions on (TableSource(..., partitions=N, partition_by=...)); a "
-            "repartition step for other keys is planned"
-        ),
     )

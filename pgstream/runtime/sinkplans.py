@@ -68,6 +68,11 @@ class Expectations:
     )
     #: (operator id, partition, JSON key) -> the state ``pgstream.state`` must hold
     states: dict[tuple[str, str, str], Any] = field(default_factory=dict)
+    #: (repartition stream, upstream stream) -> (upstream partition, offset, output number)
+    #: -> (repartition partition, key JSON, payload) of the row ``pgstream.repartition`` holds
+    handed_over: dict[tuple[str, str], dict[tuple[str, int, int], tuple[int, str, Any]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
 
 
 class SinkPlan(abc.ABC):
