@@ -294,15 +294,16 @@ SELECT src_partition, src_offset, src_seq, rpart, key, payload::text
  WHERE job = %(job)s AND stream = %(stream)s AND src_source = %(source)s
 """
 
-#: status: rows written and rows still to be consumed, per second-stage partition
+#: status: per repartition partition, the upstream streams, rows handed over, rows not yet
+#: consumed by the fold (at or above its committed offset)
 REPARTITION_BACKLOG = """
-SELECT r.rpart::text, count(*),
+SELECT r.job, r.stream, r.rpart::text, array_agg(DISTINCT r.src_source), count(*),
        count(*) FILTER (WHERE p.committed_offset IS NULL OR r.id >= p.committed_offset)
   FROM pgstream.repartition r
   LEFT JOIN pgstream.partitions p
     ON p.job = r.job AND p.source = r.stream AND p.partition = r.rpart::text
- WHERE r.job = %(job)s AND r.stream = %(stream)s
- GROUP BY r.rpart
+ WHERE %(job)s::text IS NULL OR r.job = %(job)s
+ GROUP BY r.job, r.stream, r.rpart
 """
 
 # -- workers ----------------------------------------------------------------------------------
