@@ -30,7 +30,7 @@ after the fold consumed them unless the fold was declared with ``prune=True``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -48,7 +48,7 @@ from pgstream.sinks.upsert import UpsertSink
 from pgstream.sources.repartition import Repartition, partition_of
 from pgstream.state.store import KeyedState
 
-__all__ = ["RepartitionPlan", "RepartitionedFoldPlan", "plans_for", "prune"]
+__all__ = ["RepartitionPlan", "RepartitionedFoldPlan", "plans_for", "prune", "prune_owned"]
 
 log = logging.getLogger("pgstream.repartition")
 
@@ -184,3 +184,18 @@ def prune(conn: psycopg.Connection[Any], job: str, stream: str, partition: str) 
             queries.PRUNE_REPARTITION, {"job": job, "stream": stream, "partition": partition}
         )
         return cur.rowcount
+
+
+def prune_owned(
+    conn: psycopg.Connection[Any], app: App, owned: Iterable[tuple[str, str]]
+) -> int:
+    """:func:`prune` every owned partition of the repartitions declared with
+    ``prune=True`` (run by the worker during maintenance); returns the rows deleted."""
+    pruning = {s.repartition.stream for s in app.sinks if s.repartition and s.repartition.prune}
+    deleted = 0
+    for stream, partition in owned:
+        if stream in pruning:
+            deleted += prune(conn, app.name, stream, partition)
+    if deleted:
+        log.debug("pruned %d consumed repartition rows", deleted)
+    return deleted

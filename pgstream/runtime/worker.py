@@ -20,6 +20,7 @@ from pgstream.config import Settings
 from pgstream.db.migrate import ensure_migrated
 from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
+from pgstream.runtime import repartition
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.jobcheck import PlanChangedError, check_job, job_version
@@ -321,8 +322,9 @@ class Worker:
     # -- leases ------------------------------------------------------------------------------
 
     def _maintain(self, *, discover: bool = False) -> None:
-        """Heartbeat, renew owned leases, register new partitions, release surplus and claim
-        free partitions (``discover``: look for new partitions now)."""
+        """Heartbeat, renew owned leases, register new partitions, prune consumed repartition
+        rows, release surplus and claim free partitions (``discover``: look for new partitions
+        now)."""
         conn = self.db.conn
         self._generation = self.db.generation
         self._next_maintenance = time.monotonic() + min(
@@ -336,6 +338,7 @@ class Worker:
                 log.warning("lease on %s/%s was taken over", *key)
                 self.observer.fenced(task.lease, "taken over")
                 self._drop(key)
+        repartition.prune_owned(conn, self.app, list(self.tasks))
         share = self.leases.fair_share(conn)
         while len(self.tasks) > share:
             key = sorted(self.tasks)[-1]

@@ -39,13 +39,13 @@ def _reference(rows: list[tuple[int, int, int]]) -> dict[int, tuple[int, int, in
     return want
 
 
-def _split_app(partitions: int | None = REP_PARTS) -> ps.App:
+def _split_app(partitions: int | None = REP_PARTS, prune: bool = False) -> ps.App:
     app = ps.App("repart", batch_size=97, max_interval=0.05, poll_interval=0.02)
     orders = app.stream(
         "orders", ps.TableSource("orders", partitions=4, partition_by="order_id")
     )
     orders.filter(lambda r: r["amount"] != 0).key_by("user_id").fold(
-        {"n": 0, "total": 0, "sq": 0}, user_step, partitions=partitions
+        {"n": 0, "total": 0, "sq": 0}, user_step, partitions=partitions, prune=prune
     ).to_table("user_state")
     return app
 
@@ -165,3 +165,21 @@ def test_changing_the_repartition_count_is_a_plan_and_source_change(
         run_app(_split_app(partitions=5), pg_dsn, stop_when_idle=True)
     text = str(err.value)
     assert "into 3 partitions" in text and "into 5 partitions" in text, text
+
+
+def test_prune_deletes_consumed_rows_and_verify_says_what_it_cannot_check(
+    pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    rows = _setup(pg_conn, 600)
+    app = _split_app(prune=True)
+    run_app(app, pg_dsn, stop_when_idle=True)
+    assert _sink(pg_conn) == _reference(rows)
+    left = pg_conn.execute(
+        "SELECT count(*) FROM pgstream.repartition r JOIN pgstream.partitions p "
+        "ON p.job = r.job AND p.source = r.stream AND p.partition = r.rpart::text "
+        "WHERE r.job = 'repart' AND r.id < p.committed_offset"
+    ).fetchone()
+    assert left == (0,)  # every consumed row is gone
+    report = verify_app(app, pg_dsn)
+    assert report.ok, report.summary()
+    assert any("prunes consumed rows" in note for note in report.unchecked), report.unchecked
