@@ -287,6 +287,13 @@ DELETE FROM pgstream.repartition r
    AND r.id < p.committed_offset
 """
 
+#: idle check: rows of a second-stage partition at or above its position (not folded yet)
+REPARTITION_PENDING = """
+SELECT EXISTS (SELECT 1 FROM pgstream.repartition
+                WHERE job = %(job)s AND stream = %(stream)s AND rpart = %(rpart)s
+                  AND id >= %(position)s)
+"""
+
 #: verify: every row one repartition holds, by upstream position
 REPARTITION_ROWS = """
 SELECT src_partition, src_offset, src_seq, rpart, key, payload::text

@@ -48,7 +48,14 @@ from pgstream.sinks.upsert import UpsertSink
 from pgstream.sources.repartition import Repartition, partition_of
 from pgstream.state.store import KeyedState
 
-__all__ = ["RepartitionPlan", "RepartitionedFoldPlan", "plans_for", "prune", "prune_owned"]
+__all__ = [
+    "RepartitionPlan",
+    "RepartitionedFoldPlan",
+    "not_folded_yet",
+    "plans_for",
+    "prune",
+    "prune_owned",
+]
 
 log = logging.getLogger("pgstream.repartition")
 
@@ -199,3 +206,21 @@ def prune_owned(
     if deleted:
         log.debug("pruned %d consumed repartition rows", deleted)
     return deleted
+
+
+def not_folded_yet(
+    conn: psycopg.Connection[Any], app: App, positions: Iterable[tuple[str, str, int]]
+) -> bool:
+    """Whether an owned repartition partition (``(stream, partition, position)``) holds
+    committed rows its fold has not read yet: such a partition is not idle even when its last
+    read returned nothing (the rows wait for the safe horizon), so ``run --stop-when-idle``
+    does not stop before folding what its own first stage handed over."""
+    streams = {s.repartition.stream for s in app.sinks if s.repartition is not None}
+    for stream, partition, position in positions:
+        if stream not in streams:
+            continue
+        params = {"job": app.name, "stream": stream, "rpart": int(partition), "position": position}
+        row = conn.execute(queries.REPARTITION_PENDING, params).fetchone()
+        if row is not None and row[0]:
+            return True
+    return False

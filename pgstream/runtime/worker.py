@@ -317,6 +317,9 @@ class Worker:
         self._maintain(discover=True)
         if not set(self.tasks) <= owned:
             return False  # just claimed a partition: it has not been polled yet
+        positions = [(s, p, t.position) for (s, p), t in self.tasks.items()]
+        if repartition.not_folded_yet(self.db.conn, self.app, positions):
+            return False
         return not self.leases.claimable(self.db.conn)
 
     # -- leases ------------------------------------------------------------------------------
