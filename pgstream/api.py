@@ -22,6 +22,7 @@ from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Tumbling, windowed_key
 from pgstream.sources.base import Source
 from pgstream.sources.repartition import DEFAULT_PARTITIONS, Repartition, RepartitionSource
+from pgstream.sources.table import TableSource
 
 SinkKind = Literal["append", "aggregate", "fold"]
 
@@ -301,12 +302,14 @@ class FoldedStream:
                     hint="drop the partitions= argument",
                 )
             s.app._add_sink(
-                SinkSpec(s.source, s.steps, "fold", table, key, fold=self.fold,
-                         operator_id=operator_id)
+                SinkSpec(
+                    s.source, s.steps, "fold", table, key, fold=self.fold, operator_id=operator_id
+                )
             )
             return
         source = s.app.sources[s.source]
-        count = self.partitions or getattr(source, "n_partitions", None) or DEFAULT_PARTITIONS
+        declared = source.n_partitions if isinstance(source, TableSource) else None
+        count = self.partitions or declared or DEFAULT_PARTITIONS
         stream = f"{operator_id}:repartition"
         if stream in s.app.sources:
             raise ConfigError(
@@ -315,8 +318,10 @@ class FoldedStream:
             )
         rep = Repartition(s.source, s.steps, stream, count, self.prune)
         s.app._add_sink(
-            SinkSpec(stream, (), "fold", table, key, fold=self.fold, operator_id=operator_id,
-                     repartition=rep)
+            SinkSpec(
+                stream, (), "fold", table, key, fold=self.fold, operator_id=operator_id,
+                repartition=rep,
+            )
         )
         s.app.sources[stream] = RepartitionSource(s.app.name, stream, s.source, count)
 
