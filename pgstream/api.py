@@ -22,6 +22,8 @@ from pgstream.operators.keys import KeySpec
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec, windowed_key
 from pgstream.sources.base import Source
+from pgstream.sources.repartition import DEFAULT_PARTITIONS, Repartition, RepartitionSource
+from pgstream.sources.table import TableSource
 
 SinkKind = Literal["append", "aggregate", "fold"]
 
@@ -40,6 +42,9 @@ class SinkSpec:
     operator_id: str = ""
     #: the ``window(...)`` of a windowed aggregate (its key holds ``window_start``)
     window: WindowSpec | None = None
+    #: a fold's records handed over through ``pgstream.repartition`` (``stream`` is then the
+    #: second stage's stream, ``steps`` empty: they run in the first stage)
+    repartition: Repartition | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,14 +265,30 @@ class KeyedStream:
         return AggregatedStream(self, named)
 
     def fold(
-        self, initial: Any, fn: Callable[[Any, Any], Any], *, name: str | None = None
+        self,
+        initial: Any,
+        fn: Callable[[Any, Any], Any],
+        *,
+        name: str | None = None,
+        partitions: int | None = None,
+        prune: bool = False,
     ) -> FoldedStream:
         """Per-key state ``fn(state, record) -> state`` starting at ``initial``.
 
         States are stored as JSON and must come back exactly as returned: plain dicts with str
         keys, lists, str, int, finite float, bool, None (see :mod:`pgstream.operators.fold`).
+
+        Over a source with several partitions whose records of one key may arrive through more
+        than one of them, the records go through a repartition (``pgstream.repartition``, see
+        :mod:`pgstream.runtime.repartition`) in ``partitions`` partitions (default: the
+        source's partition count when it declares one, else 8). ``prune=True`` deletes the
+        rows the fold has consumed (``pgstream verify`` then cannot replay the fold over them).
         """
-        return FoldedStream(self, Fold(initial, fn), name)
+        if partitions is not None and (
+            isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1
+        ):
+            raise ConfigError(f"fold(partitions=...) must be an int >= 1, got {partitions!r}")
+        return FoldedStream(self, Fold(initial, fn), name, partitions, prune)
 
     def window(
         self,
@@ -365,6 +386,8 @@ class FoldedStream:
     keyed: KeyedStream
     fold: Fold
     name: str | None
+    partitions: int | None = None
+    prune: bool = False
 
     def to_table(self, table: str) -> None:
         """Overwrite each touched key's row in ``table`` with its state after the batch."""
@@ -376,50 +399,65 @@ class FoldedStream:
                 "without grace or emit",
                 hint="use aggregate() for hopping windows, grace and emit='final'",
             )
-        _check_fold_partitioning(s, self.keyed.key, table)
+        key = self.keyed.key
         operator_id = self.name or f"{s.source}:fold:{table}"
+        if not _needs_repartition(s, key, table):
+            if self.partitions is not None:
+                raise ConfigError(
+                    f"fold into {table!r}: partitions={self.partitions} is for a repartition, "
+                    f"and stream {s.source!r} needs none (every record of a key arrives "
+                    "through one partition)",
+                    hint="drop the partitions= argument",
+                )
+            s.app._add_sink(
+                SinkSpec(
+                    s.source, s.steps, "fold", table, key, fold=self.fold, operator_id=operator_id
+                )
+            )
+            return
+        source = s.app.sources[s.source]
+        declared = source.n_partitions if isinstance(source, TableSource) else None
+        count = self.partitions or declared or DEFAULT_PARTITIONS
+        stream = f"{operator_id}:repartition"
+        if stream in s.app.sources:
+            raise ConfigError(
+                f"fold into {table!r}: its repartition stream {stream!r} is declared already",
+                hint="give the fold another name= (or rename the stream)",
+            )
+        rep = Repartition(s.source, s.steps, stream, count, self.prune)
         s.app._add_sink(
             SinkSpec(
-                s.source,
-                s.steps,
-                "fold",
-                table,
-                self.keyed.key,
-                fold=self.fold,
-                operator_id=operator_id,
+                stream, (), "fold", table, key, fold=self.fold, operator_id=operator_id,
+                repartition=rep,
             )
         )
+        s.app.sources[stream] = RepartitionSource(s.app.name, stream, s.source, count)
 
 
-def _check_fold_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
-    """Refuse a fold whose key's records may arrive through several partitions.
+def _needs_repartition(stream: Stream, key: KeySpec, table: str) -> bool:
+    """Whether a fold's key's records may arrive through several partitions of its source.
 
-    Fold state is kept per source partition: two partitions holding records of one key would
-    each fold their own part, and the sink row would hold whichever committed last. A fold is
-    correct over a single-partition source, or when the key is the field the source partitions
-    by (and only filters run before it, so the field still means what the source split on).
+    Fold state is kept per partition: two partitions holding records of one key would each
+    fold their own part. No repartition is needed over a single-partition source, or when
+    the key is the field the source partitions by (and only filters run before it, so the
+    field still means what the source split on). A windowed fold over several partitions is
+    refused (its window start is not carried through a repartition yet).
     """
     source = stream.app.sources[stream.source]
     if source.single_partition():
-        return
+        return False
     field = source.partition_key()
-    by = key.by
-    if (
+    if key.window is not None:
+        raise ConfigError(
+            f"fold into {table!r}: stream {stream.source!r} ({source.describe()}) has several "
+            "partitions and a fold over event-time windows is not repartitioned (its window "
+            "start would not follow the key)",
+            hint="use aggregate() over the window (its deltas merge across partitions)",
+        )
+    return not (
         field is not None
-        and key.window is None
-        and by == (field,)
+        and key.by == (field,)
         and all(isinstance(step, Filter) for step in stream.steps)
-    ):
-        return
-    raise ConfigError(
-        f"fold into {table!r}: stream {stream.source!r} ({source.describe()}) has several "
-        "partitions, and records of one key may arrive through more than one of them, while a "
-        "fold's state is kept per partition (each partition would fold its own part of a key)",
-        hint=(
-            "use aggregate() (its deltas merge across partitions), or key the fold by the field "
-            "the source partitions on (TableSource(..., partitions=N, partition_by=...)); a "
-            "repartition step for other keys is planned"
-        ),
     )
 
 

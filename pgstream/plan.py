@@ -168,6 +168,13 @@ def _sink(spec: SinkSpec) -> dict[str, Any]:
     if spec.fold is not None:
         entry["operator"] = spec.operator_id
         entry["fold"] = _fold(spec.fold)
+    if spec.repartition is not None:
+        rep = spec.repartition
+        entry["repartition"] = {
+            "from": rep.upstream,
+            "steps": _steps(rep.steps),
+            "partitions": rep.partitions,
+        }
     return entry
 
 
@@ -366,6 +373,7 @@ def _entry_changes(before: dict[str, Any], entry: dict[str, Any]) -> list[Change
         what = f"the map/filter/flat_map code feeding {table} changed"
         why = _KEYED_WORDS if keyed else "rows already written keep the old logic"
         changes.append(Change("code-changed", what, why, table))
+    changes += _repartition_changes(before.get("repartition"), entry.get("repartition"), table)
     for part, words in (
         ("key", "key or window"),
         ("aggregates", "aggregates"),
@@ -386,6 +394,27 @@ def _entry_changes(before: dict[str, Any], entry: dict[str, Any]) -> list[Change
             )
         )
     return changes
+
+
+def _repartition_changes(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, table: str
+) -> list[Change]:
+    """What changed in the repartition feeding a fold (its source stream, the code before
+    ``key_by``, its partition count)."""
+    if before == after:
+        return []
+    if before is None or after is None:
+        what = f"the fold into {table} " + ("now" if after else "no longer") + " repartitions"
+        return [Change("key-changed", what, _KEYED_WORDS, table)]
+    if before.get("steps") != after.get("steps"):
+        what = f"the map/filter/flat_map code feeding {table} (before its repartition) changed"
+        return [Change("code-changed", what, _KEYED_WORDS, table)]
+    what = (
+        f"the repartition feeding {table} changed ({before.get('from')!r} in "
+        f"{before.get('partitions')} partitions -> {after.get('from')!r} in "
+        f"{after.get('partitions')})"
+    )
+    return [Change("key-changed", what, _KEYED_WORDS, table)]
 
 
 def _handler_changes(

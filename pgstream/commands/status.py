@@ -89,13 +89,15 @@ def command(
         items = read_status(conn, app, resolved)
         from pgstream.db import queries
 
-        marks = conn.execute(
-            queries.STATUS_JOB_WATERMARKS, {"job": app.name if app else None}
-        ).fetchall()
+        job = {"job": app.name if app else None}
+        marks = conn.execute(queries.STATUS_JOB_WATERMARKS, job).fetchall()
+        backlog = conn.execute(queries.REPARTITION_BACKLOG, job).fetchall()
+    _repartition_stages(items, backlog)
     if as_json:
         click.echo(json.dumps(items, default=_json_default, indent=2))
         return
     _print_table(items)
+    _print_repartitions(items)
     for job_name, operator, mark, parts, idle in marks:
         at = mark.strftime("%Y-%m-%d %H:%M:%S") if mark else "- (a partition has none yet)"
         click.echo(
@@ -110,13 +112,51 @@ def read_status(conn: Any, app: Any, dsn: str) -> list[dict[str, Any]]:
     from pgstream.db import queries
 
     rows = conn.execute(queries.STATUS, {"job": app.name if app else None}).fetchall()
-    items = [{**dict(zip(COLUMNS, r)), "held_by": None} for r in rows]
+    items = [{**dict(zip(COLUMNS, r)), "held_by": None, "stage": None} for r in rows]
     if app is not None:
         _live_heads(app, dsn, items)
     for item in items:
         head, done = item["source_head"], item["committed_offset"]
         item["lag"] = None if head is None or done is None else max(0, head - done)
     return items
+
+
+def _repartition_stages(items: list[dict[str, Any]], backlog: list[tuple[Any, ...]]) -> None:
+    """Mark both stages of every repartition (:mod:`pgstream.runtime.repartition`): a
+    partition of an upstream stream gets ``stage = "hand-over"`` and ``feeds`` (the
+    repartition streams it writes), a repartition partition ``stage = "fold"``, ``handed_over``
+    (rows written to it) and ``lag`` = rows not yet folded."""
+    feeds: dict[tuple[str, str], set[str]] = {}
+    rows: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for job, stream, rpart, upstreams, total, waiting in backlog:
+        rows[(job, stream, rpart)] = (int(total), int(waiting))
+        for up in upstreams:
+            feeds.setdefault((job, up), set()).add(stream)
+    streams = {(job, stream) for job, stream, _ in rows}
+    for item in items:
+        key = (item["job"], item["source"])
+        if key in streams or item["source"].endswith(":repartition"):
+            total, waiting = rows.get((*key, item["partition"]), (0, 0))
+            item.update(stage="fold", handed_over=total, lag=waiting)
+        elif key in feeds:
+            item.update(stage="hand-over", feeds=sorted(feeds[key]))
+
+
+def _print_repartitions(items: list[dict[str, Any]]) -> None:
+    """Below the table: each repartition's two stages in one line."""
+    folds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for it in items:
+        if it["stage"] == "fold":
+            folds.setdefault((it["job"], it["source"]), []).append(it)
+    for (job, stream), parts in sorted(folds.items()):
+        ups = sorted({it["source"] for it in items if stream in (it.get("feeds") or ())})
+        handed = sum(it["handed_over"] for it in parts)
+        waiting = sum(it["lag"] or 0 for it in parts)
+        click.echo(
+            f"{job}: repartition {stream} (stage 1: {', '.join(ups) or '-'} hand records over; "
+            f"stage 2: {len(parts)} partitions fold them): {handed} rows handed over, "
+            f"{waiting} not folded yet"
+        )
 
 
 #: a transaction open at least this long that the safe horizon waits for is named as holding

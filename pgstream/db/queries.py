@@ -322,6 +322,58 @@ ON CONFLICT (job, operator, partition, key)
 DO UPDATE SET value = EXCLUDED.value, updated_at = now()
 """
 
+# -- repartition: keyed records handed from a first stage to a second ------------------------
+
+#: the first stage's rows, in its batch transaction (the partition's compare-and-set fences it)
+COPY_REPARTITION = """
+COPY pgstream.repartition
+     (job, stream, rpart, key, payload, src_source, src_partition, src_offset, src_seq)
+FROM STDIN
+"""
+
+#: after rewound offsets: rows at positions handed over already are left as they are
+INSERT_REPARTITION_IGNORING_DUPLICATES = """
+INSERT INTO pgstream.repartition
+       (job, stream, rpart, key, payload, src_source, src_partition, src_offset, src_seq)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (job, stream, src_partition, src_offset, src_seq) DO NOTHING
+"""
+
+#: retention: rows of a second-stage partition below its committed offset (consumed)
+PRUNE_REPARTITION = """
+DELETE FROM pgstream.repartition r
+ USING pgstream.partitions p
+ WHERE p.job = %(job)s AND p.source = %(stream)s AND p.partition = %(partition)s
+   AND r.job = p.job AND r.stream = p.source AND r.rpart = p.partition::int
+   AND r.id < p.committed_offset
+"""
+
+#: idle check: rows of a second-stage partition at or above its position (not folded yet)
+REPARTITION_PENDING = """
+SELECT EXISTS (SELECT 1 FROM pgstream.repartition
+                WHERE job = %(job)s AND stream = %(stream)s AND rpart = %(rpart)s
+                  AND id >= %(position)s)
+"""
+
+#: verify: every row one repartition holds, by upstream position
+REPARTITION_ROWS = """
+SELECT src_partition, src_offset, src_seq, rpart, key, payload::text
+  FROM pgstream.repartition
+ WHERE job = %(job)s AND stream = %(stream)s AND src_source = %(source)s
+"""
+
+#: status: per repartition partition, the upstream streams, rows handed over, rows not yet
+#: consumed by the fold (at or above its committed offset)
+REPARTITION_BACKLOG = """
+SELECT r.job, r.stream, r.rpart::text, array_agg(DISTINCT r.src_source), count(*),
+       count(*) FILTER (WHERE p.committed_offset IS NULL OR r.id >= p.committed_offset)
+  FROM pgstream.repartition r
+  LEFT JOIN pgstream.partitions p
+    ON p.job = r.job AND p.source = r.stream AND p.partition = r.rpart::text
+ WHERE %(job)s::text IS NULL OR r.job = %(job)s
+ GROUP BY r.job, r.stream, r.rpart
+"""
+
 # -- workers ----------------------------------------------------------------------------------
 
 HEARTBEAT = """

@@ -366,3 +366,38 @@ for _name, _body in VIEWS.items():
     event.listen(metadata, "after_create", DDL(f"CREATE VIEW {SCHEMA}.{_name} AS {_body}"))  # type: ignore[no-untyped-call]
 for _name in reversed(VIEWS):
     event.listen(metadata, "before_drop", DDL(f"DROP VIEW IF EXISTS {SCHEMA}.{_name}"))  # type: ignore[no-untyped-call]
+
+# Keyed records handed from a repartition's first stage to its second (see
+# pgstream.runtime.repartition). ``id`` is the second stage's offset (read below the safe
+# horizon, like a table source); ``rpart`` the repartition partition, a stable hash of ``key``;
+# the upstream position is unique per stream, so a record is never handed over twice.
+repartition = Table(
+    "repartition",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("job", Text, nullable=False),
+    Column("stream", Text, nullable=False),
+    Column("rpart", Integer, nullable=False),
+    Column("key", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("src_source", Text, nullable=False),
+    Column("src_partition", Text, nullable=False),
+    Column("src_offset", BigInteger, nullable=False),
+    Column("src_seq", Integer, nullable=False),
+    UniqueConstraint(
+        "job",
+        "stream",
+        "src_partition",
+        "src_offset",
+        "src_seq",
+        name="repartition_position_key",
+    ),
+)
+
+Index(
+    "repartition_read_idx",
+    repartition.c.job,
+    repartition.c.stream,
+    repartition.c.rpart,
+    repartition.c.id,
+)

@@ -25,7 +25,7 @@ from pgstream.api import App
 from pgstream.config import OnError
 from pgstream.errors import RecordFailedError
 from pgstream.gcpause import gc_paused
-from pgstream.runtime import kernels, pushdown
+from pgstream.runtime import kernels, pushdown, repartition
 from pgstream.runtime.output import BatchOutput, DeadLetter
 from pgstream.runtime.sinkplans import PLAN_KINDS, HandlerPlan, SinkPlan, ordered
 from pgstream.sinks.append import AppendSink
@@ -79,8 +79,9 @@ class Pipeline:
                 app.settings,
             )
             for spec in app.sinks
-            if spec.stream == source
+            if spec.stream == source and spec.repartition is None
         ]
+        found += repartition.plans_for(app, source, sinks, states)
         found += [HandlerPlan(h) for h in app.handlers if h.stream == source]
         #: the sink plans in write order; plan ``i`` owns ``BatchOutput.slots[i]``
         self.plans: list[SinkPlan] = list(ordered(found))

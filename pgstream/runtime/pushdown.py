@@ -354,7 +354,8 @@ class PushedPlan(SinkPlan, abc.ABC):
         cur.execute("SAVEPOINT pgstream_pushdown")
         try:
             cur.execute(sql.SQL("EXPLAIN ") + stmt, params)
-        except (psycopg.errors.SyntaxErrorOrAccessRuleViolation, psycopg.errors.DataError) as exc:
+        # class 42 (undefined function, type mismatch, syntax, privilege...) or 22 (data)
+        except (psycopg.ProgrammingError, psycopg.DataError) as exc:
             cur.execute("ROLLBACK TO SAVEPOINT pgstream_pushdown")
             self.active = False
             first = str(exc).strip().splitlines()[0]

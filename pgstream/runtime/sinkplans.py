@@ -73,6 +73,11 @@ class Expectations:
     late: dict[str, dict[tuple[str, str, int, int, float], tuple[float, float]]] = field(
         default_factory=lambda: defaultdict(dict)
     )
+    #: (repartition stream, upstream stream) -> (upstream partition, offset, output number)
+    #: -> (repartition partition, key JSON, payload) of the row ``pgstream.repartition`` holds
+    handed_over: dict[tuple[str, str], dict[tuple[str, int, int], tuple[int, str, Any]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
 
 
 class SinkPlan(abc.ABC):

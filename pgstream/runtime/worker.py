@@ -21,6 +21,7 @@ from pgstream.config import Settings
 from pgstream.db.migrate import ensure_migrated
 from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
+from pgstream.runtime import repartition
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.group import GroupWatcher
@@ -351,15 +352,18 @@ class Worker:
             return False  # just claimed a partition: it has not been polled yet
         if len(self.tasks) < self._share:
             return False
+        positions = [(s, p, t.position) for (s, p), t in self.tasks.items()]
+        if repartition.not_folded_yet(self.db.conn, self.app, positions):
+            return False
         return not self.leases.claimable(self.db.conn)
 
     # -- leases ------------------------------------------------------------------------------
 
     def _maintain(self, *, discover: bool = False) -> None:
-        """Heartbeat, renew owned leases, register new partitions, hand surplus partitions
-        over and claim free ones up to this worker's share (``discover``: look for new
-        partitions now). Runs between batches: at every renewal, and as soon as the group
-        changed (:class:`~pgstream.runtime.group.GroupWatcher`)."""
+        """Heartbeat, renew owned leases, register new partitions, prune consumed repartition
+        rows, hand surplus partitions over and claim free ones up to this worker's share
+        (``discover``: look for new partitions now). Runs between batches: at every renewal,
+        and as soon as the group changed (:class:`~pgstream.runtime.group.GroupWatcher`)."""
         conn = self.db.conn
         if self.group is not None:
             self.group.changed.clear()
@@ -378,6 +382,7 @@ class Worker:
                 log.warning("lease on %s/%s was taken over", *key, extra=_where(*key))
                 self.observer.fenced(task.lease, "taken over")
                 self._drop(key)
+        repartition.prune_owned(conn, self.app, list(self.tasks))
         self._share = self.leases.fair_share(conn)
         if len(self.tasks) > self._share:
             self._hand_over(conn, len(self.tasks) - self._share)

@@ -21,6 +21,7 @@ from pgstream.verify.compare import (
     compare_states,
 )
 from pgstream.verify.expected import Expected
+from pgstream.verify.handover import compare_handed_over, pruned_streams
 from pgstream.verify.judge import load_judge
 from pgstream.verify.ledger import load_dead_letters, load_partitions, load_skips
 from pgstream.verify.report import CannotVerify, VerifyReport
@@ -48,6 +49,11 @@ def verify_app(app: App, dsn: str, *, chunk: int = CHUNK) -> VerifyReport:
         committed_of: dict[tuple[str, str], int | None] = {}
         parts = load_partitions(conn, app)
         report.partitions = len(parts)
+        pruned = pruned_streams(app)
+        for stream, spec in pruned.items():
+            why = f"its repartition {stream!r} prunes consumed rows (fold(..., prune=True))"
+            expected.unchecked_tables[spec.table] = why
+            report.unchecked.append(f"fold sink {spec.table}: {why}, so it cannot be replayed")
         for p in parts:
             committed_of[(p.source, p.partition)] = p.committed
             source = app.sources.get(p.source)
@@ -61,6 +67,8 @@ def verify_app(app: App, dsn: str, *, chunk: int = CHUNK) -> VerifyReport:
                 )
                 continue
             stored = dead_rows.get((p.source, p.partition), {})
+            if p.source in pruned:
+                continue
             audit_partition(
                 conn, app, dsn, source, p, sinks, stored, expected, report, chunk, judge
             )
@@ -132,6 +140,9 @@ def _compare_sinks(
             compare_aggregate(conn, spec, expected, report)
         else:
             compare_fold(conn, spec, expected, report)
+    for spec in app.sinks:
+        if spec.repartition is not None:
+            compare_handed_over(conn, app, spec, expected, committed_of, report)
     compare_states(conn, app, expected, report)
 
 

@@ -140,7 +140,13 @@ def audit_partition(
         return
     operators = _Operators(app, p, sinks)
     runtime_dead = {off for off, op in stored_dead.items() if op in RUNTIME_DEAD_OPERATORS}
-    mine = [i for i, spec in enumerate(app.sinks) if spec.stream == p.source]
+    # a repartitioned fold: its hand-over runs in its upstream stream's partitions
+    mine = [
+        i
+        for i, spec in enumerate(app.sinks)
+        if spec.stream == p.source
+        or (spec.repartition is not None and spec.repartition.upstream == p.source)
+    ]
     dead = expected.dead[(p.source, p.partition)]
     try:
         reader = source.open(p.partition, OpenContext(dsn))
