@@ -21,7 +21,7 @@ from pgstream.verify.compare import (
 )
 from pgstream.verify.expected import Expected
 from pgstream.verify.judge import load_judge
-from pgstream.verify.ledger import load_dead_letters, load_partitions
+from pgstream.verify.ledger import count_redriven, load_dead_letters, load_partitions
 from pgstream.verify.report import CannotVerify, VerifyReport
 from pgstream.verify.reread import audit_partition
 
@@ -42,6 +42,7 @@ def verify_app(app: App, dsn: str, *, chunk: int = CHUNK) -> VerifyReport:
         sinks = _bind_sinks(conn, app)
         judge = load_judge(conn, app)
         dead_rows = load_dead_letters(conn, app.name)
+        report.redriven = count_redriven(conn, app.name)
         expected = Expected()
         committed_of: dict[tuple[str, str], int | None] = {}
         parts = load_partitions(conn, app)
