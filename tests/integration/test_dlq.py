@@ -351,3 +351,126 @@ def test_redrive_takes_open_dead_letters_only(status: str) -> None:
 
     with pytest.raises(ConfigError, match="only open dead letters"):
         Redriver(ps.App("x"), None, Filters(status=status))  # type: ignore[arg-type]
+
+
+def test_a_record_the_sink_rejects_stays_open_and_the_chunk_goes_on(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _setup(tmp_path, pg_conn, 200)
+    _run_broken(tmp_path, env, pg_dsn)
+    # id 10 failed (10 % 7 == 3); now the sink refuses its row
+    pg_conn.execute("ALTER TABLE facts ADD CONSTRAINT no_ten CHECK (id <> 10)")
+    redrive = ["dlq", "redrive", "dlqapp:app", "--dsn", pg_dsn, "--yes"]
+    out = _cli(tmp_path, env, "fixed", *redrive).stdout
+    assert "1 still fail" in out and "no_ten" in out, out
+    ten = next(off for off, r in _offsets(data) if r["id"] == 10)
+    dead = _dead(pg_conn)
+    assert {o for o, (d, _, _) in dead.items() if not d} == {ten}
+    assert "sink rejected" in (dead[ten][2] or "")
+    # neither its fact nor its aggregate delta was written (the savepoint took both back)
+    want_facts, want_totals = _reference(data, None)
+    got_facts, got_totals = _sinks(pg_conn)
+    r10 = dict(_offsets(data))[ten]
+    assert want_facts - got_facts == Counter(
+        {(10, r10["user"], r10["amount"] * 100, "events", "0", ten, 0): 1}
+    )
+    n, t = want_totals[r10["user"]]
+    assert got_totals == {**want_totals, r10["user"]: (n - 1, t - r10["amount"])}
+    # the table fixed: the last one goes through
+    pg_conn.execute("ALTER TABLE facts DROP CONSTRAINT no_ten")
+    _cli(tmp_path, env, "fixed", *redrive)
+    _assert_exact(pg_conn, data, None)
+    _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_redrive_alongside_a_live_worker(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _setup(tmp_path, pg_conn, 1000)
+    _run_broken(tmp_path, env, pg_dsn)
+    path = tmp_path / "events.jsonl"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "pgstream", "run", "dlqapp:app", "--dsn", pg_dsn],
+        cwd=tmp_path,
+        env={**env, "DLQAPP_MODE": "fixed"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        redrive = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pgstream",
+                "dlq",
+                "redrive",
+                "dlqapp:app",
+                "--dsn",
+                pg_dsn,
+                "--chunk",
+                "3",
+                "--yes",
+            ],
+            cwd=tmp_path,
+            env={**env, "DLQAPP_MODE": "fixed"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for start in range(1000, 2000, 100):  # new records arrive meanwhile
+            with open(path, "ab") as f:
+                f.write(b"".join(_line(i) for i in range(start, start + 100)))
+            time.sleep(0.05)
+        out, err = redrive.communicate(timeout=120)
+        assert redrive.returncode == 0, out + err
+        data = path.read_bytes()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            row = pg_conn.execute(
+                "SELECT committed_offset FROM pgstream.partitions WHERE job = 'dlqjob'"
+            ).fetchone()
+            if row is not None and row[0] == len(data):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the worker did not catch up")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, werr = worker.communicate(timeout=60)
+    assert worker.returncode == 0, werr
+    _assert_exact(pg_conn, data, None)
+    assert all(d for d, _, _ in _dead(pg_conn).values())
+    _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_job_reset_refuses_while_a_redrive_chunk_is_in_flight(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    from pgstream.db import queries
+
+    env, _ = _setup(tmp_path, pg_conn, 50)
+    _run_broken(tmp_path, env, pg_dsn)
+    with psycopg.connect(pg_dsn) as chunk:  # a chunk's first statement, transaction open
+        params = {"job": "dlqjob", "source": None}
+        assert chunk.execute(queries.DLQ_LOCK_PARTITIONS, params).fetchall()
+        done = _cli(
+            tmp_path,
+            env,
+            "fixed",
+            "job",
+            "reset",
+            "dlqapp:app",
+            "--stream",
+            "events",
+            "--yes",
+            "--dsn",
+            pg_dsn,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert "holds its partition rows" in done.stderr, done.stderr
+        # a worker's checkpoint UPDATE (no key change) is not blocked by it
+        with psycopg.connect(pg_dsn, autocommit=True) as other:
+            other.execute("SET lock_timeout = '2s'")
+            other.execute("UPDATE pgstream.partitions SET attempts = attempts WHERE job = 'dlqjob'")
