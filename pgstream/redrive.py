@@ -9,7 +9,8 @@ chunk of dead letters is ONE transaction:
    cannot interleave with the chunk.
 2. **Claim** the next open dead letters ``FOR UPDATE SKIP LOCKED`` (a concurrent redrive
    takes other rows).
-3. **Evaluate** each record (its stored payload, decoded as JSON) through the pipeline.
+3. **Evaluate** each record through the pipeline: a table source's row re-read from the
+   table (the values a worker and ``verify`` see), else the stored payload decoded as JSON.
 4. **Write** each record's outputs in a savepoint: append rows at the record's original
    position ``(_source, _partition, _offset, _seq)`` (so verify and rewind tell them apart,
    and the unique index refuses a second copy), aggregate deltas merged by the sink,
@@ -47,7 +48,8 @@ from pgstream.runtime.sinkplans import HandlerError
 from pgstream.runtime.worker import build_sinks
 from pgstream.sinks.append import AppendSink
 from pgstream.sinks.upsert import UpsertSink
-from pgstream.sources.base import SourceRecord
+from pgstream.sources.base import OpenContext, PartitionReader, SourceError, SourceRecord
+from pgstream.sources.table import TableReader, TableSource
 
 log = logging.getLogger("pgstream.redrive")
 
@@ -164,7 +166,12 @@ class Redriver:
     """Redrives a job's open dead letters, chunk by chunk (see the module docstring)."""
 
     def __init__(
-        self, app: App, conn: psycopg.Connection[Any], filters: Filters, chunk: int = CHUNK
+        self,
+        app: App,
+        conn: psycopg.Connection[Any],
+        filters: Filters,
+        chunk: int = CHUNK,
+        dsn: str | None = None,
     ) -> None:
         if filters.status != "open":
             raise ConfigError(
@@ -178,6 +185,9 @@ class Redriver:
         self.params = filters.params(app.name)
         self._sinks: dict[str, AppendSink | UpsertSink] | None = None
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        #: the job's database, for re-reading table sources (None: stored payloads only)
+        self.dsn = dsn
+        self._readers: dict[tuple[str, str], PartitionReader | None] = {}
 
     def check(self) -> None:
         """Refuse streams redrive cannot serve: a fold among its sinks."""
@@ -196,6 +206,14 @@ class Redriver:
         """Redrive every selected open dead letter; without ``apply`` each chunk is rolled
         back (a dry run whose counts are what ``apply`` would do)."""
         self.check()
+        try:
+            return self._run(apply)
+        finally:
+            for reader in self._readers.values():
+                if reader is not None:
+                    reader.close()
+
+    def _run(self, apply: bool) -> RedriveReport:
         report = RedriveReport()
         after = 0
         while True:
@@ -258,7 +276,7 @@ class Redriver:
         pipeline = self._pipeline(d.source, d.partition)
         if pipeline is None:
             return False, f"stream {d.source!r} is no longer in the app", 0
-        rec = _record(d)
+        rec = self._reread(d) or _record(d)
         if rec.value is None:
             return False, rec.error or "the stored payload cannot be decoded", 0
         out = pipeline.evaluate([rec])
@@ -296,6 +314,26 @@ class Redriver:
         )
         for plan in pipeline.plans:
             plan.run_handler(cur, rng, out)
+
+    def _reread(self, d: _Claimed) -> SourceRecord | None:
+        """The record as its table source holds it now (the values a worker and ``verify``
+        see: numerics as Decimals, timestamps as datetimes), or None: not a table source, or
+        the row is gone (then the stored payload serves)."""
+        key = (d.source, d.partition)
+        if key not in self._readers:
+            reader: PartitionReader | None = None
+            source = self.app.sources.get(d.source)
+            if self.dsn is not None and isinstance(source, TableSource):
+                try:
+                    reader = source.open(d.partition, OpenContext(self.dsn))
+                except SourceError as exc:
+                    log.warning("%s: redriving stored payloads: %s", source.describe(), exc)
+            self._readers[key] = reader
+        reader = self._readers[key]
+        if not isinstance(reader, TableReader):
+            return None
+        found = reader.read_range(d.offset, d.offset + 1, 1)
+        return found[0] if found and found[0].offset == d.offset else None
 
     def _sinks_written(self) -> list[UpsertSink]:
         return [s for s in (self._sinks or {}).values() if isinstance(s, UpsertSink)]

@@ -223,12 +223,14 @@ def redrive_command(target: str, dsn: str | None, chunk: int, yes: bool, **kw: A
     exactly once: per chunk, ONE transaction writes the outputs and marks the dead letters
     redriven (or leaves them open with the new error). Running it again, or after a crash,
     changes nothing more."""
+    from pgstream.db.connect import resolve_dsn
     from pgstream.redrive import Redriver
 
     app = _load(target)
     filters = _filters("open", kw)
-    with _connection(dsn) as conn:
-        report = Redriver(app, conn, filters, chunk).run(apply=yes)
+    resolved = resolve_dsn(dsn)
+    with _connection(resolved) as conn:
+        report = Redriver(app, conn, filters, chunk, dsn=resolved).run(apply=yes)
     _print_report(report, yes)
 
 

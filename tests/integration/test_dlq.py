@@ -474,3 +474,55 @@ def test_job_reset_refuses_while_a_redrive_chunk_is_in_flight(
         with psycopg.connect(pg_dsn, autocommit=True) as other:
             other.execute("SET lock_timeout = '2s'")
             other.execute("UPDATE pgstream.partitions SET attempts = attempts WHERE job = 'dlqjob'")
+
+
+TABLE_APP = """
+import os
+import pgstream as ps
+
+BROKEN = os.environ.get("DLQAPP_MODE") == "broken"
+app = ps.App("dlqtable", batch_size=50, max_interval=0.05, poll_interval=0.02)
+orders = app.stream("orders", ps.TableSource("public.orders", offset_column="id"))
+
+
+def fact(r):
+    if BROKEN and r["id"] % 5 == 0:
+        raise ValueError(f"cannot price order {r['id']}")
+    return {"id": r["id"], "user_id": r["user_id"], "cents": int(r["amount"] * 100)}
+
+
+orders.map(fact).to_table("facts")
+orders.key_by("user_id").aggregate(n=ps.count(), total=ps.sum("amount")).to_table("totals")
+"""
+
+
+def test_redrive_rereads_a_table_source_with_its_types(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    """The row is re-read from the table (a numeric amount arrives as a Decimal, as in the
+    worker and in verify), not rebuilt from its JSON payload (where it is a string)."""
+    env, _ = _setup(tmp_path, pg_conn, 1)
+    (tmp_path / "dlqapp.py").write_text(TABLE_APP)
+    pg_conn.execute(
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL,"
+        " amount numeric(10, 2) NOT NULL)"
+    )
+    pg_conn.execute(
+        "INSERT INTO orders (user_id, amount) SELECT i % 7, ((i * 37) % 1000) / 100.0"
+        " FROM generate_series(1, 300) AS i"
+    )
+    _run_broken(tmp_path, env, pg_dsn)
+    assert len(_dead(pg_conn)) == 60
+    _cli(tmp_path, env, "fixed", "dlq", "redrive", "dlqapp:app", "--dsn", pg_dsn, "--yes")
+    assert all(d for d, _, _ in _dead(pg_conn).values())
+    facts = pg_conn.execute(
+        "SELECT f.cents = (o.amount * 100)::bigint, count(*) FROM orders o"
+        " LEFT JOIN facts f ON f.id = o.id AND f._offset = o.id GROUP BY 1"
+    ).fetchall()
+    assert facts == [(True, 300)]
+    totals = pg_conn.execute(
+        "SELECT count(*) FROM totals t JOIN (SELECT user_id, count(*) n, sum(amount) s"
+        " FROM orders GROUP BY 1) o USING (user_id) WHERE t.n = o.n AND t.total = o.s"
+    ).fetchone()
+    assert totals == (7,)
+    _verify_clean(tmp_path, env, pg_dsn)
