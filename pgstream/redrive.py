@@ -38,11 +38,13 @@ from typing import Any, Literal
 import orjson
 import psycopg
 
+from pgstream import plan as plans
 from pgstream.api import App
 from pgstream.db import queries
 from pgstream.errors import ConfigError
 from pgstream.runtime.checkpoint import BatchRange, DuplicateOutputError, SinkDataError, write_sinks
 from pgstream.runtime.crashpoints import crash_point
+from pgstream.runtime.jobcheck import PlanChangedError
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
 from pgstream.runtime.sinkplans import HandlerError
 from pgstream.runtime.worker import build_sinks
@@ -188,6 +190,7 @@ class Redriver:
         #: the job's database, for re-reading table sources (None: stored payloads only)
         self.dsn = dsn
         self._readers: dict[tuple[str, str], PartitionReader | None] = {}
+        self._fingerprint: str | None = None
 
     def check(self) -> None:
         """Refuse streams redrive cannot serve: a fold among its sinks."""
@@ -219,6 +222,7 @@ class Redriver:
         while True:
             with self.conn.transaction(force_rollback=not apply), self.conn.cursor() as cur:
                 cur.execute(queries.DLQ_LOCK_PARTITIONS, self.params)
+                self._check_plan(cur)
                 claimed = [
                     _Claimed(*r)
                     for r in cur.execute(
@@ -234,6 +238,20 @@ class Redriver:
                     crash_point("redrive_before_commit")
             if apply:
                 crash_point("redrive_after_commit")
+
+    def _check_plan(self, cur: psycopg.Cursor[Any]) -> None:
+        """Refuse when the app's plan is not the job's recorded one: redrive writes with the
+        code the job's workers run, never with a plan it has not accepted."""
+        if self._fingerprint is None:
+            self._fingerprint = plans.fingerprint(plans.describe(self.app))
+        row = cur.execute(queries.DLQ_JOB_PLAN, {"job": self.app.name}).fetchone()
+        if row is not None and row[1] != self._fingerprint:
+            raise PlanChangedError(
+                f"the app's plan differs from the recorded plan of job {self.app.name!r} "
+                f"(version {row[0]}): redrive runs only the plan the job has accepted",
+                hint="after changing the code, run `pgstream run MODULE:APP --accept-changes` "
+                "(it records the new plan), then redrive",
+            )
 
     def _chunk(
         self, cur: psycopg.Cursor[Any], claimed: list[_Claimed], report: RedriveReport

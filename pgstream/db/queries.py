@@ -649,6 +649,9 @@ SELECT p.source, p.partition FROM pgstream.partitions AS p
    FOR KEY SHARE OF p
 """
 
+# The job's recorded plan: redrive writes only with the plan the job runs (checked per chunk).
+DLQ_JOB_PLAN = "SELECT version, fingerprint FROM pgstream.jobs WHERE job = %(job)s"
+
 # The next open dead letters after id %(after)s, locked: a concurrent redrive skips them.
 DLQ_CLAIM = f"""
 SELECT d.id, d.source, d.partition, d."offset", d.payload, d.operator

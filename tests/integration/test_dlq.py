@@ -526,3 +526,36 @@ def test_redrive_rereads_a_table_source_with_its_types(
     ).fetchone()
     assert totals == (7,)
     _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_redrive_refuses_a_plan_the_job_has_not_accepted(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _setup(tmp_path, pg_conn, 100)
+    _run_broken(tmp_path, env, pg_dsn)
+    before = _dead(pg_conn)
+    app = tmp_path / "dlqapp.py"
+    app.write_text(
+        app.read_text().replace('"cents": r["amount"] * 100', '"cents": r["amount"] * 100 + 0')
+    )
+    redrive = ["dlq", "redrive", "dlqapp:app", "--dsn", pg_dsn, "--yes"]
+    done = _cli(tmp_path, env, "fixed", *redrive, check=False)
+    assert done.returncode != 0
+    assert "differs from the recorded plan of job 'dlqjob'" in done.stderr, done.stderr
+    assert "--accept-changes" in done.stderr
+    assert _dead(pg_conn) == before
+    _cli(
+        tmp_path,
+        env,
+        "fixed",
+        "run",
+        "dlqapp:app",
+        "--dsn",
+        pg_dsn,
+        "--stop-when-idle",
+        "--accept-changes",
+    )
+    _cli(tmp_path, env, "fixed", *redrive)
+    _assert_exact(pg_conn, data, None)
+    report = _verify_clean(tmp_path, env, pg_dsn)
+    assert "redriven dead letters" in report, report
