@@ -37,6 +37,15 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
+import psycopg.errors
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
 
 from pgstream import plan as plans
 from pgstream.api import App
@@ -58,6 +67,10 @@ log = logging.getLogger("pgstream.redrive")
 Status = Literal["open", "redriven", "all"]
 #: dead letters per redrive transaction
 CHUNK = 500
+#: errors that roll a chunk back and are worth trying again
+_ROLLED_BACK = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+#: tries of a chunk rolled back by a deadlock or a serialization failure
+CHUNK_ATTEMPTS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +166,14 @@ class RedriveReport:
     chunks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
+    def add(self, other: RedriveReport) -> None:
+        """Count a committed chunk's report in."""
+        self.redriven += other.redriven
+        self.failed += other.failed
+        self.rows += other.rows
+        self.chunks += other.chunks
+        self.errors.update(other.errors)
+
 
 @dataclass(slots=True)
 class _Claimed:
@@ -220,24 +241,44 @@ class Redriver:
         report = RedriveReport()
         after = 0
         while True:
-            with self.conn.transaction(force_rollback=not apply), self.conn.cursor() as cur:
-                cur.execute(queries.DLQ_LOCK_PARTITIONS, self.params)
-                self._check_plan(cur)
-                claimed = [
-                    _Claimed(*r)
-                    for r in cur.execute(
-                        queries.DLQ_CLAIM, {**self.params, "after": after, "limit": self.chunk}
-                    ).fetchall()
-                ]
-                if not claimed:
-                    return report
-                after = claimed[-1].id
-                self._chunk(cur, claimed, report)
-                report.chunks += 1
-                if apply:
-                    crash_point("redrive_before_commit")
+            # A deadlock with a worker's upsert (both lock aggregate rows) or a serialization
+            # failure rolls the whole chunk back: it is tried again from the same place.
+            for attempt in Retrying(
+                retry=retry_if_exception_type(_ROLLED_BACK),
+                wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
+                stop=stop_after_attempt(CHUNK_ATTEMPTS),
+                before_sleep=_log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    step = RedriveReport()
+                    last = self._chunk_transaction(apply, after, step)
+            if last is None:
+                return report
+            report.add(step)
+            after = last
             if apply:
                 crash_point("redrive_after_commit")
+
+    def _chunk_transaction(self, apply: bool, after: int, step: RedriveReport) -> int | None:
+        """One chunk in one transaction (rolled back unless ``apply``): the last dead letter
+        id it claimed, or None when none is left."""
+        with self.conn.transaction(force_rollback=not apply), self.conn.cursor() as cur:
+            cur.execute(queries.DLQ_LOCK_PARTITIONS, self.params)
+            self._check_plan(cur)
+            claimed = [
+                _Claimed(*r)
+                for r in cur.execute(
+                    queries.DLQ_CLAIM, {**self.params, "after": after, "limit": self.chunk}
+                ).fetchall()
+            ]
+            if not claimed:
+                return None
+            self._chunk(cur, claimed, step)
+            step.chunks += 1
+            if apply:
+                crash_point("redrive_before_commit")
+        return claimed[-1].id
 
     def _check_plan(self, cur: psycopg.Cursor[Any]) -> None:
         """Refuse when the app's plan is not the job's recorded one: redrive writes with the
@@ -369,6 +410,11 @@ class Redriver:
             pipeline.on_error = "dead_letter"
             self._pipelines[key] = pipeline
         return self._pipelines[key]
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning("redrive chunk rolled back (%s): trying it again", exc)
 
 
 def _record(d: _Claimed) -> SourceRecord:
