@@ -744,8 +744,14 @@ SELECT source, partition, committed_offset, epoch FROM pgstream.partitions
  WHERE job = %(job)s ORDER BY source, partition
 """
 
+# Open dead letters only: a redriven one's record has its effect in the sinks now.
 VERIFY_DEAD_LETTERS = """
-SELECT source, partition, "offset", operator FROM pgstream.dead_letters WHERE job = %(job)s
+SELECT source, partition, "offset", operator FROM pgstream.dead_letters
+ WHERE job = %(job)s AND NOT redriven
+"""
+
+VERIFY_REDRIVEN = """
+SELECT count(*) FROM pgstream.dead_letters WHERE job = %(job)s AND redriven
 """
 
 VERIFY_LEDGER = """
@@ -763,4 +769,90 @@ SELECT source, partition, from_offset, to_offset, reason, detail, policy, skippe
 VERIFY_STATES = """
 SELECT operator, partition, key, value FROM pgstream.state
  WHERE job = %(job)s AND operator = ANY(%(operators)s)
+"""
+
+# -- dead letters: pgstream dlq list|show|redrive (pgstream.redrive) --------------------------
+# Filters are NULL when not given. Offsets: from_offset inclusive, to_offset exclusive (as
+# every offset range in pgstream). Error and operator match case-insensitive substrings;
+# the error filter looks at the original error and the latest redrive error.
+_DLQ_FILTER = """
+    d.job = %(job)s
+AND (%(source)s::text IS NULL OR d.source = %(source)s::text)
+AND (%(partition)s::text IS NULL OR d.partition = %(partition)s::text)
+AND (%(operator)s::text IS NULL
+     OR strpos(lower(coalesce(d.operator, '')), lower(%(operator)s::text)) > 0)
+AND (%(error)s::text IS NULL
+     OR strpos(lower(d.error), lower(%(error)s::text)) > 0
+     OR strpos(lower(coalesce(d.redrive_error, '')), lower(%(error)s::text)) > 0)
+AND (%(from_offset)s::bigint IS NULL OR d."offset" >= %(from_offset)s::bigint)
+AND (%(to_offset)s::bigint IS NULL OR d."offset" < %(to_offset)s::bigint)
+AND (%(redriven)s::boolean IS NULL OR d.redriven = %(redriven)s::boolean)
+"""
+
+_DLQ_COLUMNS = """
+d.id, d.source, d.partition, d."offset", d.operator, d.error, d.redriven, d.created_at,
+d.redriven_at, d.redrive_outcome, d.redrive_attempts, d.redrive_error, length(d.payload)
+"""
+
+DLQ_LIST = f"""
+SELECT {_DLQ_COLUMNS}
+  FROM pgstream.dead_letters AS d
+ WHERE {_DLQ_FILTER}
+ ORDER BY d.id
+ LIMIT %(limit)s
+"""
+
+DLQ_COUNT = f"""
+SELECT count(*) FILTER (WHERE NOT d.redriven), count(*) FILTER (WHERE d.redriven)
+  FROM pgstream.dead_letters AS d
+ WHERE {_DLQ_FILTER}
+"""
+
+DLQ_SOURCES = f"""
+SELECT DISTINCT d.source FROM pgstream.dead_letters AS d WHERE {_DLQ_FILTER} AND NOT d.redriven
+"""
+
+DLQ_SHOW = f"""
+SELECT {_DLQ_COLUMNS}, d.payload
+  FROM pgstream.dead_letters AS d
+ WHERE d.job = %(job)s AND d.id = %(id)s
+"""
+
+# A redrive chunk's first statement: the job's partition rows (of the stream filter) FOR KEY
+# SHARE. A live worker's checkpoint UPDATE does not conflict with it (it changes no key), but
+# `pgstream job rename|reset|retire` (FOR UPDATE NOWAIT) refuse while a chunk is in flight,
+# and a chunk waits for one of them to finish, so the two never interleave.
+DLQ_LOCK_PARTITIONS = """
+SELECT p.source, p.partition FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND (%(source)s::text IS NULL OR p.source = %(source)s::text)
+   FOR KEY SHARE OF p
+"""
+
+# The job's recorded plan: redrive writes only with the plan the job runs (checked per chunk).
+DLQ_JOB_PLAN = "SELECT version, fingerprint FROM pgstream.jobs WHERE job = %(job)s"
+
+# The next open dead letters after id %(after)s, locked: a concurrent redrive skips them.
+DLQ_CLAIM = f"""
+SELECT d.id, d.source, d.partition, d."offset", d.payload, d.operator
+  FROM pgstream.dead_letters AS d
+ WHERE {_DLQ_FILTER} AND NOT d.redriven AND d.id > %(after)s
+ ORDER BY d.id
+ LIMIT %(limit)s
+   FOR UPDATE OF d SKIP LOCKED
+"""
+
+# Compare-and-set: only an open row turns redriven (the caller checks the row count).
+DLQ_MARK_REDRIVEN = """
+UPDATE pgstream.dead_letters AS d
+   SET redriven = true, redriven_at = now(), redrive_outcome = u.outcome,
+       redrive_attempts = d.redrive_attempts + 1, redrive_error = NULL
+  FROM unnest(%(ids)s::bigint[], %(outcomes)s::text[]) AS u(id, outcome)
+ WHERE d.id = u.id AND d.job = %(job)s AND NOT d.redriven
+"""
+
+DLQ_MARK_FAILED = """
+UPDATE pgstream.dead_letters AS d
+   SET redrive_attempts = d.redrive_attempts + 1, redrive_error = u.error
+  FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS u(id, error)
+ WHERE d.id = u.id AND d.job = %(job)s AND NOT d.redriven
 """

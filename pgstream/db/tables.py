@@ -141,6 +141,12 @@ dead_letters = Table(
     Column("operator", Text, nullable=True),
     Column("redriven", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # `pgstream dlq redrive` (revision 0007): when the record's effect was written and what
+    # it wrote; redrives tried and the latest one's error while it stays open
+    Column("redriven_at", DateTime(timezone=True), nullable=True),
+    Column("redrive_outcome", Text, nullable=True),
+    Column("redrive_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("redrive_error", Text, nullable=True),
     UniqueConstraint("job", "source", "partition", "offset", name="dead_letters_record_key"),
 )
 

@@ -45,6 +45,7 @@ __all__ = [
     "SinkDataError",
     "commit_batch",
     "probe_sinks",
+    "write_sinks",
 ]
 
 
@@ -220,6 +221,13 @@ def _write_sinks(
     except (psycopg.errors.IntegrityError, psycopg.errors.DataError) as exc:
         raise SinkDataError(exc, table) from exc
     return written
+
+
+def write_sinks(cur: psycopg.Cursor[Any], pipeline: Pipeline, out: BatchOutput) -> int:
+    """Step 3 alone, in the caller's transaction (``pgstream dlq redrive`` writes a redriven
+    record's outputs with it): the number of sink rows, or :class:`SinkDataError` /
+    :class:`DuplicateOutputError`."""
+    return _write_sinks(cur, pipeline, out, tolerate_duplicates=False)
 
 
 def probe_sinks(conn: psycopg.Connection[Any], pipeline: Pipeline, out: BatchOutput) -> (

@@ -3,7 +3,8 @@
 * ``PGSTREAM_CRASH_AT=<point>`` SIGKILLs the worker at that point of the batch;
   ``PGSTREAM_CRASH_AFTER=N`` (default 1) picks the N-th time the point is reached.
   Points, in batch order: ``after_read``, ``after_state``, ``after_sinks``,
-  ``before_commit``, ``after_commit``.
+  ``before_commit``, ``after_commit``; and in ``pgstream dlq redrive``, per chunk:
+  ``redrive_before_commit``, ``redrive_after_commit``.
 * ``PGSTREAM_INJECT_ERRORS=40001,40P01,57014,53100`` makes the batch transaction raise one
   of these SQLSTATEs (server-side, so the real error class reaches the worker) with
   probability ``PGSTREAM_INJECT_RATE`` (default 0.3; 1.0 = a persistent error).
@@ -19,6 +20,8 @@ from typing import Any
 import psycopg
 
 POINTS = ("after_read", "after_state", "after_sinks", "before_commit", "after_commit")
+#: the points of ``pgstream dlq redrive`` (one chunk transaction each)
+REDRIVE_POINTS = ("redrive_before_commit", "redrive_after_commit")
 
 _target = os.environ.get("PGSTREAM_CRASH_AT") or None
 _remaining = int(os.environ.get("PGSTREAM_CRASH_AFTER", "1"))

@@ -27,6 +27,8 @@ class UpsertSink(SinkTable):
         super().__init__(table)
         self.key_columns = key_columns
         self.stage_name = stage_name
+        #: the stage tables this sink created in its session (see :meth:`clear_stages`)
+        self.stages: set[str] = set()
 
     def validate(self, info: TableInfo) -> None:
         """The key columns, a unique index on exactly them, and the value columns must exist."""
@@ -53,7 +55,9 @@ class UpsertSink(SinkTable):
         all_cols = (*self.key_columns, *columns)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in all_cols)
         shape = zlib.crc32("\0".join(all_cols).encode())
-        stage = sql.Identifier(f"{self.stage_name}_{shape:08x}")
+        stage_table = f"{self.stage_name}_{shape:08x}"
+        stage = sql.Identifier(stage_table)
+        self.stages.add(stage_table)
         cur.execute(
             sql.SQL(
                 "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
@@ -76,6 +80,21 @@ class UpsertSink(SinkTable):
             ).format(table=info.ident, t=target, cols=cols, stage=stage, keys=keys)
             + action
         )
+
+
+    def clear_stages(self, cur: psycopg.Cursor[Any]) -> None:
+        """Empty the stage tables now. A batch writes each sink once per transaction, and
+        they empty at COMMIT; a transaction that writes a sink again (``pgstream dlq
+        redrive``, one record at a time) must empty them in between."""
+        if not self.stages:
+            return
+        existing = cur.execute(  # a rolled-back savepoint may have taken one's creation away
+            "SELECT relname FROM pg_class WHERE relnamespace = pg_my_temp_schema() "
+            "AND relname = ANY(%s) ORDER BY 1",
+            [sorted(self.stages)],
+        ).fetchall()
+        for (name,) in existing:
+            cur.execute(sql.SQL("DELETE FROM pg_temp.{}").format(sql.Identifier(name)))
 
 
 class AggregateSink(UpsertSink):

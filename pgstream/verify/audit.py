@@ -23,7 +23,12 @@ from pgstream.verify.compare import (
 from pgstream.verify.expected import Expected
 from pgstream.verify.handover import compare_handed_over, pruned_streams
 from pgstream.verify.judge import load_judge
-from pgstream.verify.ledger import load_dead_letters, load_partitions, load_skips
+from pgstream.verify.ledger import (
+    count_redriven,
+    load_dead_letters,
+    load_partitions,
+    load_skips,
+)
 from pgstream.verify.report import CannotVerify, VerifyReport
 from pgstream.verify.reread import audit_partition
 
@@ -45,6 +50,7 @@ def verify_app(app: App, dsn: str, *, chunk: int = CHUNK) -> VerifyReport:
         judge = load_judge(conn, app)
         dead_rows = load_dead_letters(conn, app.name)
         report.skipped = load_skips(conn, app.name)
+        report.redriven = count_redriven(conn, app.name)
         expected = Expected()
         committed_of: dict[tuple[str, str], int | None] = {}
         parts = load_partitions(conn, app)

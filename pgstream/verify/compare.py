@@ -312,7 +312,8 @@ def compare_dead(
             elif off not in must:
                 report.violations.append(
                     Violation("unexpected", sink, s, p, off,
-                              detail=f"dead letter ({op}) for a record the operators accept")
+                              detail=f"dead letter ({op}) for a record the operators accept "
+                              "(after a fix: `pgstream dlq redrive` applies it)")
                 )
     for (s, p), failing in expected.dead.items():
         have = dead_rows.get((s, p), {})

@@ -57,7 +57,8 @@ class VerifyReport:
     records: int = 0
     batches: int = 0
     append_rows: int = 0
-    dead_letters: int = 0
+    dead_letters: int = 0  # open ones (a redriven record's effect is in the sinks)
+    redriven: int = 0  # dead letters `pgstream dlq redrive` applied: checked as sink outputs
     keyed_rows: int = 0
     late_records: int = 0
     unchecked: list[str] = field(default_factory=list)
@@ -89,6 +90,7 @@ class VerifyReport:
             f"{self.partitions} partition(s), {self.records} records in {self.batches} batches, "
             f"{self.append_rows} append rows, {self.dead_letters} dead letters, "
             f"{self.late_records} late records, "
+            f"{f'{self.redriven} redriven dead letters, ' if self.redriven else ''}"
             f"{self.keyed_rows} keyed rows checked in {self.elapsed:.2f}s"
             + (f"; {len(self.skipped)} range(s) skipped by policy" if self.skipped else "")
         )
@@ -104,6 +106,7 @@ class VerifyReport:
             "batches": self.batches,
             "append_rows": self.append_rows,
             "dead_letters": self.dead_letters,
+            "redriven": self.redriven,
             "keyed_rows": self.keyed_rows,
             "late_records": self.late_records,
             "unchecked": self.unchecked,
