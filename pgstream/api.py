@@ -18,6 +18,7 @@ from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.eventtime import EventClock
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
+from pgstream.operators.lookup import Lookup
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Tumbling, windowed_key
 from pgstream.sources.base import Source
@@ -190,6 +191,25 @@ class Stream:
     def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Stream:
         """Turn each record into zero or more records."""
         return self._then(FlatMap(fn))
+
+    def lookup(
+        self,
+        table: str,
+        *,
+        on: str | dict[str, str] | tuple[str, str],
+        columns: Sequence[str],
+        missing: str = "null",
+    ) -> Stream:
+        """Enrich each record with ``columns`` of the ``table`` row whose key matches.
+
+        ``on`` names the record field that equals the table's key column (``"user_id"``), or
+        the field and the column (``{"user_id": "id"}``). The rows are read inside the batch's
+        checkpoint transaction with one query per batch: a batch sees the table as of its
+        commit (a batch replayed after a crash sees it as of the new attempt). A key without a
+        row: ``missing="null"`` sets the columns to None, ``"drop"`` filters the record out,
+        ``"dead_letter"`` sets it aside with an error naming the key and the table.
+        """
+        return self._then(Lookup.build(table, on, columns, missing))
 
     def key_by(
         self, key: str | Sequence[str] | Callable[[Any], Any], name: str | None = None

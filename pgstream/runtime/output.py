@@ -33,4 +33,9 @@ class BatchOutput:
     #: the slots of the previous batch, by slot, for plans that continue its state when it was
     #: not committed yet at evaluation time (the next batch is evaluated while it commits)
     pending: dict[int, Any] | None = None
+    #: a pipeline with lookups: the batch's records, evaluated only inside the batch
+    #: transaction once the lookup rows are read (``Pipeline.resolve``)
+    deferred: list[Any] | None = None
+    #: how many of ``dead`` were set aside before ``resolve`` (kept when it runs again)
+    kept_dead: int | None = None
 
