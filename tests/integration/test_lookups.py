@@ -64,7 +64,7 @@ def lookup_app(path: Path, missing: str, **settings: Any) -> ps.App:
 
 
 def expected_facts(missing: str) -> list[tuple[Any, ...]]:
-    out = []
+    out: list[tuple[Any, ...]] = []
     for e in EVENTS:
         if e["amount"] <= 0:
             continue
