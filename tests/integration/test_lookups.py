@@ -184,3 +184,51 @@ def test_unknown_table_or_column_is_a_clear_error(
             "users", on="id", columns=["country"], missing="skip"
         )
     assert pg_conn.execute("SELECT count(*) FROM facts").fetchone() == (0,)
+
+
+def test_lookup_after_lookup_and_a_record_without_the_key(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "orders.jsonl"
+    events: list[dict[str, Any]] = [{"id": i, "user_id": f"u{i % 5}"} for i in range(60)]
+    events[17] = {"id": 17}  # no key field: a dead letter naming it
+    write_events(path, events)
+    pg_conn.execute(
+        """
+        CREATE TABLE people (handle text PRIMARY KEY, country_id int);
+        CREATE TABLE countries (id int PRIMARY KEY, name text);
+        INSERT INTO people SELECT 'u' || g, g % 2 FROM generate_series(0, 3) g;
+        INSERT INTO countries VALUES (0, 'zero'), (1, 'one');
+        CREATE TABLE out (id bigint, name text, _source text, _partition text,
+            _offset bigint, _seq int, UNIQUE (_source, _partition, _offset, _seq));
+        """
+    )
+    calls: list[str] = []
+    original = BoundLookup.fetch
+
+    def counted(self: BoundLookup, cur: Any, keys: set[Any]) -> None:
+        calls.append(self.lookup.table)
+        original(self, cur, keys)
+
+    monkeypatch.setattr(BoundLookup, "fetch", counted)
+    app = ps.App("chain", batch_size=25)
+    (
+        app.stream("o", ps.FileSource(path))
+        .lookup("people", on={"user_id": "handle"}, columns=["country_id"])
+        .lookup("countries", on={"country_id": "id"}, columns=["name"])
+        .map(lambda o: {"id": o["id"], "name": o["name"]})
+        .to_table("out")
+    )
+    run_app(app, pg_dsn, stop_when_idle=True)
+    got = dict(pg_conn.execute("SELECT id, name FROM out").fetchall())
+    want = {
+        e["id"]: (None if e["user_id"] == "u4" else ["zero", "one"][int(e["user_id"][1]) % 2])
+        for e in events
+        if "user_id" in e
+    }
+    assert got == want
+    letters = dead(pg_conn)
+    assert len(letters) == 1 and "record has no field 'user_id'" in letters[0][1]
+    batches = pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone()
+    assert batches is not None
+    assert calls == ["people", "countries"] * batches[0]
