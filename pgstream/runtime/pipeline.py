@@ -102,8 +102,9 @@ class Pipeline:
     @property
     def per_record_output(self) -> bool:
         """Whether a batch's output grows with its records (append rows, handler records),
-        rather than with the keys it touches (aggregates, folds)."""
-        return any(p.PER_RECORD for p in self.plans)
+        rather than with the keys it touches (aggregates, folds). A pipeline with lookups
+        holds its batch's records until the batch transaction evaluates them."""
+        return bool(self.lookups) or any(p.PER_RECORD for p in self.plans)
 
     def evaluate_raw(
         self,
