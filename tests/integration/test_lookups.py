@@ -232,3 +232,27 @@ def test_lookup_after_lookup_and_a_record_without_the_key(
     batches = pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone()
     assert batches is not None
     assert calls == ["people", "countries"] * batches[0]
+
+
+def test_batch_handler_sees_enriched_records(tmp_path: Path, pg_dsn: str, pg_conn: Any) -> None:
+    path = tmp_path / "orders.jsonl"
+    write_events(path, EVENTS[:50])
+    setup_tables(pg_conn)
+    pg_conn.execute("CREATE TABLE seen (order_id bigint PRIMARY KEY, country text)")
+    app = ps.App("handler", batch_size=20)
+    enriched = app.stream("o", ps.FileSource(path)).lookup(
+        "users", on={"user_id": "id"}, columns=["country"], missing="drop"
+    )
+
+    @app.batch(enriched)
+    def keep(batch: ps.Batch) -> None:
+        for r in batch.records:
+            batch.execute("INSERT INTO seen VALUES (%s, %s)", [r["id"], r["country"]])
+
+    run_app(app, pg_dsn, stop_when_idle=True)
+    got = dict(pg_conn.execute("SELECT order_id, country FROM seen").fetchall())
+    assert got == {
+        e["id"]: country(e["user_id"]) for e in EVENTS[:50] if e["user_id"] not in MISSING_USERS
+    }
+    report = verify_app(app, pg_dsn)
+    assert report.ok, report.summary()
