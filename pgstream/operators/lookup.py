@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -119,7 +120,9 @@ class Lookup:
         catalog queries."""
         schema, relname = self.name
         cur = conn.cursor(row_factory=tuple_row)
-        row = cur.execute("SELECT to_regclass(%s)::oid", [_regclass(schema, relname)]).fetchone()
+        row = cur.execute(
+            "SELECT to_regclass(%s)::oid", [display_name(schema, relname)]
+        ).fetchone()
         relid = row[0] if row else None
         where = f"lookup table {self.table!r}"
         if relid is None:
@@ -175,11 +178,6 @@ def _on(on: str | Mapping[str, str] | tuple[str, str], where: str) -> tuple[str,
         "a table column (on={'user_id': 'id'} or on=('user_id', 'id'))",
         hint="keys of several columns are not supported yet; combine them into one column",
     )
-
-
-def _regclass(schema: str | None, relname: str) -> str:
-    """The name as ``to_regclass`` wants it: each part quoted where needed."""
-    return display_name(schema, relname)
 
 
 _NO_ROW: Any = object()
@@ -266,9 +264,24 @@ class BoundLookup:
         self.queries += 1
         param: Any = wanted if key_type in _INTEGER else _text_param(key_type, wanted)
         self._uuid = key_type == "uuid"
-        with cur.connection.cursor(row_factory=tuple_row) as c:
-            for row in c.execute(query, [param]):
-                self.rows[row[0]] = tuple(row[1:])
+        if not param:
+            return
+        try:
+            with cur.connection.cursor(row_factory=tuple_row) as c:
+                for row in c.execute(query, [param]):
+                    self.rows[row[0]] = tuple(row[1:])
+        except (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedColumn,
+            psycopg.errors.InsufficientPrivilege,
+        ) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"lookup table {lk.table!r} changed since the job started and cannot be read: "
+                f"{first}; the batch was not committed",
+                hint="restore the table, its columns and the SELECT grant, or change the "
+                "lookup() in the app, then run again",
+            ) from exc
 
 
 def _text_param(key_type: str, keys: list[Any]) -> Any:
@@ -282,8 +295,6 @@ def _text_param(key_type: str, keys: list[Any]) -> Any:
                 continue
         return out
     return keys
-
-
 
 
 def _short(record: Any) -> str:

@@ -256,3 +256,42 @@ def test_batch_handler_sees_enriched_records(tmp_path: Path, pg_dsn: str, pg_con
     }
     report = verify_app(app, pg_dsn)
     assert report.ok, report.summary()
+
+
+def test_uuid_keys_and_a_table_dropped_while_running(
+    tmp_path: Path, pg_dsn: str, pg_conn: Any
+) -> None:
+    ids = ["0b7e5a3c-8a5e-4a52-9a0e-0d6f3c1f0c11", "E2C8D3C4-0F0B-4B4B-8C2B-6A1B8A6B7D22"]
+    path = tmp_path / "orders.jsonl"
+    events = [{"id": i, "acct": [ids[0], ids[1], "not-a-uuid"][i % 3]} for i in range(30)]
+    write_events(path, events)
+    pg_conn.execute(
+        """
+        CREATE TABLE accounts (acct uuid PRIMARY KEY, owner text);
+        CREATE TABLE out (id bigint, owner text, _source text, _partition text,
+            _offset bigint, _seq int, UNIQUE (_source, _partition, _offset, _seq));
+        """
+    )
+    pg_conn.execute("INSERT INTO accounts VALUES (%s, 'ann'), (%s, 'bob')", ids)
+
+    def drop_at_99(o: dict[str, Any]) -> bool:
+        if o["id"] == 99:  # the table goes away while the job runs, before this batch's lookup
+            with psycopg.connect(pg_dsn, autocommit=True) as other:
+                other.execute("DROP TABLE IF EXISTS accounts")
+        return True
+
+    def app_for(path: Path) -> ps.App:
+        app = ps.App("uuids", batch_size=10)
+        app.stream("o", ps.FileSource(path)).filter(drop_at_99).lookup(
+            "accounts", on="acct", columns=["owner"]
+        ).map(lambda o: {"id": o["id"], "owner": o["owner"]}).to_table("out")
+        return app
+
+    run_app(app_for(path), pg_dsn, stop_when_idle=True)
+    got = dict(pg_conn.execute("SELECT id, owner FROM out").fetchall())
+    assert got == {e["id"]: ["ann", "bob", None][e["id"] % 3] for e in events}
+
+    write_events(path, [*events, {"id": 99, "acct": ids[0]}])
+    with pytest.raises(ConfigError, match="lookup table 'accounts' changed since the job"):
+        run_app(app_for(path), pg_dsn, stop_when_idle=True)
+    assert pg_conn.execute("SELECT count(*) FROM out").fetchone() == (30,)
