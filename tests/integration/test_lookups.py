@@ -263,7 +263,9 @@ def test_uuid_keys_and_a_table_dropped_while_running(
 ) -> None:
     ids = ["0b7e5a3c-8a5e-4a52-9a0e-0d6f3c1f0c11", "E2C8D3C4-0F0B-4B4B-8C2B-6A1B8A6B7D22"]
     path = tmp_path / "orders.jsonl"
-    events = [{"id": i, "acct": [ids[0], ids[1], "not-a-uuid"][i % 3]} for i in range(30)]
+    events: list[dict[str, Any]] = [
+        {"id": i, "acct": [ids[0], ids[1], "not-a-uuid"][i % 3]} for i in range(30)
+    ]
     write_events(path, events)
     pg_conn.execute(
         """
