@@ -19,6 +19,7 @@ from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.eventtime import EventClock, TimeUnit
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
+from pgstream.operators.lookup import Lookup, lookups_in
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec, windowed_key
 from pgstream.sources.base import Source
@@ -231,6 +232,25 @@ class Stream:
         """Turn each record into zero or more records."""
         return self._then(FlatMap(fn))
 
+    def lookup(
+        self,
+        table: str,
+        *,
+        on: str | dict[str, str] | tuple[str, str],
+        columns: Sequence[str],
+        missing: str = "null",
+    ) -> Stream:
+        """Enrich each record with ``columns`` of the ``table`` row whose key matches.
+
+        ``on`` names the record field that equals the table's key column (``"user_id"``), or
+        the field and the column (``{"user_id": "id"}``). The rows are read inside the batch's
+        checkpoint transaction with one query per batch: a batch sees the table as of its
+        commit (a batch replayed after a crash sees it as of the new attempt). A key without a
+        row: ``missing="null"`` sets the columns to None, ``"drop"`` filters the record out,
+        ``"dead_letter"`` sets it aside with an error naming the key and the table.
+        """
+        return self._then(Lookup.build(table, on, columns, missing))
+
     def key_by(
         self, key: str | Sequence[str] | Callable[[Any], Any] | Expr, name: str | None = None
     ) -> KeyedStream:
@@ -415,6 +435,13 @@ class FoldedStream:
                 )
             )
             return
+        if lookups_in(s.steps):
+            raise ConfigError(
+                f"fold into {table!r}: stream {s.source!r} has several partitions, so the fold "
+                "goes through a repartition, and a lookup before a repartitioned fold is not "
+                "supported yet",
+                hint="aggregate() instead of fold(), or key the fold by the source's split column",
+            )
         source = s.app.sources[s.source]
         declared = source.n_partitions if isinstance(source, TableSource) else None
         count = self.partitions or declared or DEFAULT_PARTITIONS

@@ -34,6 +34,7 @@ from pgstream.expressions import Expr
 from pgstream.operators.aggregates import Aggregate
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
+from pgstream.operators.lookup import Lookup
 from pgstream.operators.steps import Filter, Map, Step
 
 Plan = dict[str, Any]
@@ -103,9 +104,12 @@ def _callable_or_field(value: str | Expr | Callable[..., Any] | None) -> Any:
     return {"code": code_fingerprint(value)}
 
 
-def _steps(steps: Sequence[Step]) -> list[dict[str, str]]:
-    out = []
+def _steps(steps: Sequence[Step]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     for step in steps:
+        if isinstance(step, Lookup):
+            out.append(step.describe())
+            continue
         op = "filter" if isinstance(step, Filter) else "map"
         op = op if isinstance(step, (Filter, Map)) else "flat_map"
         if isinstance(step, (Filter, Map)) and step.expr is not None:

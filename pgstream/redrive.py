@@ -339,6 +339,7 @@ class Redriver:
         if rec.value is None:
             return False, rec.error or "the stored payload cannot be decoded", 0
         out = pipeline.evaluate([rec])
+        pipeline.resolve(cur, out)  # a stream with lookups reads their rows now
         if out.dead:
             return False, f"{out.dead[0].operator}: {out.dead[0].error}", 0
         out.span = (d.offset, d.offset + 1)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pgstream.operators.lookup import Lookup
+
 Record = Any
 
 
@@ -39,7 +41,9 @@ class FlatMap:
     fn: Callable[[Record], Iterable[Record]]
 
 
-Step = Filter | Map | FlatMap
+#: a :class:`~pgstream.operators.lookup.Lookup` is replaced by ordinary steps when a pipeline
+#: binds it (:meth:`~pgstream.operators.lookup.BoundLookup.steps`) before anything compiles it
+Step = Filter | Map | FlatMap | Lookup
 
 
 class _Skip:
@@ -69,6 +73,8 @@ def compose(steps: Sequence[Step]) -> Callable[[Record], Record] | None:
     for step in steps:
         if isinstance(step, FlatMap):
             return None
+        if isinstance(step, Lookup):
+            raise _unbound(step)
         fn = _then(fn, step)
     return fn
 
@@ -99,6 +105,8 @@ def compile_chain(steps: Sequence[Step]) -> Callable[[Record], list[Record]]:
             elif isinstance(step, Map):
                 mf = step.fn
                 items = [mf(x) for x in items]
+            elif isinstance(step, Lookup):
+                raise _unbound(step)
             else:
                 ff = step.fn
                 items = [y for x in items for y in ff(x)]
@@ -107,6 +115,10 @@ def compile_chain(steps: Sequence[Step]) -> Callable[[Record], list[Record]]:
         return items
 
     return run_many
+
+
+def _unbound(step: Lookup) -> TypeError:
+    return TypeError(f"lookup({step.table!r}) was not bound by the pipeline before compiling")
 
 
 def _then(prev: Callable[[Record], Record], step: Filter | Map) -> Callable[[Record], Record]:

@@ -6,7 +6,10 @@ session sets ``synchronous_commit = on``):
 0. ``BEGIN``.
 1. **Fence and claim**: compare-and-set the partition row (``queries.CHECKPOINT``) to the
    batch's end offset; no row back means a newer epoch, a moved offset or a newer plan
-   version, and the batch is abandoned (:class:`LeaseLostError`).
+   version, and the batch is abandoned (:class:`LeaseLostError`). A pipeline with table
+   lookups then reads their rows (one query each) and evaluates the batch's records
+   (:meth:`Pipeline.resolve`): what commits was computed from the tables as of this
+   transaction.
 2. **State**: every sink plan writes its operator state (fold overlays, touched keys only).
 3. **Sinks**: every sink plan writes its rows (append ``COPY``, keyed upserts merging deltas).
 4. **Handlers**: every ``@app.batch`` handler runs with the transaction's cursor.
@@ -110,6 +113,7 @@ def commit_batch(
         with conn.cursor() as cur:
             cur.execute("BEGIN")
             _fence(cur, rng, out, lease_seconds)  # 1
+            pipeline.resolve(cur, out)  # 1b: lookups read in this transaction
             for plan in pipeline.plans:  # 2
                 plan.write_state(cur, out)
             crash_point("after_state")
@@ -239,6 +243,7 @@ def probe_sinks(conn: psycopg.Connection[Any], pipeline: Pipeline, out: BatchOut
     try:
         with conn.cursor() as cur:
             cur.execute("BEGIN")
+            pipeline.resolve(cur, out)
             try:
                 _write_sinks(cur, pipeline, out, tolerate_duplicates=False)
             except SinkDataError as exc:

@@ -39,4 +39,9 @@ class BatchOutput:
     span: tuple[int, int] | None = None
     #: sink rows the batch transaction wrote, by sink table (filled by the commit; metrics)
     written: dict[str, int] = field(default_factory=dict)
+    #: a pipeline with lookups: the batch's records, evaluated only inside the batch
+    #: transaction once the lookup rows are read (``Pipeline.resolve``)
+    deferred: list[Any] | None = None
+    #: how many of ``dead`` were set aside before ``resolve`` (kept when it runs again)
+    kept_dead: int | None = None
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
+import psycopg
 
 from pgstream.api import App
 from pgstream.config import OnError
 from pgstream.errors import RecordFailedError
 from pgstream.gcpause import gc_paused
+from pgstream.operators.lookup import Lookups
 from pgstream.runtime import kernels, pushdown, repartition
 from pgstream.runtime.output import BatchOutput, DeadLetter
 from pgstream.runtime.sinkplans import PLAN_KINDS, HandlerPlan, SinkPlan, ordered
@@ -70,9 +73,14 @@ class Pipeline:
         self.partition = partition
         self.on_error: OnError = app.settings.on_error
         stream_source = app.sources.get(source)
+        #: the stream's table lookups, bound into the plans' steps (see :meth:`resolve`)
+        self.lookups = Lookups()
+        lk = self.lookups
         found: list[SinkPlan] = [
             pushdown.maybe_pushed(
-                PLAN_KINDS[spec.kind](spec, sinks[spec.table], states),
+                PLAN_KINDS[spec.kind](
+                    replace(spec, steps=lk.bind(spec.steps)), sinks[spec.table], states
+                ),
                 spec,
                 stream_source,
                 partition,
@@ -82,14 +90,18 @@ class Pipeline:
             if spec.stream == source and spec.repartition is None
         ]
         found += repartition.plans_for(app, source, sinks, states)
-        found += [HandlerPlan(h) for h in app.handlers if h.stream == source]
+        found += [
+            HandlerPlan(replace(h, steps=lk.bind(h.steps)))
+            for h in app.handlers
+            if h.stream == source
+        ]
         #: the sink plans in write order; plan ``i`` owns ``BatchOutput.slots[i]``
         self.plans: list[SinkPlan] = list(ordered(found))
         #: (operator, exception type, user location) whose traceback was logged at INFO
         self._logged: set[tuple[str, type[BaseException], str | None]] = set()
         self._raw_kernel: kernels.RawKernel | None = None
         self._records_kernel: kernels.RecordsKernel | None = None
-        if len(self.plans) == 1:
+        if len(self.plans) == 1 and not self.lookups:
             fused = self.plans[0].kernels(source, partition)
             if fused is not None:
                 self._raw_kernel, self._records_kernel = fused
@@ -122,8 +134,9 @@ class Pipeline:
     @property
     def per_record_output(self) -> bool:
         """Whether a batch's output grows with its records (append rows, handler records),
-        rather than with the keys it touches (aggregates, folds)."""
-        return any(p.PER_RECORD for p in self.plans)
+        rather than with the keys it touches (aggregates, folds). A pipeline with lookups
+        holds its batch's records until the batch transaction evaluates them."""
+        return bool(self.lookups) or any(p.PER_RECORD for p in self.plans)
 
     @property
     def fields(self) -> frozenset[str] | None:
@@ -145,7 +158,7 @@ class Pipeline:
     ) -> BatchOutput:
         """:meth:`evaluate` for undecoded payloads: decoded in the evaluation loop itself when
         a kernel applies. Offsets are looked up only for the payloads that fail."""
-        if self._raw_kernel is None:
+        if self._raw_kernel is None or self.lookups:
             return self.evaluate(batch.records(), pending, into)
         out = self._output(pending) if into is None else into
         out.records_in += len(batch)
@@ -195,6 +208,31 @@ class Pipeline:
         """
         out = self._output(pending, in_sql) if into is None else into
         out.records_in += len(records)
+        if self.lookups:
+            if out.deferred is None:
+                out.deferred = []
+            out.deferred.extend(records)
+            return out
+        self._evaluate(records, out)
+        return out
+
+    def resolve(self, cur: psycopg.Cursor[Any], out: BatchOutput) -> None:
+        """Inside the batch transaction: read the lookups' rows (one query each), then
+        evaluate the batch's deferred records into ``out``. Runs again, from scratch, when
+        the transaction is retried; nothing to do for a pipeline without lookups."""
+        records = out.deferred
+        if records is None:
+            return
+        if out.kept_dead is None:
+            out.kept_dead = len(out.dead)
+        del out.dead[out.kept_dead :]
+        out.slots = [p.new_slot() for p in self.plans]
+        out.pending = None  # the previous batch has committed: its state is adopted
+        self.lookups.fetch(cur, [r.value for r in records if r.value is not None])
+        self._evaluate(records, out)
+
+    def _evaluate(self, records: Sequence[SourceRecord], out: BatchOutput) -> None:
+        """Every record through every plan, into ``out`` (``records_in`` already counted)."""
         if self._records_kernel is not None and not out.pushed:
             plan = self.plans[0]
 
@@ -206,7 +244,7 @@ class Pipeline:
 
             with gc_paused():
                 self._records_kernel(records, out.slots[plan.slot], fail)
-            return out
+            return
         plans = self.plans
         single = plans[0] if len(plans) == 1 else None
         for rec in records:
@@ -228,7 +266,6 @@ class Pipeline:
                 continue
             for plan, staged in zip(plans, staged_all):
                 plan.apply(staged, rec.offset, out)
-        return out
 
     def _evaluate_one(self, plan: SinkPlan, rec: SourceRecord, out: BatchOutput) -> None:
         """The general path for one record of a single-plan pipeline."""

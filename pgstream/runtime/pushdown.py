@@ -37,6 +37,7 @@ from pgstream.config import Settings
 from pgstream.db.names import parse_table_name
 from pgstream.expressions import Env, Expr, Select, UnknownColumn, col
 from pgstream.operators.aggregates import Aggregate
+from pgstream.operators.lookup import Lookup
 from pgstream.operators.steps import Filter, Map
 from pgstream.runtime.output import BatchOutput
 from pgstream.runtime.sinkplans import AggregatePlan, AppendPlan, Kernels, SinkPlan
@@ -109,6 +110,8 @@ def _steps(spec: SinkSpec, env: Env) -> tuple[Env, list[sql.Composable]]:
     conditions: list[sql.Composable] = []
     for i, step in enumerate(spec.steps, 1):
         kind = type(step).__name__.lower().replace("flatmap", "flat_map")
+        if isinstance(step, Lookup):
+            raise NotPushable(f"step {i} (lookup) reads {step.table} into each record in Python")
         if not isinstance(step, (Filter, Map)) or step.expr is None:
             raise NotPushable(f"step {i} ({kind}) is a Python function")
         try:

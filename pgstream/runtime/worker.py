@@ -21,6 +21,7 @@ from pgstream.config import Settings
 from pgstream.db.migrate import ensure_migrated
 from pgstream.db.privileges import check_privileges
 from pgstream.errors import DatabaseError, LeaseLostError, SourceUnavailableError
+from pgstream.operators.lookup import lookups_in
 from pgstream.runtime import repartition
 from pgstream.runtime.checkpoint import CommitOutcomeUnknown
 from pgstream.runtime.connection import WorkerConnection
@@ -85,6 +86,10 @@ def prepare(app: App, conn: psycopg.Connection[Any]) -> dict[str, AppendSink | U
             source.validate(conn)
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {name!r}: {exc}") from exc
+    chains = [s.steps for s in app.sinks] + [h.steps for h in app.handlers]
+    for steps in chains:
+        for lookup in lookups_in(steps):
+            lookup.validate(conn)
     sinks = build_sinks(app)
     for sink in sinks.values():
         sink.bind(conn)

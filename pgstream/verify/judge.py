@@ -16,6 +16,7 @@ import psycopg
 from pgstream import plan as plans
 from pgstream.api import App
 from pgstream.db import queries
+from pgstream.operators.lookup import lookups_in
 from pgstream.verify.expected import Expected
 from pgstream.verify.ledger import Partition
 
@@ -47,11 +48,23 @@ class PlanJudge:
             else:
                 by_sid = plans.sink_status(self.versions[version][0], self.plan)
                 found = [by_sid[sid] for sid in self.sids]
+            for i, spec in enumerate(self.app.sinks):
+                if found[i] == "same" and lookups_in(spec.steps):
+                    found[i] = "changed"  # see reason(): values from a lookup table
             self._status[version] = found
         return self._status[version]
 
     def reason(self, version: int | None, table: str) -> str:
         """Why batches of ``version`` cannot be checked for ``table``."""
+        looked = [
+            lk.table for s in self.app.sinks if s.table == table for lk in lookups_in(s.steps)
+        ]
+        if looked:
+            return (
+                f"is enriched by lookup({', '.join(map(repr, sorted(set(looked))))}): each batch "
+                "read that table as of its own commit, which verify cannot re-read, so its rows "
+                "and the records the lookup dropped or dead-lettered are not checked"
+            )
         if version is None or version not in self.versions:
             return "ran before the job's plan was recorded (the plan it ran under is unknown)"
         changes = plans.diff(self.versions[version][0], self.plan)

@@ -10,6 +10,7 @@ import pytest
 import pgstream as ps
 from pgstream import plan
 from pgstream.errors import ConfigError
+from pgstream.operators.steps import Map
 
 
 def run(expr: ps.Expr, **record: object) -> object:
@@ -101,6 +102,7 @@ def test_select_and_key_by_compile_once() -> None:
     s.filter(ps.col("a") > 0).select(a=ps.col("a"), b2=ps.col("b") * 2).to_table("out")
     s.key_by(ps.col("a") / 10, name="bucket").aggregate(n=ps.count()).to_table("agg")
     select = app.sinks[0].steps[1]
+    assert isinstance(select, Map)
     assert select.fn({"a": 1, "b": 3}) == {"a": 1, "b2": 6}
     key = app.sinks[1].key
     assert key is not None and key.columns == ("bucket",) and key.fn({"a": 25}) == 2
