@@ -38,8 +38,9 @@ def test_a_stopping_watcher_ends_at_the_leave_notification(
 
 #: statements a one-line run sends on its own connection: session set-up, privilege, schema and
 #: sink checks, plan check, registration, claim, one batch, the idle decision, the release
-#: (49 when this was written; was 53 before the sink checks and session settings were merged)
-MAX_STATEMENTS = 50
+#: (46 when this was written; 51 before the session settings, the sink check and the schema
+#: check became one statement each)
+MAX_STATEMENTS = 46
 
 
 def test_a_one_line_run_makes_few_round_trips(
