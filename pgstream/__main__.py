@@ -1,6 +1,6 @@
 """``python -m pgstream``: the same command line as ``pgstream``."""
 
-from pgstream.cli import main
+from pgstream.cli import entry
 
 if __name__ == "__main__":
-    main(prog_name="pgstream")
+    entry()

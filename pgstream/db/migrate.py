@@ -193,11 +193,19 @@ def downgrade(dsn: str, revision: str) -> None:
 
 def current_on(conn: psycopg.Connection[Any]) -> str | None:
     """The revision the database behind ``conn`` is at, or ``None`` if never migrated."""
-    with conn.transaction():
-        row = conn.execute(queries.HAS_VERSION_TABLE).fetchone()
-        if not row or not row[0]:
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        # One round trip (start-up's path): outside a transaction, a missing version table
+        # is an error that spoils nothing.
+        try:
+            rows = conn.execute(queries.MIGRATION_REVISIONS).fetchall()
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
             return None
-        rows = conn.execute(queries.MIGRATION_REVISIONS).fetchall()
+    else:
+        with conn.transaction():
+            row = conn.execute(queries.HAS_VERSION_TABLE).fetchone()
+            if not row or not row[0]:
+                return None
+            rows = conn.execute(queries.MIGRATION_REVISIONS).fetchall()
     if not rows:
         return None
     return ",".join(str(r[0]) for r in rows)

@@ -437,9 +437,9 @@ SELECT array(SELECT w.worker FROM pgstream.workers w
 # one row with the current role and NULLs when nothing is missing, else one row per missing
 # privilege. An object that does not exist is skipped (the schema and sink checks name it).
 # pg_class/pg_namespace are read directly: to_regclass('pgstream.x') itself fails without
-# USAGE on the schema.
+# USAGE on the schema. MATERIALIZED steps: planning the inlined form cost more than running it.
 MISSING_PRIVILEGES = """
-WITH wanted AS (
+WITH wanted AS MATERIALIZED (
   SELECT w.kind, w.schema_name, w.rel, w.privilege, w.purpose, w.ord
     FROM unnest(%(kinds)s::text[], %(schemas)s::text[], %(names)s::text[],
                 %(privileges)s::text[], %(purposes)s::text[])
@@ -452,7 +452,7 @@ WITH wanted AS (
                                    WHEN c.relname = 'alembic_version' THEN ARRAY['SELECT']
                                    ELSE %(runtime_privileges)s::text[] END) AS p(privilege)
    WHERE n.nspname = 'pgstream' AND c.relkind IN ('r', 'p', 'S')
-), resolved AS (
+), resolved AS MATERIALIZED (
   SELECT w.*,
          CASE WHEN w.kind = 'schema' THEN (SELECT oid FROM pg_namespace WHERE nspname = w.rel)
               WHEN w.kind = 'database' THEN NULL
@@ -461,7 +461,7 @@ WITH wanted AS (
                      WHERE n.nspname = w.schema_name AND c.relname = w.rel)
          END AS objid
     FROM wanted w
-), missing AS (
+), missing AS MATERIALIZED (
   SELECT r.kind,
          CASE WHEN r.kind IN ('table', 'sequence') THEN
               (SELECT n.nspname::text FROM pg_class c

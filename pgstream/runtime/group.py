@@ -63,8 +63,14 @@ class GroupWatcher:
         self._listening.wait(wait)
         return self
 
+    def stopping(self) -> None:
+        """Say the watcher is about to be closed: the next notification it receives (such
+        as this worker's own leave notification) ends its wait at once."""
+        self._closing.set()
+
     def close(self) -> None:
-        """Stop watching (returns within about :data:`CHECK_SECONDS`)."""
+        """Stop watching: at once after :meth:`stopping` and a notification, else within
+        about :data:`CHECK_SECONDS`."""
         self._closing.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5 * CHECK_SECONDS)
@@ -94,3 +100,5 @@ class GroupWatcher:
                 for note in conn.notifies(timeout=CHECK_SECONDS):
                     if note.payload.startswith(job) and note.payload != mine:
                         self.changed.set()
+                    if self._closing.is_set():
+                        break  # woken to stop: do not wait out the timeout

@@ -481,6 +481,8 @@ class Worker:
 
     def _shutdown(self) -> None:
         """Release every lease so another worker can take over at once, then disconnect."""
+        if self.group is not None:
+            self.group.stopping()  # this worker's leave notification below wakes it to stop
         if self._prepared and (self.tasks or self.db.is_open):
             try:
                 conn = self.db.conn

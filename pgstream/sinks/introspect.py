@@ -11,28 +11,26 @@ from psycopg import sql
 from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import SinkSchemaError
 
-_FIND = """
-SELECT c.oid, n.nspname, c.relname
+# The table, its columns and its unique column sets in one round trip (no row: no table).
+_LOAD = """
+SELECT c.oid, n.nspname, c.relname,
+       (SELECT COALESCE(json_agg(json_build_array(
+                   a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                   a.atthasdef OR a.attidentity <> '', a.attgenerated <> '') ORDER BY a.attnum),
+               '[]')
+          FROM pg_attribute a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       (SELECT COALESCE(json_agg(u.cols), '[]')
+          FROM (SELECT array_agg(a.attname ORDER BY a.attname) AS cols
+                  FROM pg_index i
+                  JOIN LATERAL unnest(i.indkey) AS k(attnum) ON true
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = c.oid AND i.indisunique AND i.indpred IS NULL
+                   AND i.indexprs IS NULL
+                 GROUP BY i.indexrelid) AS u) AS unique_keys
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.oid = to_regclass(CASE WHEN %(schema)s::text IS NULL THEN quote_ident(%(name)s)
                                 ELSE quote_ident(%(schema)s) || '.' || quote_ident(%(name)s) END)
-"""
-
-_COLUMNS = """
-SELECT attname, format_type(atttypid, atttypmod), attnotnull,
-       atthasdef OR attidentity <> '' , attgenerated <> ''
-  FROM pg_attribute
- WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped
- ORDER BY attnum
-"""
-
-_UNIQUE_KEYS = """
-SELECT array_agg(a.attname ORDER BY a.attname)
-  FROM pg_index i
-  JOIN LATERAL unnest(i.indkey) AS k(attnum) ON true
-  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
- WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
- GROUP BY i.indexrelid
 """
 
 
@@ -91,7 +89,7 @@ def load_table(conn: psycopg.Connection[Any], qualified: str) -> TableInfo:
     it, with the quoted spelling when only its case differs from an existing table."""
     schema, name = parse_table_name(qualified)
     with conn.cursor() as cur:
-        row = cur.execute(_FIND, {"schema": schema, "name": name}).fetchone()
+        row = cur.execute(_LOAD, {"schema": schema, "name": name}).fetchone()
         if row is None:
             looked = display_name(schema, name)
             also = f" (looked for {looked})" if looked != qualified.strip() else ""
@@ -100,10 +98,7 @@ def load_table(conn: psycopg.Connection[Any], qualified: str) -> TableInfo:
                 hint=case_hint(conn, schema, name)
                 or "create it in your own Alembic migration (pgstream.schema has helpers)",
             )
-        oid, nsp, rel = row
-        cols = {
-            r[0]: Column(r[0], r[1], r[2], r[3], r[4])
-            for r in cur.execute(_COLUMNS, (oid,)).fetchall()
-        }
-        keys = tuple(frozenset(r[0]) for r in cur.execute(_UNIQUE_KEYS, (oid,)).fetchall())
+        _oid, nsp, rel, columns, unique_keys = row
+    cols = {r[0]: Column(r[0], r[1], r[2], r[3], r[4]) for r in columns}
+    keys = tuple(frozenset(k) for k in unique_keys)
     return TableInfo(nsp, rel, cols, keys)
