@@ -29,13 +29,14 @@ import time
 import pgstream as ps
 
 SLOW = float(os.environ.get("REWINDAPP_SLOW", "0"))
+FIXED = os.environ.get("REWINDAPP_FIXED") == "1"
 app = ps.App("rewindjob", batch_size=int(os.environ.get("REWINDAPP_BATCH", "50")),
              max_interval=0.05, poll_interval=0.02)
 events = app.stream("events", ps.FileSource(os.environ["REWINDAPP_FILE"]))
 
 
 def fact(r):
-    if r["id"] % 7 == 3:
+    if r["id"] % 7 == 3 and not FIXED:
         raise ValueError(f"cannot price event {r['id']}")
     if SLOW:
         time.sleep(SLOW)
@@ -112,16 +113,18 @@ def _rewind(
     return _cli(tmp_path, env, *args, *more, check=check)
 
 
-def _reference(data: bytes, below: int | None = None) -> tuple[Counter[Any], Totals]:
+def _reference(
+    data: bytes, below: int | None = None, bad: bool = True
+) -> tuple[Counter[Any], Totals]:
     """facts rows and (n, total, mean_sum, mean_count) per user of the records at offsets
-    below ``below`` (None: all), except those failing ``id % 7 == 3``."""
+    below ``below`` (None: all), except (``bad``) those failing ``id % 7 == 3``."""
     facts: Counter[Any] = Counter()
     totals: Totals = {}
     pos = 0
     for line in data.splitlines(keepends=True):
         off, r = pos, json.loads(line)
         pos += len(line)
-        if (below is not None and off >= below) or r["id"] % 7 == 3:
+        if (below is not None and off >= below) or (bad and r["id"] % 7 == 3):
             continue
         facts[(r["id"], r["user"], r["amount"] * 100, "events", "0", off, 0)] += 1
         n, t, _, _ = totals.get(r["user"], (0, 0, 0, 0))
@@ -150,8 +153,10 @@ def _sinks(conn: psycopg.Connection[Any]) -> tuple[Counter[Any], Totals]:
     return facts, totals
 
 
-def _assert_sinks(conn: psycopg.Connection[Any], data: bytes, below: int | None = None) -> None:
-    want_facts, want_totals = _reference(data, below)
+def _assert_sinks(
+    conn: psycopg.Connection[Any], data: bytes, below: int | None = None, bad: bool = True
+) -> None:
+    want_facts, want_totals = _reference(data, below, bad)
     got_facts, got_totals = _sinks(conn)
     lost, extra = want_facts - got_facts, got_facts - want_facts
     assert not lost and not extra, f"lost {list(lost)[:3]}, extra {list(extra)[:3]}"
@@ -233,6 +238,25 @@ def test_rewind_then_run_again_equals_an_uninterrupted_run(
     _run(tmp_path, env, pg_dsn)
     _assert_sinks(pg_conn, data)
     _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_rewind_retracts_what_a_redrive_wrote(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _setup(tmp_path, pg_conn, 400)
+    _run(tmp_path, env, pg_dsn)
+    fixed = {**env, "REWINDAPP_FIXED": "1"}
+    _cli(tmp_path, fixed, "dlq", "redrive", "rewindapp:app", "--dsn", pg_dsn, "--yes")
+    _assert_sinks(pg_conn, data, bad=False)
+    to = _boundaries(pg_conn)[3]
+    _rewind(tmp_path, fixed, pg_dsn, to, "--yes")
+    # the redriven records beyond `to` are retracted too; those before it stay redriven
+    _assert_sinks(pg_conn, data, below=to, bad=False)
+    assert _dead_offsets(pg_conn) == _failing(data, below=to)
+    _run(tmp_path, fixed, pg_dsn)
+    _assert_sinks(pg_conn, data, bad=False)
+    assert _dead_offsets(pg_conn) == _failing(data, below=to)
+    _verify_clean(tmp_path, fixed, pg_dsn)
 
 
 @pytest.mark.parametrize(
