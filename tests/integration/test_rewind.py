@@ -340,3 +340,20 @@ def test_rewind_while_a_worker_runs_fences_it_and_ends_exact(
     _assert_sinks(pg_conn, data)
     assert _dead_offsets(pg_conn) == _failing(data)
     _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_a_source_that_no_longer_holds_the_range_is_refused(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _setup(tmp_path, pg_conn, 300)
+    _run(tmp_path, env, pg_dsn)
+    before = _snapshot(pg_conn)
+    bounds = _boundaries(pg_conn)
+    to = bounds[2]
+    # the input lost its tail (like a broker whose retention dropped the range)
+    (tmp_path / "events.jsonl").write_bytes(data[: bounds[4]])
+    done = _rewind(tmp_path, env, pg_dsn, to, "--yes", check=False)
+    assert done.returncode != 0, done.stdout
+    assert f"re-read [{to}, {len(data)})" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _snapshot(pg_conn) == before
