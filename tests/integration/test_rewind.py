@@ -357,3 +357,37 @@ def test_a_source_that_no_longer_holds_the_range_is_refused(
     assert f"re-read [{to}, {len(data)})" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert _snapshot(pg_conn) == before
+
+
+def test_one_partition_of_several(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, _ = _setup(tmp_path, pg_conn, 10)
+    (tmp_path / "in").mkdir()
+    for name, lo in (("a", 0), ("b", 1000)):
+        (tmp_path / "in" / f"{name}.jsonl").write_bytes(
+            b"".join(_line(i) for i in range(lo, lo + 300))
+        )
+    env["REWINDAPP_FILE"] = str(tmp_path / "in" / "*.jsonl")
+    _run(tmp_path, env, pg_dsn)
+    uninterrupted = _sinks(pg_conn)
+    parts = [r[0] for r in pg_conn.execute("SELECT partition FROM pgstream.partitions ORDER BY 1")]
+    assert len(parts) == 2
+    a = parts[0]
+    to = [
+        int(r[0])
+        for r in pg_conn.execute(
+            "SELECT start_offset FROM pgstream.batches WHERE partition = %s ORDER BY 1", [a]
+        )
+    ][2]
+    done = _rewind(tmp_path, env, pg_dsn, to, "--yes", check=False)
+    assert done.returncode != 0 and "--partition P" in done.stderr, done.stderr
+    _rewind(tmp_path, env, pg_dsn, to, "--partition", a, "--yes")
+    facts, _ = _sinks(pg_conn)
+    kept = Counter({k: v for k, v in uninterrupted[0].items() if k[4] != a or k[5] < to})
+    assert facts == kept  # only partition a's rows at offsets >= to are gone
+    offsets = dict(pg_conn.execute("SELECT partition, committed_offset FROM pgstream.partitions"))
+    assert offsets[a] == to and offsets[parts[1]] > to
+    _run(tmp_path, env, pg_dsn)
+    assert _sinks(pg_conn) == uninterrupted
+    _verify_clean(tmp_path, env, pg_dsn)
