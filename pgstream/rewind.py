@@ -9,7 +9,7 @@ all. A straddling OFFSET is refused with the two boundaries around it.
 The transaction:
 
 1. **Lock** the partition row ``FOR UPDATE`` (a batch in flight holds it until its COMMIT:
-   rewind waits for it up to :data:`LOCK_WAIT_SECONDS`, then refuses). A live worker that
+   rewind waits for it up to ``--wait`` seconds, default 10, then refuses). A live worker that
    leases the row is *fenced*, not waited for: the epoch is bumped and the lease cleared, so
    its next checkpoint (a compare-and-set on epoch and offset) fails, and it claims the row
    again, reading from OFFSET.
@@ -122,10 +122,18 @@ def _sink_problems(spec: SinkSpec, stream: str) -> Iterator[str]:
 class Rewinder:
     """Rewinds one partition of a job (see the module docstring)."""
 
-    def __init__(self, app: App, conn: psycopg.Connection[Any], dsn: str) -> None:
+    def __init__(
+        self,
+        app: App,
+        conn: psycopg.Connection[Any],
+        dsn: str,
+        lock_wait: float = LOCK_WAIT_SECONDS,
+    ) -> None:
         self.app = app
         self.conn = conn
         self.dsn = dsn
+        #: seconds to wait for a batch in flight to release the partition row
+        self.lock_wait = lock_wait
 
     def target(self, stream: str, partition: str | None, to: int) -> Target:
         """The partition to rewind: ``partition``, or the stream's only one."""
@@ -189,14 +197,16 @@ class Rewinder:
 
     def _lock(self, cur: Cursor, t: Target, outcome: Outcome) -> int | None:
         """Lock the partition row; its committed offset, or None when there is nothing to do."""
-        cur.execute(queries.SET_LOCK_TIMEOUT, {"ms": str(int(LOCK_WAIT_SECONDS * 1000))})
+        cur.execute(queries.SET_LOCK_TIMEOUT, {"ms": str(max(1, int(self.lock_wait * 1000)))})
         try:
             row = cur.execute(queries.REWIND_LOCK_PARTITION, t.params(self.app.name)).fetchone()
         except psycopg.errors.LockNotAvailable:
             raise JobStateError(
-                f"a batch of {t.source}/{t.partition} held the partition row for more than "
-                f"{LOCK_WAIT_SECONDS:.0f}s: rewind did not change anything",
-                hint="run the rewind again (or stop the job's workers first)",
+                f"a transaction held the partition row of {t.source}/{t.partition} for more "
+                f"than {self.lock_wait:g}s (a batch in flight, a redrive chunk, a job "
+                "command): rewind did not change anything",
+                hint="run the rewind again (--wait SECONDS waits longer), or stop the job's "
+                "workers first",
             ) from None
         if row is None or row[0] is None:
             outcome.add(f"{t.source}/{t.partition} has no checkpoint: nothing to rewind")

@@ -29,13 +29,27 @@ from pgstream.cli import dsn_option
     "--partition", metavar="P", help="The partition (needed when the stream has several)."
 )
 @click.option(
+    "--wait",
+    type=float,
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a batch in flight to release the partition row.",
+)
+@click.option(
     "--yes",
     is_flag=True,
     help="Do it. Without --yes run the transaction and roll it back (a dry run: what would "
     "be retracted) and exit 0.",
 )
 def command(
-    target: str, dsn: str | None, source: str, to: int, partition: str | None, yes: bool
+    target: str,
+    dsn: str | None,
+    source: str,
+    to: int,
+    partition: str | None,
+    wait: float,
+    yes: bool,
 ) -> None:
     """Move a partition's committed offset back to OFFSET and, in the same transaction,
     retract exactly the effects of the records beyond it (append rows, count/sum/avg
@@ -51,7 +65,7 @@ def command(
     resolved = resolve_dsn(dsn)
     with connect(resolved, autocommit=True) as conn:
         ensure_migrated(conn)
-        rewinder = Rewinder(app, conn, resolved)
+        rewinder = Rewinder(app, conn, resolved, lock_wait=wait)
         outcome = rewinder.run(rewinder.target(source, partition, to), apply=yes)
     dry_run = not outcome.applied and len(outcome.lines) > 1
     if dry_run:

@@ -391,3 +391,21 @@ def test_one_partition_of_several(
     _run(tmp_path, env, pg_dsn)
     assert _sinks(pg_conn) == uninterrupted
     _verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_a_held_partition_row_makes_it_refuse_after_waiting(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, _ = _setup(tmp_path, pg_conn, 200)
+    _run(tmp_path, env, pg_dsn)
+    before = _snapshot(pg_conn)
+    to = _boundaries(pg_conn)[1]
+    with psycopg.connect(pg_dsn) as other:  # like a batch in flight: the row stays locked
+        other.execute("SELECT 1 FROM pgstream.partitions FOR UPDATE")
+        start = time.monotonic()
+        done = _rewind(tmp_path, env, pg_dsn, to, "--wait", "0.5", "--yes", check=False)
+        assert done.returncode != 0 and "held the partition row" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and time.monotonic() - start < 30
+        other.rollback()
+    assert _snapshot(pg_conn) == before
+    _rewind(tmp_path, env, pg_dsn, to, "--wait", "0.5", "--yes")
