@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
+from psycopg import sql
 
 from pgstream import plan as plans
 from pgstream.admin import Outcome
@@ -339,9 +340,21 @@ class Rewinder:
                 for k, acc in out.slots[plan.slot].items()
             }
             plan.sink.write(cur, plan.sink.value_columns(), plan.rows(negated))
+            gone = self._delete_empty_keys(cur, plan)
             outcome.add(
                 f"  aggregate sink {plan.table}: the deltas of {len(negated)} key(s) subtracted"
+                + (f", {gone} key(s) left with no record deleted" if gone else "")
             )
+
+    def _delete_empty_keys(self, cur: Cursor, plan: AggregatePlan) -> int:
+        """Delete the rows whose ``count()`` is 0 now (none when the sink has no ``count()``)."""
+        counts = [a.name for a in plan.aggs if a.kind == "count" and a.field is None]
+        if not counts:
+            return 0
+        stmt = queries.REWIND_DELETE_EMPTY_KEYS.format(
+            plan.sink.info.ident, sql.Identifier(counts[0])
+        )
+        return _rowcount(cur, stmt, {})
 
     def _delete_appends(self, cur: Cursor, t: Target, outcome: Outcome) -> None:
         tables = dict.fromkeys(

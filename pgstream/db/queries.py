@@ -927,3 +927,7 @@ REWIND_DELETE_SINK_ROWS = sql.SQL(
     "DELETE FROM {} WHERE _source = %(source)s AND _partition = %(partition)s "
     "AND _offset >= %(to)s"
 )
+
+# A key row whose count() is back to 0 after a rewind: no record of it is left (a batch never
+# writes a count() of 0), so the row goes, as if those records had never been processed.
+REWIND_DELETE_EMPTY_KEYS = sql.SQL("DELETE FROM {} WHERE {} = 0")
