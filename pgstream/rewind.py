@@ -167,7 +167,7 @@ class Rewinder:
         outcome = Outcome(applied=apply)
         p = t.params(self.app.name)
         with self.conn.transaction(force_rollback=not apply), self.conn.cursor() as cur:
-            committed = self._lock(cur, t, outcome)
+            committed, owner = self._lock(cur, t, outcome)
             if committed is None:
                 outcome.applied = False
                 return outcome
@@ -178,6 +178,8 @@ class Rewinder:
                 f"rewind {where} of job {self.app.name!r} from {committed} back to {t.to}: "
                 f"records with offset >= {t.to} are processed again"
             )
+            if owner is not None:
+                outcome.add(f"  worker {owner} leases the partition: it is fenced (epoch bumped)")
             pipeline, out = self._replay(cur, t, committed, records)
             self._retract_aggregates(cur, pipeline, out, outcome)
             self._delete_appends(cur, t, outcome)
@@ -196,8 +198,9 @@ class Rewinder:
                 crash_point("rewind_before_commit")
         return outcome
 
-    def _lock(self, cur: Cursor, t: Target, outcome: Outcome) -> int | None:
-        """Lock the partition row; its committed offset, or None when there is nothing to do."""
+    def _lock(self, cur: Cursor, t: Target, outcome: Outcome) -> tuple[int | None, str | None]:
+        """Lock the partition row: its committed offset (None: nothing to do) and the live
+        worker that leases it, if any."""
         cur.execute(queries.SET_LOCK_TIMEOUT, {"ms": str(max(1, int(self.lock_wait * 1000)))})
         try:
             row = cur.execute(queries.REWIND_LOCK_PARTITION, t.params(self.app.name)).fetchone()
@@ -211,7 +214,7 @@ class Rewinder:
             ) from None
         if row is None or row[0] is None:
             outcome.add(f"{t.source}/{t.partition} has no checkpoint: nothing to rewind")
-            return None
+            return None, None
         committed, owner, held = int(row[0]), row[1], bool(row[2])
         if t.to > committed:
             raise ConfigError(
@@ -221,10 +224,8 @@ class Rewinder:
             )
         if t.to == committed:
             outcome.add(f"{t.source}/{t.partition} is at {committed} already: nothing to rewind")
-            return None
-        if held:
-            outcome.add(f"  worker {owner} leases the partition: it is fenced (epoch bumped)")
-        return committed
+            return None, None
+        return committed, owner if held else None
 
     def _check_ledger(self, cur: Cursor, t: Target, committed: int) -> tuple[int, int, bool]:
         """(batches, records, whether OFFSET is the partition's start) of the range; refuse a

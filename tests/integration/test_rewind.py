@@ -294,6 +294,12 @@ def test_a_kill_in_the_middle_of_a_rewind_changes_nothing(
     _run(tmp_path, env, pg_dsn)
     _assert_sinks(pg_conn, data)
     _verify_clean(tmp_path, env, pg_dsn)
+    # at the committed offset: nothing to do; beyond it: refused
+    before = _snapshot(pg_conn)
+    assert "nothing to rewind" in _rewind(tmp_path, env, pg_dsn, len(data), "--yes").stdout
+    beyond = _rewind(tmp_path, env, pg_dsn, len(data) + 1, "--yes", check=False)
+    assert beyond.returncode != 0 and "rewind only goes back" in beyond.stderr, beyond.stderr
+    assert _snapshot(pg_conn) == before
 
 
 def _committed(conn: psycopg.Connection[Any]) -> int:
