@@ -856,3 +856,78 @@ UPDATE pgstream.dead_letters AS d
   FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS u(id, error)
  WHERE d.id = u.id AND d.job = %(job)s AND NOT d.redriven
 """
+
+# -- pgstream rewind (pgstream/rewind.py): one fenced transaction ----------------------------
+
+# The partition row, locked like a batch locks it (a batch in flight makes this wait up to the
+# transaction's lock_timeout). ``held``: a live worker leases it (it is fenced, not waited for).
+REWIND_LOCK_PARTITION = f"""
+SELECT p.committed_offset, p.owner, NOT ({_OWNER_GONE}) AS held
+  FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+   FOR UPDATE OF p
+"""
+
+REWIND_PARTITIONS = """
+SELECT partition FROM pgstream.partitions WHERE job = %(job)s AND source = %(source)s
+ ORDER BY partition
+"""
+
+# The ledger rows beyond the rewind point (and the one straddling it), oldest first.
+REWIND_LEDGER = """
+SELECT start_offset, end_offset, plan_version, records_in, prev_end_offset
+  FROM pgstream.batches
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND end_offset > %(to)s
+ ORDER BY start_offset
+"""
+
+REWIND_SKIPS = """
+SELECT from_offset, to_offset, reason FROM pgstream.skipped_ranges
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND to_offset > %(to)s
+ ORDER BY from_offset
+"""
+
+# Open dead letters of the range: their records wrote nothing (redriven ones did).
+REWIND_OPEN_DEAD_OFFSETS = """
+SELECT DISTINCT "offset" FROM pgstream.dead_letters
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND "offset" >= %(to)s AND NOT redriven
+"""
+
+REWIND_DELETE_DEAD_LETTERS = """
+DELETE FROM pgstream.dead_letters
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND "offset" >= %(to)s
+"""
+
+REWIND_DELETE_LATE_RECORDS = """
+DELETE FROM pgstream.late_records
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND "offset" >= %(to)s
+"""
+
+REWIND_DELETE_LEDGER = """
+DELETE FROM pgstream.batches
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND start_offset >= %(to)s
+"""
+
+# Back to ``to`` (NULL: before the partition's first batch), fenced: a worker leasing the row
+# fails its next checkpoint (epoch CAS) and claims the row again, reading from ``to``.
+REWIND_MOVE_PARTITION = f"""
+UPDATE pgstream.partitions
+   SET committed_offset = %(committed)s, batches = greatest(batches - %(batches)s, 0),
+       records = greatest(records - %(records)s, 0), attempts = 0, {_FENCE}
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+"""
+
+REWIND_DELETE_SINK_ROWS = sql.SQL(
+    "DELETE FROM {} WHERE _source = %(source)s AND _partition = %(partition)s "
+    "AND _offset >= %(to)s"
+)
+
+# A key row whose count() is back to 0 after a rewind: no record of it is left (a batch never
+# writes a count() of 0), so the row goes, as if those records had never been processed.
+REWIND_DELETE_EMPTY_KEYS = sql.SQL("DELETE FROM {} WHERE {} = 0")

@@ -4,7 +4,8 @@
   ``PGSTREAM_CRASH_AFTER=N`` (default 1) picks the N-th time the point is reached.
   Points, in batch order: ``after_read``, ``after_state``, ``after_sinks``,
   ``before_commit``, ``after_commit``; and in ``pgstream dlq redrive``, per chunk:
-  ``redrive_before_commit``, ``redrive_after_commit``.
+  ``redrive_before_commit``, ``redrive_after_commit``; in ``pgstream rewind``:
+  ``rewind_before_commit``.
 * ``PGSTREAM_INJECT_ERRORS=40001,40P01,57014,53100`` makes the batch transaction raise one
   of these SQLSTATEs (server-side, so the real error class reaches the worker) with
   probability ``PGSTREAM_INJECT_RATE`` (default 0.3; 1.0 = a persistent error).
