@@ -221,7 +221,7 @@ class WindowSpec:
         if isinstance(self.kind, Hopping):
             extra["every"] = self.kind.every.total_seconds()
         if isinstance(self.kind, Session):
-            extra["session"] = True
+            extra["session_gap"] = self.kind.seconds
         if self.grace is not None:
             extra["grace"] = self.grace
         if self.emit != "update":
