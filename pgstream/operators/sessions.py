@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from pgstream.errors import ConfigError
@@ -63,14 +64,38 @@ class Run:
     accs: tuple[Any, ...] | None
 
     def to_json(self) -> list[Any]:
-        """The JSON form kept in ``pgstream.state``."""
-        return [self.start, self.last, None if self.accs is None else list(self.accs)]
+        """The JSON form kept in ``pgstream.state`` (a ``Decimal`` or datetime accumulator
+        tagged, so it comes back as it was)."""
+        accs = None if self.accs is None else [_tag(a) for a in self.accs]
+        return [self.start, self.last, accs]
 
     @staticmethod
     def from_json(value: list[Any]) -> Run:
         """A run read back from ``pgstream.state``."""
         start, last, accs = value
-        return Run(float(start), float(last), None if accs is None else tuple(accs))
+        return Run(
+            float(start), float(last), None if accs is None else tuple(_untag(a) for a in accs)
+        )
+
+
+def _tag(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return {"decimal": str(value)}
+    if isinstance(value, datetime):
+        return {"datetime": value.isoformat()}
+    if isinstance(value, (tuple, list)):  # avg: (total, count)
+        return [_tag(v) for v in value]
+    return value
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "decimal" in value:
+            return Decimal(value["decimal"])
+        return datetime.fromisoformat(value["datetime"])
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    return value
 
 
 Runs = tuple[Run, ...]

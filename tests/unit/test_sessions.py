@@ -117,3 +117,15 @@ def test_the_plan_names_the_gap_and_pushdown_refuses_sessions() -> None:
     assert window["session_gap"] == 30 and "tumbling_seconds" not in window
     with pytest.raises(NotPushable, match="session windows"):
         analyze(app.sinks[0], table)
+
+
+def test_decimal_and_datetime_accumulators_come_back_from_the_state() -> None:
+    from datetime import datetime, timezone
+    from decimal import Decimal
+
+    import orjson
+
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    run = Run(1.5, 2.5, (3, Decimal("1.10"), when, (Decimal("2.5"), 2)))
+    back = Run.from_json(orjson.loads(orjson.dumps(run.to_json())))
+    assert back.accs == (3, Decimal("1.10"), when, [Decimal("2.5"), 2])
