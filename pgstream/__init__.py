@@ -14,6 +14,7 @@ from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
+from pgstream.operators.sessions import session
 from pgstream.operators.windows import hopping, tumbling
 from pgstream.sources import (
     FileSource,
@@ -49,6 +50,7 @@ __all__ = [
     "lit",
     "max",
     "min",
+    "session",
     "sum",
     "tumbling",
 ]

@@ -20,6 +20,7 @@ from pgstream.operators.eventtime import EventClock, TimeUnit
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.lookup import Lookup, lookups_in
+from pgstream.operators.sessions import Session
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
 from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec, windowed_key
 from pgstream.sources.base import Source
@@ -312,7 +313,7 @@ class KeyedStream:
 
     def window(
         self,
-        window: Tumbling | Hopping,
+        window: Tumbling | Hopping | Session,
         *,
         time: str | Callable[[Any], Any],
         grace: float | None = None,
@@ -328,17 +329,21 @@ class KeyedStream:
         to ``pgstream.late_records``; ``emit="final"`` writes each window's row once, when
         the watermark passes its end + grace (see :mod:`pgstream.operators.windows`).
         ``idle_timeout``: seconds without a commit after which a partition stops holding
-        back the job's watermark (``pgstream.job_watermarks``).
+        back the job's watermark (``pgstream.job_watermarks``). With ``ps.session(gap=...)``
+        ``window_start`` is the session's start and ``grace`` defaults to 0 (see
+        :mod:`pgstream.operators.sessions`).
         """
-        if not isinstance(window, (Tumbling, Hopping)):
-            raise ConfigError("window() takes ps.tumbling(seconds=...) or ps.hopping(...)")
+        if not isinstance(window, (Tumbling, Hopping, Session)):
+            raise ConfigError(
+                "window() takes ps.tumbling(seconds=...), ps.hopping(...) or ps.session(gap=...)"
+            )
         spec = _window_spec(window, time, grace, emit, time_unit, idle_timeout, self.key)
         key = windowed_key(self.key, window, spec.clock)
         return KeyedStream(self.stream, key, spec)
 
 
 def _window_spec(
-    window: Tumbling | Hopping,
+    window: Tumbling | Hopping | Session,
     time: str | Callable[[Any], Any],
     grace: float | None,
     emit: str,
@@ -360,7 +365,7 @@ def _window_spec(
             isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
         ):
             raise ConfigError(f"window({name}={value!r}) must be a number of seconds >= 0")
-    if emit == "final" and grace is None:
+    if (emit == "final" or isinstance(window, Session)) and grace is None:
         grace = 0.0
     return WindowSpec(
         window,
@@ -383,8 +388,8 @@ class AggregatedStream:
         """Merge per-key aggregates into ``table`` (key columns unique)."""
         s = self.keyed.stream
         window = self.keyed.window_spec
-        if window is not None and window.emit == "final":
-            _check_final_partitioning(s, self.keyed.key, table)
+        if window is not None and window.keeps_state:
+            _check_final_partitioning(s, self.keyed.key, table, window)
         s.app._add_sink(
             SinkSpec(
                 s.source,
@@ -488,7 +493,9 @@ def _needs_repartition(stream: Stream, key: KeySpec, table: str) -> bool:
     )
 
 
-def _check_final_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
+def _check_final_partitioning(
+    stream: Stream, key: KeySpec, table: str, window: WindowSpec
+) -> None:
     """Refuse ``emit="final"`` when one window's records may arrive through several partitions.
 
     A final row is written once, from the window's state in one partition, when that
@@ -507,6 +514,16 @@ def _check_final_partitioning(stream: Stream, key: KeySpec, table: str) -> None:
         and all(isinstance(step, Filter) for step in stream.steps)
     ):
         return
+    if isinstance(window.kind, Session):
+        raise ConfigError(
+            f"session window into {table!r}: stream {stream.source!r} ({source.describe()}) "
+            "has several partitions, and records of one key may arrive through more than one "
+            "of them, while a key's sessions are kept in one partition's window state (the "
+            "partitions would each build their own, overlapping sessions)",
+            hint="key by the field the source partitions on "
+            "(TableSource(..., partitions=N, partition_by=...)), or use a single-partition "
+            "source",
+        )
     raise ConfigError(
         f"window into {table!r} with emit='final': stream {stream.source!r} "
         f"({source.describe()}) has several partitions, and records of one key may arrive "

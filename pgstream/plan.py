@@ -166,6 +166,8 @@ def _sink(spec: SinkSpec) -> dict[str, Any]:
             extra = spec.window.describe()
             if "every" in extra:  # hopping: its size under its own name
                 window["hopping_seconds"] = window.pop("tumbling_seconds")
+            if "session_gap" in extra:  # sessions: no size, their gap
+                window.pop("tumbling_seconds")
             window.update(extra)
     if spec.aggregates:
         entry["aggregates"] = [_aggregate(a) for a in spec.aggregates]

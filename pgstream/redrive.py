@@ -24,7 +24,8 @@ chunk of dead letters is ONE transaction:
 The records are below their partition's committed offset (their batch committed them as
 dead letters), so a running worker never reads them again: redrive and workers write
 different records' effects and need no fencing between them. Streams with a fold (per-key
-state that depends on record order) cannot take a record out of order and are refused.
+state that depends on record order) and session windows cannot take a record out of order
+and are refused.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pgstream import plan as plans
 from pgstream.api import App
 from pgstream.db import queries
 from pgstream.errors import ConfigError
+from pgstream.operators.sessions import Session
 from pgstream.runtime.checkpoint import BatchRange, DuplicateOutputError, SinkDataError, write_sinks
 from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.jobcheck import PlanChangedError
@@ -214,14 +216,19 @@ class Redriver:
         self._fingerprint: str | None = None
 
     def check(self) -> None:
-        """Refuse streams redrive cannot serve: a fold among its sinks."""
+        """Refuse streams redrive cannot serve: a fold or a session window among its sinks."""
         selected = {r[0] for r in self.conn.execute(queries.DLQ_SOURCES, self.params)}
-        folds = sorted({s.stream for s in self.app.sinks if s.kind == "fold"} & selected)
+        ordered = {
+            s.stream
+            for s in self.app.sinks
+            if s.kind == "fold" or (s.window is not None and isinstance(s.window.kind, Session))
+        }
+        folds = sorted(ordered & selected)
         if folds:
             raise ConfigError(
-                f"stream(s) {', '.join(folds)} feed a fold, whose per-key state depends on "
-                "the order of records: a dead letter redriven later would be folded out of "
-                "order, so redrive refuses them",
+                f"stream(s) {', '.join(folds)} feed a fold or session windows, whose per-key "
+                "state depends on the order of records: a dead letter redriven later would be "
+                "applied out of order, so redrive refuses them",
                 hint="redrive other streams with --source S; for a fold, rebuild the job "
                 "(`pgstream rebuild`) after fixing the code",
             )

@@ -103,3 +103,75 @@ def reference(
         if not final or done:
             ref.windows[k] = (n, total)
     return ref
+
+
+@dataclass
+class SessionReference:
+    """Sessions per (user, start): (count, sum of "v"), their ends, late records, dead letters."""
+
+    windows: Windows = field(default_factory=dict)
+    #: (user, start) -> last event time + gap
+    ends: dict[tuple[Any, float], float] = field(default_factory=dict)
+    late: set[LateKey] = field(default_factory=set)
+    dead: set[tuple[str, int]] = field(default_factory=set)
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+def session_reference(
+    partitions: dict[str, list[tuple[int, str]]],
+    *,
+    gap: float,
+    grace: float,
+    final: bool = False,
+    time_field: str = "ts",
+) -> SessionReference:
+    """Session windows by the README rules, keeping every session ever seen (never forgetting
+    closed ones): a record joins each session of its user with start - gap < t < last + gap and
+    merges them; it is late when t + gap + grace < watermark (window: its own) or when a
+    session it joins has last + gap + grace < watermark (window: the first such by start)."""
+    ref = SessionReference()
+    # user -> [start, last, count, sum]
+    found: dict[Any, list[list[Any]]] = defaultdict(list)
+    mark_of: dict[Any, str] = {}
+    for part, records in partitions.items():
+        wm: float | None = None
+        for offset, line in records:
+            try:
+                rec = json.loads(line)
+                t = float(rec[time_field])
+            except (ValueError, KeyError, TypeError):
+                ref.dead.add((part, offset))
+                continue
+            if wm is not None and t + gap + grace < wm:
+                ref.late.add((part, offset, t))
+                continue
+            try:
+                user = rec["user"]
+            except KeyError:
+                ref.dead.add((part, offset))
+                continue
+            mine = sorted(found[user])
+            joined = [s for s in mine if s[0] - gap < t < s[1] + gap]
+            closed = [s for s in joined if wm is not None and s[1] + gap + grace < wm]
+            if closed:
+                ref.late.add((part, offset, closed[0][0]))
+                continue
+            try:
+                v = int(rec["v"])
+            except (ValueError, KeyError, TypeError):
+                ref.dead.add((part, offset))
+                continue
+            merged = [min([t] + [s[0] for s in joined]), max([t] + [s[1] for s in joined]),
+                      1 + sum(s[2] for s in joined), v + sum(s[3] for s in joined)]
+            found[user] = [s for s in mine if s not in joined] + [merged]
+            mark_of[user] = part
+            wm = t if wm is None or t > wm else wm
+        if wm is not None:
+            ref.marks[part] = wm
+    for user, sessions in found.items():
+        mark = ref.marks[mark_of[user]]
+        for start, last, n, total in sessions:
+            if not final or last + gap + grace < mark:
+                ref.windows[(user, start)] = (n, total)
+                ref.ends[(user, start)] = last + gap
+    return ref

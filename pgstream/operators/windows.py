@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pgstream.errors import ConfigError
 from pgstream.operators.eventtime import EventClock, event_time
 from pgstream.operators.keys import KeySpec
+from pgstream.operators.sessions import Session
 
 WINDOW_COLUMN = "window_start"
 #: window starts cached per assigner before the cache is emptied
@@ -95,7 +96,7 @@ class Hopping:
         return {"hopping_seconds": self.seconds, "every": self.every.total_seconds()}
 
 
-WindowKind = Tumbling | Hopping
+WindowKind = Tumbling | Hopping | Session
 
 
 class TumblingAssigner:
@@ -208,12 +209,19 @@ class WindowSpec:
         """Tumbling, update mode, no grace: the windows of before watermarks (nothing late)."""
         return isinstance(self.kind, Tumbling) and self.grace is None and self.emit == "update"
 
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the operator keeps windows in ``pgstream.state`` (final mode, sessions)."""
+        return self.emit == "final" or isinstance(self.kind, Session)
+
     def describe(self) -> dict[str, Any]:
         """The extra plan entries of this window (only those that differ from the defaults,
         so a plain tumbling window's plan is what it was before)."""
         extra: dict[str, Any] = {}
         if isinstance(self.kind, Hopping):
             extra["every"] = self.kind.every.total_seconds()
+        if isinstance(self.kind, Session):
+            extra["session_gap"] = self.kind.seconds
         if self.grace is not None:
             extra["grace"] = self.grace
         if self.emit != "update":
@@ -228,7 +236,10 @@ class WindowSpec:
 def windowed_key(key: KeySpec, window: WindowKind, clock: EventClock) -> KeySpec:
     """``key`` extended by the start of the record's window (column ``window_start``): the
     ``clock`` reads the record's event time, the window's assigner places it (the first window
-    holding it, for hopping windows: their records go through a window plan instead)."""
+    holding it, for hopping windows: their records go through a window plan instead; for
+    sessions the record's own time: their records go through a session plan)."""
+    if isinstance(window, Session):
+        return _session_key(key, window, clock)
     assigner = window.assigner()
     key_fn, single = key.fn, len(key.columns) == 1
     as_datetime = assigner.as_datetime
@@ -249,6 +260,22 @@ def windowed_key(key: KeySpec, window: WindowKind, clock: EventClock) -> KeySpec
             start = as_datetime(epochs(epoch_of(record))[0])
             k = key_fn(record)
             return (k, start) if single else (*k, start)
+
+    return KeySpec(
+        (*key.columns, WINDOW_COLUMN), fn, key.by, (window.seconds, clock.time), key.exprs
+    )
+
+
+def _session_key(key: KeySpec, window: Session, clock: EventClock) -> KeySpec:
+    """``key`` extended by ``window_start``: the session's start (placed by the session plan,
+    :mod:`pgstream.runtime.sessionplan`; ``fn`` gives a record's own session only)."""
+    key_fn, single = key.fn, len(key.columns) == 1
+    epoch_of, as_datetime = clock.epoch_of, _start_cache()
+
+    def fn(record: Any) -> tuple[Any, ...]:
+        start = as_datetime(epoch_of(record))
+        k = key_fn(record)
+        return (k, start) if single else (*k, start)
 
     return KeySpec(
         (*key.columns, WINDOW_COLUMN), fn, key.by, (window.seconds, clock.time), key.exprs

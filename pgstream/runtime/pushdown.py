@@ -156,7 +156,8 @@ def _aggregate_shape(spec: SinkSpec, env: Env, conditions: list[sql.Composable])
     window = spec.window
     if window is not None and not (window.plain and window.clock.unit == "s"):
         raise NotPushable(
-            "its window has a grace, emit='final', hopping windows or time_unit (watermarks, "
+            "its window has a grace, emit='final', hopping or session windows or time_unit "
+            "(watermarks, sessions, "
             "late records and final rows are kept in Python)"
         )
     values: list[sql.Composable] = []

@@ -455,11 +455,15 @@ def _aggregate(spec: SinkSpec, sink: Any, states: dict[str, KeyedState]) -> Sink
     assert isinstance(sink, AggregateSink)
     if spec.window is not None and not spec.window.plain:
         # windows with a watermark: their own plan (which builds on this module's)
+        from pgstream.operators.sessions import Session
+        from pgstream.runtime.sessionplan import SessionPlan
         from pgstream.runtime.windowplan import WindowPlan
         from pgstream.state.windows import WindowState
 
         state = states[spec.operator_id]
         assert isinstance(state, WindowState)
+        if isinstance(spec.window.kind, Session):
+            return SessionPlan(spec, sink, state)
         return WindowPlan(spec, sink, state)
     return AggregatePlan(spec, sink)
 

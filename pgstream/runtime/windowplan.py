@@ -27,6 +27,7 @@ import psycopg
 
 from pgstream.api import SinkSpec
 from pgstream.db import queries
+from pgstream.operators.sessions import Session
 from pgstream.operators.steps import compose
 from pgstream.operators.windows import TumblingAssigner, WindowSpec
 from pgstream.runtime import kernels
@@ -82,7 +83,9 @@ class WindowPlan(SinkPlan):
         self.state = state
         self.operator = spec.operator_id
         self.final = spec.window.emit == "final"
-        self.assigner = spec.window.kind.assigner()
+        kind = spec.window.kind
+        assert not isinstance(kind, Session)  # sessions have their own plan
+        self.assigner = kind.assigner()
         self.size = self.assigner.size
         self.as_datetime = self.assigner.as_datetime
         self.epoch_of = spec.window.clock.epoch_of
@@ -265,33 +268,11 @@ class WindowPlan(SinkPlan):
     ) -> int:
         """Late records; then update mode: the batch's deltas; final: the closed windows."""
         slot: WindowSlot = out.slots[self.slot]
-        self._write_late(cur, out, slot)
+        write_late(cur, self.state.job, self.operator, out, slot.late)
         accs = self.emitted(out) if self.final else slot.accs
         rows = self.rows_of.rows(accs)
         self.sink.write(cur, self.sink.value_columns(), rows)
         return len(rows)
-
-    def _write_late(self, cur: psycopg.Cursor[Any], out: BatchOutput, slot: WindowSlot) -> None:
-        if not slot.late:
-            return
-        job = self.state.job
-        with cur.copy(queries.COPY_LATE_RECORDS) as copy:
-            for offset, seq, start, end, t, mark, o in slot.late:
-                copy.write_row(
-                    (
-                        job,
-                        self.operator,
-                        out.source,
-                        out.partition,
-                        offset,
-                        seq,
-                        _epoch_dt(start),
-                        _epoch_dt(end),
-                        _epoch_dt(t),
-                        _epoch_dt(mark),
-                        orjson.dumps(o, default=str).decode(),
-                    )
-                )
 
     def committed(self, out: BatchOutput) -> None:
         """Adopt the batch's watermark and (final mode) its open and closed windows."""
@@ -327,6 +308,31 @@ class WindowPlan(SinkPlan):
                 states[(self.operator, partition, self._state_key(sk))] = acc
         for sk in gone:
             states.pop((self.operator, partition, self._state_key(sk)), None)
+
+
+def write_late(
+    cur: psycopg.Cursor[Any], job: str, operator: str, out: BatchOutput, late: list[LateRow]
+) -> None:
+    """A window operator's late records of a batch into ``pgstream.late_records``."""
+    if not late:
+        return
+    with cur.copy(queries.COPY_LATE_RECORDS) as copy:
+        for offset, seq, start, end, t, mark, o in late:
+            copy.write_row(
+                (
+                    job,
+                    operator,
+                    out.source,
+                    out.partition,
+                    offset,
+                    seq,
+                    _epoch_dt(start),
+                    _epoch_dt(end),
+                    _epoch_dt(t),
+                    _epoch_dt(mark),
+                    orjson.dumps(o, default=str).decode(),
+                )
+            )
 
 
 def _with_accs(out: BatchOutput, accs: dict[Any, Any]) -> BatchOutput:

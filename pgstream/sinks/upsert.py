@@ -82,6 +82,35 @@ class UpsertSink(SinkTable):
         )
 
 
+    def delete(self, cur: psycopg.Cursor[Any], keys: Sequence[Row]) -> None:
+        """Delete the rows of ``keys`` (key column values), staged with ``COPY`` like
+        :meth:`write` (a session window's merged or moved sessions)."""
+        if not keys:
+            return
+        info = self.info
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.key_columns)
+        shape = zlib.crc32("\0".join(("delete", *self.key_columns)).encode())
+        stage_table = f"{self.stage_name}_{shape:08x}"
+        stage = sql.Identifier(stage_table)
+        self.stages.add(stage_table)
+        cur.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+                "SELECT {cols} FROM {table} WITH NO DATA"
+            ).format(stage=stage, cols=cols, table=info.ident)
+        )
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
+            for key in keys:
+                copy.write_row(key)
+        match = sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c)) for c in self.key_columns
+        )
+        cur.execute(
+            sql.SQL("DELETE FROM {table} AS t USING {stage} AS s WHERE {match}").format(
+                table=info.ident, stage=stage, match=match
+            )
+        )
+
     def clear_stages(self, cur: psycopg.Cursor[Any]) -> None:
         """Empty the stage tables now. A batch writes each sink once per transaction, and
         they empty at COMMIT; a transaction that writes a sink again (``pgstream dlq

@@ -259,7 +259,7 @@ def compare_states(
         {
             s.operator_id
             for s in app.sinks
-            if (s.kind == "fold" or (s.window is not None and s.window.emit == "final"))
+            if (s.kind == "fold" or (s.window is not None and s.window.keeps_state))
             and s.table not in expected.unchecked_tables
         }
     )

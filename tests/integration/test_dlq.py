@@ -343,6 +343,32 @@ def test_redrive_refuses_a_stream_with_a_fold(
     assert _dead(pg_conn) == before
 
 
+def test_redrive_refuses_a_stream_with_session_windows(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, _ = _setup(tmp_path, pg_conn, 50)
+    pg_conn.execute(
+        "CREATE TABLE visits (user_id bigint, window_start timestamptz, n bigint, "
+        "PRIMARY KEY (user_id, window_start))"
+    )
+    with open(tmp_path / "dlqapp.py", "a") as f:
+        f.write(
+            'events.key_by("user", name="user_id").window(ps.session(gap=5), time="id")'
+            '.aggregate(n=ps.count()).to_table("visits")\n'
+        )
+    _run_broken(tmp_path, env, pg_dsn)
+    before = _dead(pg_conn)
+    assert before
+    done = _cli(
+        tmp_path, env, "fixed", "dlq", "redrive", "dlqapp:app", "--dsn", pg_dsn, "--yes",
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "events feed a fold or session windows" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert _dead(pg_conn) == before
+
+
 @pytest.mark.parametrize("status", ["redriven", "all"])
 def test_redrive_takes_open_dead_letters_only(status: str) -> None:
     import pgstream as ps
