@@ -76,7 +76,10 @@ def test_windows_survive_kill_9_exactly(tmp_path: Path, pg_dsn: str, all_sinks: 
     rng = random.Random(int(os.environ.get("PGSTREAM_CRASH_SEED", "0")) or None)
     lines = _events(12_000, rng)
     path = tmp_path / "clicks.jsonl"
-    path.write_text("".join(line + "\n" for line in lines))
+    path.write_text("")
+    # the input grows before every run, so each run (a crash point after up to 4 batches of
+    # 150 included) has new records to work on however fast the earlier runs were
+    chunk = len(lines) // 6
     (tmp_path / "app.py").write_text(APP)
     tables = ["upd", "fin", "hop"] if all_sinks else ["upd"]
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -106,6 +109,8 @@ def test_windows_survive_kill_9_exactly(tmp_path: Path, pg_dsn: str, all_sinks: 
         if i % 3 == 2:
             point = rng.choice(["after_state", "after_sinks", "before_commit", "after_commit"])
             crash = {"PGSTREAM_CRASH_AT": point, "PGSTREAM_CRASH_AFTER": str(rng.randint(1, 4))}
+        with path.open("a") as f:
+            f.write("".join(line + "\n" for line in lines[i * chunk : (i + 1) * chunk]))
         before = batches()
         w = start(crash)
         if crash:
@@ -124,6 +129,8 @@ def test_windows_survive_kill_9_exactly(tmp_path: Path, pg_dsn: str, all_sinks: 
             w.stderr.close()
         kills += 1
     assert kills == 6
+    with path.open("a") as f:
+        f.write("".join(line + "\n" for line in lines[6 * chunk :]))
     done = subprocess.run(
         [sys.executable, "-m", "pgstream", "run", "app:app", "--stop-when-idle", "--dsn", pg_dsn],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
