@@ -21,13 +21,31 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, Decimal)) and not isinstance(v, bool)
 
 
+#: a decimal with at least this many fractional digits is a quotient (an average), rounded
+#: where the one who divided stopped: PostgreSQL's numeric division keeps 16 or more digits,
+#: Python's Decimal 28 significant digits
+QUOTIENT_DIGITS = 15
+
+
 def _numbers_close(a: Any, b: Any) -> bool:
     if isinstance(a, (int, Decimal)) and isinstance(b, (int, Decimal)):
-        return bool(a == b)
+        return bool(a == b) or _quotients_equal(Decimal(a), Decimal(b))
     fa, fb = float(a), float(b)
     if math.isnan(fa) or math.isnan(fb):
         return math.isnan(fa) and math.isnan(fb)
     return math.isclose(fa, fb, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+
+
+def _quotients_equal(a: Decimal, b: Decimal) -> bool:
+    """Two results of one division rounded to different lengths: equal to within one unit in
+    the last place of the shorter. Exact numbers (sums, counts: fewer fractional digits) must
+    match exactly."""
+    if not (a.is_finite() and b.is_finite()):
+        return False
+    digits = min(-int(a.as_tuple().exponent), -int(b.as_tuple().exponent))
+    if digits < QUOTIENT_DIGITS:
+        return False
+    return abs(a - b) <= Decimal(1).scaleb(-digits)
 
 
 def _parse_time(text: str) -> dt.datetime | dt.date | None:

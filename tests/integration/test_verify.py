@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
+import pgstream as ps
 from pgstream.cli import main
 from pgstream.db.connect import with_database
 from pgstream.runtime.worker import run_app
@@ -422,3 +423,30 @@ def test_unsafe_offsets_skip_is_reported_with_a_real_range(pg_dsn: str, tmp_path
 )
 def test_values_equal(expected: Any, actual: Any, same: bool) -> None:
     assert values_equal(expected, actual) is same
+
+
+@pytest.mark.parametrize("pushdown", [False, True])
+def test_avg_over_numeric_verifies_clean(pg_dsn: str, pushdown: bool) -> None:
+    """An average of numeric amounts is stored as PostgreSQL rounds the division (16
+    fractional digits); verify recomputes it with Python's 28 digits: the same quotient, not
+    a wrong value."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pays (id bigserial PRIMARY KEY, who text NOT NULL, "
+            "amount numeric(12, 2) NOT NULL)"
+        )
+        conn.execute(
+            "INSERT INTO pays (who, amount) SELECT 'u' || (i % 7), (i % 13) + 0.01 "
+            "FROM generate_series(1, 500) AS i"
+        )
+        conn.execute(
+            "CREATE TABLE per_who (who text PRIMARY KEY, n bigint NOT NULL, mean numeric, "
+            "_mean_sum numeric, _mean_count bigint NOT NULL DEFAULT 0)"
+        )
+    app = ps.App("avgnum", batch_size=120, pushdown=pushdown)
+    app.stream("pays", ps.TableSource("pays")).key_by("who").aggregate(
+        n=ps.count(), mean=ps.avg("amount")
+    ).to_table("per_who")
+    run_app(app, pg_dsn, stop_when_idle=True)
+    report = verify_app(app, pg_dsn)
+    assert report.ok, report
