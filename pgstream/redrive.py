@@ -49,7 +49,7 @@ from tenacity import (
 )
 
 from pgstream import plan as plans
-from pgstream.api import App
+from pgstream.api import App, SinkSpec
 from pgstream.db import queries
 from pgstream.errors import ConfigError
 from pgstream.operators.sessions import Session
@@ -216,19 +216,18 @@ class Redriver:
         self._fingerprint: str | None = None
 
     def check(self) -> None:
-        """Refuse streams redrive cannot serve: a fold or a session window among its sinks."""
+        """Refuse streams redrive cannot serve: a fold, session windows or windows with a
+        watermark (grace, emit="final") among its sinks."""
         selected = {r[0] for r in self.conn.execute(queries.DLQ_SOURCES, self.params)}
-        ordered = {
-            s.stream
-            for s in self.app.sinks
-            if s.kind == "fold" or (s.window is not None and isinstance(s.window.kind, Session))
-        }
+        ordered = {s.stream for s in self.app.sinks if s.kind == "fold" or _watermarked(s)}
         folds = sorted(ordered & selected)
         if folds:
             raise ConfigError(
-                f"stream(s) {', '.join(folds)} feed a fold or session windows, whose per-key "
-                "state depends on the order of records: a dead letter redriven later would be "
-                "applied out of order, so redrive refuses them",
+                f"stream(s) {', '.join(folds)} feed a fold or session windows or windows with "
+                "a watermark (grace, emit='final'), whose per-key state or closed windows depend "
+                "on the order of records: a dead letter redriven later would be applied out of "
+                "order (into a window already closed or written as final), so redrive refuses "
+                "them",
                 hint="redrive other streams with --source S; for a fold, rebuild the job "
                 "(`pgstream rebuild`) after fixing the code",
             )
@@ -437,3 +436,11 @@ def _record(d: _Claimed) -> SourceRecord:
     if type(value) is not dict:
         return SourceRecord(d.offset, None, error="the stored payload is not a JSON object")
     return SourceRecord(d.offset, value)
+
+
+def _watermarked(spec: SinkSpec) -> bool:
+    """A window whose rows depend on the watermark: sessions, a grace, or final rows."""
+    w = spec.window
+    return w is not None and (
+        isinstance(w.kind, Session) or w.grace is not None or w.emit == "final"
+    )

@@ -343,9 +343,19 @@ def test_redrive_refuses_a_stream_with_a_fold(
     assert _dead(pg_conn) == before
 
 
+@pytest.mark.parametrize(
+    "window",
+    [
+        "ps.session(gap=5), time=\"id\"",
+        "ps.tumbling(seconds=5), time=\"id\", emit=\"final\"",
+        "ps.tumbling(seconds=5), time=\"id\", grace=2",
+    ],
+    ids=["session", "final", "grace"],
+)
 def test_redrive_refuses_a_stream_with_session_windows(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], window: str
 ) -> None:
+    """Sessions, final rows and windows closed by a watermark depend on record order."""
     env, _ = _setup(tmp_path, pg_conn, 50)
     pg_conn.execute(
         "CREATE TABLE visits (user_id bigint, window_start timestamptz, n bigint, "
@@ -353,7 +363,7 @@ def test_redrive_refuses_a_stream_with_session_windows(
     )
     with open(tmp_path / "dlqapp.py", "a") as f:
         f.write(
-            'events.key_by("user", name="user_id").window(ps.session(gap=5), time="id")'
+            f'events.key_by("user", name="user_id").window({window})'
             '.aggregate(n=ps.count()).to_table("visits")\n'
         )
     _run_broken(tmp_path, env, pg_dsn)
