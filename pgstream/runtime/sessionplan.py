@@ -28,7 +28,7 @@ from pgstream.api import SinkSpec
 from pgstream.operators.sessions import Run, Runs, Session, SessionRules
 from pgstream.runtime.output import BatchOutput
 from pgstream.runtime.sinkplans import AggregatePlan, Expectations, SinkPlan, aggregate_row
-from pgstream.runtime.windowplan import LateRow, write_late
+from pgstream.runtime.windowplan import LateRow, continue_watermark, write_late
 from pgstream.sinks.upsert import AggregateSink, Row
 from pgstream.state.windows import WindowState
 
@@ -114,12 +114,7 @@ class SessionPlan(SinkPlan):
 
     def opened(self, out: BatchOutput) -> None:
         """Start from the previous batch's watermark (uncommitted) or the committed one."""
-        slot: SessionSlot = out.slots[self.slot]
-        before: SessionSlot | None = out.pending.get(self.slot) if out.pending else None
-        slot.before = before
-        slot.watermark = self.state.watermark
-        if before is not None and before.watermark is not None:
-            slot.watermark = before.watermark
+        slot: SessionSlot = continue_watermark(out, self.slot, self.state.watermark)
         slot.start = slot.watermark
 
     def _prior(self, slot: SessionSlot, k: Any) -> Runs:

@@ -119,12 +119,7 @@ class WindowPlan(SinkPlan):
 
     def opened(self, out: BatchOutput) -> None:
         """Start from the previous batch's watermark (uncommitted) or the committed one."""
-        slot: WindowSlot = out.slots[self.slot]
-        before: WindowSlot | None = out.pending.get(self.slot) if out.pending else None
-        slot.before = before
-        slot.watermark = self.state.watermark
-        if before is not None and before.watermark is not None:
-            slot.watermark = before.watermark
+        continue_watermark(out, self.slot, self.state.watermark)
 
     def _sink_key(self, k: Any, start: float) -> Any:
         ws = self.as_datetime(start)
@@ -451,3 +446,16 @@ def tumbling_update_kernels(plan: WindowPlan, fn: Callable[[Any], Any]) -> Kerne
             slot.watermark = clock.wm
 
     return raw, records
+
+
+def continue_watermark(out: BatchOutput, slot_index: int, committed: float | None) -> Any:
+    """Open a window plan's slot of ``out`` (a :class:`WindowSlot` or a session slot: both
+    have ``before`` and ``watermark``): the batch continues the previous batch's watermark
+    while that batch has not committed, else the committed one. Returns the slot."""
+    slot = out.slots[slot_index]
+    before = out.pending.get(slot_index) if out.pending else None
+    slot.before = before
+    slot.watermark = committed
+    if before is not None and before.watermark is not None:
+        slot.watermark = before.watermark
+    return slot
