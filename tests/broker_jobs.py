@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from proctools import run_cli
 
 JOB = "brokers"
 
@@ -78,14 +79,7 @@ def pgstream(
     tmp: Path, dsn: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """``python -m pgstream ARGS`` in ``tmp`` (the app's directory)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args, "--dsn", dsn],
-        cwd=tmp,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, "--dsn", dsn, cwd=tmp, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def run_idle(

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from proctools import run_cli
 from psycopg.types.json import Jsonb
 
 FILE_APP = """
@@ -49,14 +50,7 @@ def pgstream(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user does."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def job_cli(

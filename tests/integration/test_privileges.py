@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from proctools import cli_env, run_cli
 
 from pgstream.db.connect import connect
 
@@ -46,16 +46,7 @@ APP_GRANTS = (
 
 
 def pgstream(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env["PYTHONPATH"] = str(cwd)
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, cwd=cwd, env=cli_env(PYTHONPATH=str(cwd)))
 
 
 def setup_app(tmp_path: Path, roles: Any, *, grant: bool = True) -> None:
