@@ -460,20 +460,8 @@ def test_job_reset_refuses_while_a_redrive_chunk_is_in_flight(
     with psycopg.connect(pg_dsn) as chunk:  # a chunk's first statement, transaction open
         params = {"job": "dlqjob", "source": None}
         assert chunk.execute(queries.DLQ_LOCK_PARTITIONS, params).fetchall()
-        done = _cli(
-            tmp_path,
-            env,
-            "fixed",
-            "job",
-            "reset",
-            "dlqapp:app",
-            "--stream",
-            "events",
-            "--yes",
-            "--dsn",
-            pg_dsn,
-            check=False,
-        )
+        args = ["--stream", "events", "--yes", "--dsn", pg_dsn]
+        done = _cli(tmp_path, env, "fixed", "job", "reset", "dlqapp:app", *args, check=False)
         assert done.returncode != 0
         assert "holds its partition rows" in done.stderr, done.stderr
         # a worker's checkpoint UPDATE (no key change) is not blocked by it
