@@ -49,8 +49,16 @@ _OWNER_GONE = """
 """
 
 # Takeover: bump the epoch in its own transaction. Every later batch of the previous
-# owner fails its compare-and-set on the epoch.
+# owner fails its compare-and-set on the epoch. ``prev`` locks the row first and keeps its
+# owner as it was (NULL: released or fenced; a name: that worker's lease expired or its
+# session is gone, so this claim is a takeover).
 CLAIM = f"""
+WITH prev AS (
+  SELECT p.owner FROM pgstream.partitions AS p
+   WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+     AND ({_OWNER_GONE})
+     FOR UPDATE OF p
+)
 UPDATE pgstream.partitions AS p
    SET epoch = p.epoch + 1,
        owner = %(worker)s,
@@ -58,9 +66,10 @@ UPDATE pgstream.partitions AS p
        owner_backend_start = (SELECT backend_start FROM pg_stat_activity
                                WHERE pid = pg_backend_pid()),
        lease_expires_at = now() + make_interval(secs => %(lease)s)
+  FROM prev
  WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
    AND ({_OWNER_GONE})
-RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance
+RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance, prev.owner
 """
 
 # A claim waits this long at most for a partition row locked by a batch in flight.

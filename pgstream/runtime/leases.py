@@ -32,6 +32,9 @@ class Lease:
     committed_offset: int | None
     attempts: int
     source_instance: str | None = None  # the stream instance its offsets belong to
+    #: whether the claim took the partition from another worker whose lease expired or
+    #: whose session is gone (not a released, fenced or never-owned row)
+    takeover: bool = False
 
 
 #: how long a claim waits for a partition row locked by its owner's batch in flight
@@ -143,7 +146,8 @@ class LeaseManager:
             return None
         if row is None:
             return None
-        return Lease(source, partition, row[0], row[1], row[2], row[3])
+        takeover = row[4] is not None and row[4] != self.worker
+        return Lease(source, partition, row[0], row[1], row[2], row[3], takeover)
 
     def renew(self, conn: psycopg.Connection[Any], lease: Lease) -> bool:
         """Extend a lease (and re-announce this session); False if it was lost."""

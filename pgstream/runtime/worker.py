@@ -401,6 +401,7 @@ class Worker:
             lease = self.tasks[key].lease
             self.leases.release(conn, lease)
             self.observer.released(lease)
+            self.observer.handed_over(lease)
             log.info("handed %s/%s over (share %d)", key[0], key[1], self._share)
             self._drop(key)
         self.leases.notify(conn)
