@@ -379,7 +379,7 @@ def test_a_takeover_after_a_sigkill_is_counted_apart_from_the_claims(
     wait_for(lambda: value(port_a, "pgstream_records_in_total") > 0, 60, what="A committing")
     b = start(
         tmp_path, env, pg_dsn, "--metrics-port", str(port_b), "--metrics-host", "127.0.0.1",
-        "--batch-size", "20",
+        "--batch-size", "20", "-v",
     )
     procs.append(b)
     wait_for(lambda: value(port_b, "pgstream_owned_partitions") == 1, 60, what="B's share")
@@ -388,6 +388,8 @@ def test_a_takeover_after_a_sigkill_is_counted_apart_from_the_claims(
     assert value(port_a, "pgstream_takeovers_total") == 0
     assert value(port_b, "pgstream_partition_claims_total") == 1
     assert value(port_b, "pgstream_takeovers_total") == 0  # a hand-over is no takeover
+    owners = pg_conn.execute("SELECT DISTINCT owner FROM pgstream.partitions").fetchall()
+    a_id = next(o for (o,) in owners if f":{a.pid}:" in (o or ""))
     os.killpg(a.pid, signal.SIGKILL)
     a.wait(10)
     wait_for(lambda: value(port_b, "pgstream_owned_partitions") == 2, 60, what="B took over")
@@ -406,3 +408,4 @@ def test_a_takeover_after_a_sigkill_is_counted_apart_from_the_claims(
     b.send_signal(signal.SIGTERM)
     _, err = b.communicate(timeout=60)
     assert b.returncode == 0, err
+    assert f"taken over from {a_id}" in err, err[-3000:]  # B's log names the dead worker

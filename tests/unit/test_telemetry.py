@@ -96,7 +96,7 @@ def test_takeovers_and_rebalances_are_counted_apart_from_claims_and_releases() -
     observer = MetricsObserver()
     observer.started("shop", 1, 3)
     observer.claimed(Lease("orders", "0", 1, None, 0))  # a free row
-    observer.claimed(Lease("orders", "1", 4, 10, 0, takeover=True))  # its owner died
+    observer.claimed(Lease("orders", "1", 4, 10, 0, taken_from="w1"))  # its owner died
     handed = Lease("orders", "2", 2, 5, 0)
     observer.claimed(handed)
     observer.released(handed)
