@@ -4,7 +4,8 @@ effects of the records beyond it, in ONE transaction fenced like a batch.
 ``--to OFFSET`` means: records with ``offset >= OFFSET`` are processed again. OFFSET must be
 a batch boundary (the start of a committed batch, or the committed offset itself): the
 ledger knows which plan version wrote each batch, and a batch is retracted whole or not at
-all. A straddling OFFSET is refused with the two boundaries around it.
+all. A straddling OFFSET is refused with the two boundaries around it. ``--to-time TIME`` is
+first turned into such a boundary (:mod:`pgstream.rewindtime`).
 
 The transaction:
 
@@ -138,6 +139,10 @@ class Rewinder:
 
     def target(self, stream: str, partition: str | None, to: int) -> Target:
         """The partition to rewind: ``partition``, or the stream's only one."""
+        return Target(stream, self.partition_of(stream, partition), to)
+
+    def partition_of(self, stream: str, partition: str | None) -> str:
+        """``partition``, or the stream's only one (ConfigError naming them otherwise)."""
         if stream not in self.app.sources:
             raise ConfigError(
                 f"stream {stream!r} is not in app {self.app.name!r} "
@@ -159,7 +164,7 @@ class Rewinder:
                     hint="name one with --partition P",
                 )
             partition = parts[0]
-        return Target(stream, partition, to)
+        return partition
 
     def run(self, t: Target, *, apply: bool) -> Outcome:
         """Rewind ``t`` in one transaction (rolled back unless ``apply``: a dry run)."""

@@ -58,8 +58,15 @@ NOTICE_LOGGERS = ("pgstream.progress", "pgstream.supervisor")
     type=click.IntRange(min=1, max=65535),
     default=None,
     metavar="PORT",
-    help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (with --workers N, the "
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (with --workers N, the "
     "supervisor serves all workers' metrics there).",
+)
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",
+    show_default=True,
+    metavar="HOST",
+    help="The address the metrics endpoint binds (127.0.0.1: this machine only; :: for IPv6).",
 )
 @click.option(
     "--log-format",
@@ -80,6 +87,7 @@ def command(
     verbose: int,
     progress_interval: float,
     metrics_port: int | None,
+    metrics_host: str,
     log_format: str,
 ) -> None:
     """Run the app MODULE:APP. Several runs (on any machines) share partitions through leases;
@@ -95,6 +103,12 @@ def command(
     from pgstream.runtime.argv import hide_passwords
     from pgstream.runtime.supervisor import LABEL_ENV, die_with_parent
 
+    ctx = click.get_current_context()
+    if metrics_port is None and ctx.get_parameter_source("metrics_host") not in (
+        ParameterSource.DEFAULT,
+        ParameterSource.DEFAULT_MAP,
+    ):
+        raise click.UsageError("--metrics-host is the address of --metrics-port: give both")
     label = os.environ.get(LABEL_ENV)
     _setup_logging(verbose, label, log_format)
     hide_passwords()
@@ -113,7 +127,13 @@ def command(
     if workers > 1:
         sys.exit(
             _supervise(
-                app.name, len(app.sources), resolved, where, workers, stop_when_idle, metrics_port
+                app.name,
+                len(app.sources),
+                resolved,
+                where,
+                workers,
+                stop_when_idle,
+                (metrics_host, metrics_port) if metrics_port is not None else None,
             )
         )
     from pgstream.runtime.progress import ProgressReporter
@@ -122,7 +142,7 @@ def command(
     settings = app.settings.with_overrides(batch_size=batch_size, max_interval=max_interval)
     who = f"worker {label}" if label else "1 worker"
     progress = ProgressReporter(progress_interval, where, who)
-    observers, stop_metrics = _metrics(metrics_port)
+    observers, stop_metrics = _metrics(metrics_port, metrics_host)
     started = time.monotonic()
     try:
         summary = run_app(
@@ -150,10 +170,11 @@ def command(
         click.echo(line, err=True)
 
 
-def _metrics(port: int | None) -> tuple[list[Any], Callable[[], None] | None]:
+def _metrics(port: int | None, host: str) -> tuple[list[Any], Callable[[], None] | None]:
     """The metrics observer of this process, and the function that stops its server: served
-    here with ``--metrics-port``; in a worker of ``--workers N --metrics-port``, written to
-    the supervisor's directory (the supervisor serves them); else none."""
+    here with ``--metrics-port`` (bound to ``host``); in a worker of ``--workers N
+    --metrics-port``, written to the supervisor's directory (the supervisor serves them);
+    else none."""
     from pgstream.telemetry.metrics import multiprocess_dir
 
     if port is None and multiprocess_dir() is None:
@@ -164,7 +185,7 @@ def _metrics(port: int | None) -> tuple[list[Any], Callable[[], None] | None]:
     if multiprocess_dir() is not None:
         return [observer], None
     assert port is not None
-    return [observer], serve(port, observer.registry)
+    return [observer], serve(port, observer.registry, host)
 
 
 def _log_context(log_format: str, **fields: str) -> None:
@@ -205,10 +226,10 @@ def _supervise(
     where: str,
     workers: int,
     stop_when_idle: bool,
-    metrics_port: int | None,
+    metrics: tuple[str, int] | None,
 ) -> int:
     """Start ``workers`` child processes of this same command and supervise them; with
-    ``metrics_port``, serve their metrics (prometheus-client's multiprocess mode)."""
+    ``metrics`` (host, port), serve their metrics (prometheus-client's multiprocess mode)."""
     from pgstream.runtime.supervisor import Supervisor
 
     logging.getLogger("pgstream.progress").info(
@@ -220,28 +241,29 @@ def _supervise(
         workers,
     )
     args = _child_args(click.get_current_context())
-    if metrics_port is None:
+    if metrics is None:
         return Supervisor(args, dsn, workers, stop_when_idle=stop_when_idle).run()
     from pgstream.telemetry.metrics import MultiprocessMetrics
 
-    metrics = MultiprocessMetrics(metrics_port)
+    served = MultiprocessMetrics(metrics[1], host=metrics[0])
     try:
-        metrics.start()
+        served.start()
         supervisor = Supervisor(
             args,
             dsn,
             workers,
             stop_when_idle=stop_when_idle,
-            env=metrics.env,
-            on_exit=metrics.worker_ended,
+            env=served.env,
+            on_exit=served.worker_ended,
         )
         return supervisor.run()
     finally:
-        metrics.close()
+        served.close()
 
 
-#: options the supervisor keeps to itself (``--metrics-port``: it serves the workers' metrics)
-_NOT_FOR_WORKERS = ("dsn", "workers", "accept_changes", "metrics_port")
+#: options the supervisor keeps to itself (``--metrics-port/-host``: it serves the workers'
+#: metrics)
+_NOT_FOR_WORKERS = ("dsn", "workers", "accept_changes", "metrics_port", "metrics_host")
 
 
 def _child_args(ctx: click.Context) -> list[str]:

@@ -49,8 +49,16 @@ _OWNER_GONE = """
 """
 
 # Takeover: bump the epoch in its own transaction. Every later batch of the previous
-# owner fails its compare-and-set on the epoch.
+# owner fails its compare-and-set on the epoch. ``prev`` locks the row first and keeps its
+# owner as it was (NULL: released or fenced; a name: that worker's lease expired or its
+# session is gone, so this claim is a takeover).
 CLAIM = f"""
+WITH prev AS (
+  SELECT p.owner FROM pgstream.partitions AS p
+   WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+     AND ({_OWNER_GONE})
+     FOR UPDATE OF p
+)
 UPDATE pgstream.partitions AS p
    SET epoch = p.epoch + 1,
        owner = %(worker)s,
@@ -58,9 +66,10 @@ UPDATE pgstream.partitions AS p
        owner_backend_start = (SELECT backend_start FROM pg_stat_activity
                                WHERE pid = pg_backend_pid()),
        lease_expires_at = now() + make_interval(secs => %(lease)s)
+  FROM prev
  WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
    AND ({_OWNER_GONE})
-RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance
+RETURNING p.epoch, p.committed_offset, p.attempts, p.source_instance, prev.owner
 """
 
 # A claim waits this long at most for a partition row locked by a batch in flight.
@@ -931,3 +940,41 @@ REWIND_DELETE_SINK_ROWS = sql.SQL(
 # A key row whose count() is back to 0 after a rewind: no record of it is left (a batch never
 # writes a count() of 0), so the row goes, as if those records had never been processed.
 REWIND_DELETE_EMPTY_KEYS = sql.SQL("DELETE FROM {} WHERE {} = 0")
+
+# -- rewind --to-time (pgstream/rewindtime.py): which batch boundary a time means --------------
+
+# A relative time (``-15m``, ``2 hours``: a PostgreSQL interval, either sign meaning "ago")
+# read against the database clock, which also stamps the ledger's ``committed_at``.
+REWIND_TIME_AGO = """
+SELECT now() - CASE WHEN i < interval '0' THEN -i ELSE i END
+  FROM (SELECT %(ago)s::interval AS i) AS t
+"""
+
+# The partition's committed offset, the start of the committed batch holding offset ``at``
+# (NULL below the first batch) and the start of its first batch.
+REWIND_BOUNDARY_AT = """
+SELECT p.committed_offset,
+       (SELECT max(b.start_offset) FROM pgstream.batches AS b
+         WHERE b.job = p.job AND b.source = p.source AND b.partition = p.partition
+           AND b.start_offset <= %(at)s),
+       (SELECT min(b.start_offset) FROM pgstream.batches AS b
+         WHERE b.job = p.job AND b.source = p.source AND b.partition = p.partition)
+  FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND p.source = %(source)s AND p.partition = %(partition)s
+"""
+
+# The partition's first batch (in offset order) committed at or after ``when``: undoing it
+# and everything after it undoes what was committed since ``when``.
+REWIND_FIRST_BATCH_SINCE = """
+SELECT start_offset, committed_at FROM pgstream.batches
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+   AND committed_at >= %(when)s
+ ORDER BY start_offset
+ LIMIT 1
+"""
+
+# The partition's last commit (for "nothing was committed since").
+REWIND_LAST_COMMIT = """
+SELECT max(committed_at) FROM pgstream.batches
+ WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
+"""

@@ -32,6 +32,14 @@ class Lease:
     committed_offset: int | None
     attempts: int
     source_instance: str | None = None  # the stream instance its offsets belong to
+    #: the other worker this claim took the partition from (its lease expired or its
+    #: session is gone); None for a released, fenced or never-owned row
+    taken_from: str | None = None
+
+    @property
+    def takeover(self) -> bool:
+        """Whether the claim took the partition from another worker."""
+        return self.taken_from is not None
 
 
 #: how long a claim waits for a partition row locked by its owner's batch in flight
@@ -143,7 +151,8 @@ class LeaseManager:
             return None
         if row is None:
             return None
-        return Lease(source, partition, row[0], row[1], row[2], row[3])
+        taken_from = row[4] if row[4] != self.worker else None
+        return Lease(source, partition, row[0], row[1], row[2], row[3], taken_from)
 
     def renew(self, conn: psycopg.Connection[Any], lease: Lease) -> bool:
         """Extend a lease (and re-announce this session); False if it was lost."""

@@ -2,10 +2,11 @@
 
 The worker and its partition tasks call a :class:`WorkerObserver` at each event of a run
 (started, partition claimed, batch committed, retried, records dead-lettered, lease lost to
-fencing, partition released, stopped). Progress lines (:mod:`pgstream.runtime.progress`) and
-the ``on_commit`` callback are observers; metrics and structured logs plug in the same way,
-without the runtime importing them. Observers run on the worker's thread, inside its loop:
-they must be quick and must not raise (an exception stops the worker, as ``on_commit``'s did).
+fencing, partition released or handed over, stopped). Progress lines
+(:mod:`pgstream.runtime.progress`) and the ``on_commit`` callback are observers; metrics and
+structured logs plug in the same way, without the runtime importing them. Observers run on the
+worker's thread, inside its loop: they must be quick and must not raise (an exception stops the
+worker, as ``on_commit``'s did).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class WorkerObserver:
     def released(self, lease: Lease) -> None:
         """The worker gave a partition up (surplus of its fair share, or stopping)."""
 
+    def handed_over(self, lease: Lease) -> None:
+        """The partition just released was surplus of this worker's fair share: a rebalance
+        hands it to a worker below its share (told after :meth:`released`)."""
+
     def polled(self, progress: Callable[[], Progress]) -> None:
         """A pass over the owned partitions ended; ``progress()`` computes the totals."""
 
@@ -104,6 +109,10 @@ class Observers(WorkerObserver):
     def released(self, lease: Lease) -> None:
         for o in self.observers:
             o.released(lease)
+
+    def handed_over(self, lease: Lease) -> None:
+        for o in self.observers:
+            o.handed_over(lease)
 
     def polled(self, progress: Callable[[], Progress]) -> None:
         for o in self.observers:

@@ -401,6 +401,7 @@ class Worker:
             lease = self.tasks[key].lease
             self.leases.release(conn, lease)
             self.observer.released(lease)
+            self.observer.handed_over(lease)
             log.info("handed %s/%s over (share %d)", key[0], key[1], self._share)
             self._drop(key)
         self.leases.notify(conn)
@@ -441,11 +442,12 @@ class Worker:
         except SourceError as exc:
             raise SourceUnavailableError(f"stream {lease.source!r}: {exc}") from exc
         log.info(
-            "claimed %s/%s at epoch %d (offset %s)",
+            "claimed %s/%s at epoch %d (offset %s)%s",
             lease.source,
             lease.partition,
             lease.epoch,
             lease.committed_offset,
+            f", taken over from {lease.taken_from}" if lease.taken_from else "",
             extra=_where(lease.source, lease.partition),
         )
         self.tasks[(lease.source, lease.partition)] = PartitionTask(

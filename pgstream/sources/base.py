@@ -11,6 +11,7 @@ import abc
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import psycopg
@@ -73,6 +74,16 @@ class TableRead:
         if self.schema is None:
             return ident
         return '"' + self.schema.replace('"', '""') + '".' + ident
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def epoch_ms(when: datetime) -> int:
+    """``when`` (timezone-aware) in epoch milliseconds, rounded up: a record stamped with a
+    whole millisecond is at or after ``when`` exactly when its stamp is >= this."""
+    micros = (when - _EPOCH) // timedelta(microseconds=1)
+    return -(-micros // 1000)
 
 
 class SourceError(Exception):
@@ -202,6 +213,13 @@ class Source(abc.ABC):
 
     def validate(self, conn: psycopg.Connection[Any]) -> None:  # noqa: B027 - optional hook
         """Raise :class:`SourceError` with a clear message if the source cannot be read."""
+
+    def offset_at(self, partition: str, when: datetime, context: OpenContext) -> int | None:
+        """The offset of ``partition``'s first record stamped at or after ``when`` (the
+        partition's end offset when no record is), for sources whose records carry a time
+        (``pgstream rewind --to-time``); None when the source cannot tell. ``when`` is
+        timezone-aware. Raises :class:`SourceError` when the source cannot be asked."""
+        return None
 
     def describe(self) -> str:
         """A one-line human description."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, NoReturn
 
 import psycopg
@@ -34,6 +35,7 @@ from pgstream.sources.base import (
     SourceRecord,
     SourceUnreachable,
     check_on_lost,
+    epoch_ms,
 )
 from pgstream.sources.raw import JsonPayloads
 
@@ -171,6 +173,31 @@ class KafkaSource(Source):
     def initial_offset(self, partition: str) -> int:
         """0: a partition not read yet starts at its earliest retained offset."""
         return 0
+
+    def offset_at(self, partition: str, when: datetime, context: OpenContext) -> int | None:
+        """The earliest offset of ``partition`` whose message timestamp is at or after
+        ``when`` (the broker's ``offsets_for_times``), the partition's end offset when no
+        message is that recent."""
+        kafka = _kafka()
+        consumer = kafka.Consumer(self.consumer_config())
+        where = f"Kafka topic {self.topic!r} partition {partition}"
+        try:
+            tp = kafka.TopicPartition(self.topic, int(partition), epoch_ms(when))
+            found = consumer.offsets_for_times([tp], timeout=self.timeout)[0]
+            if found.error is not None:
+                raise SourceError(f"cannot map a time to an offset of {where}: {found.error}")
+            if found.offset >= 0:
+                return int(found.offset)
+            _, high = consumer.get_watermark_offsets(tp, timeout=self.timeout)
+            return int(high)
+        except ValueError:
+            raise SourceError(f"{self.describe()} has no partition {partition!r}") from None
+        except kafka.KafkaException as exc:
+            raise SourceError(
+                f"cannot map a time to an offset of {where}: {exc.args[0]}"
+            ) from None
+        finally:
+            consumer.close()
 
     def open(self, partition: str, context: OpenContext) -> KafkaReader:
         """Open a consumer assigned to ``partition`` (``context`` is unused)."""

@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Coroutine, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import orjson
@@ -115,6 +116,16 @@ class NatsSource(Source):
     def validate(self, conn: psycopg.Connection[Any]) -> None:
         """Raise :class:`SourceError` if the server is unreachable or the stream missing."""
         NatsReader(self).close()
+
+    def offset_at(self, partition: str, when: datetime, context: OpenContext) -> int | None:
+        """The sequence of the stream's first message stored at or after ``when`` (the
+        stream's last sequence + 1 when none is), as JetStream itself positions a consumer
+        that starts at a time."""
+        reader = self.open(partition, context)
+        try:
+            return reader.sequence_at(when)
+        finally:
+            reader.close()
 
     def identity(self) -> str:
         """``nats <servers> stream <name>``."""
@@ -387,6 +398,24 @@ class NatsReader(PartitionReader):
         pull.sub = await self._nc.subscribe(pull.inbox, cb=pull.deliver)
         return pull
 
+    async def _sequence_at(self, when: datetime) -> int:
+        """Create an ephemeral consumer starting at ``when`` and read where JetStream put it
+        (its info reports the sequence before its first message); delete it again."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_TIME,
+            opt_start_time=when,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=60.0,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        info = await self._js.add_consumer(self.source.stream, config=config)
+        with contextlib.suppress(Exception):  # best effort: it expires when inactive
+            await self._js.delete_consumer(self.source.stream, info.name)
+        return int(info.delivered.stream_seq) + 1
+
     async def _drop_consumer(self) -> None:
         pull, self._pull, self._next = self._pull, None, -1
         if pull is not None:
@@ -422,6 +451,15 @@ class NatsReader(PartitionReader):
         """Like :meth:`read_raw`, decoded."""
         raw = self.read_raw(start, max_records)
         return ReadResult(raw.records(), raw.end, raw.head)
+
+    def sequence_at(self, when: datetime) -> int:
+        """The sequence of the first message stored at or after ``when``."""
+        try:
+            return self._loop.run(self._sequence_at(when), self._timeout)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise self._failed(f"finding the first message at {when.isoformat()}", exc) from exc
 
     def head(self) -> int | None:
         """The stream's last sequence + 1."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -58,6 +59,7 @@ from pgstream.sources.base import (
     SourceRecord,
     SourceUnreachable,
     check_on_lost,
+    epoch_ms,
 )
 from pgstream.sources.raw import JsonPayloads
 
@@ -153,6 +155,13 @@ class RedisStreamSource(Source):
     def validate(self, conn: psycopg.Connection[Any]) -> None:
         """Raise :class:`SourceError` if the server is unreachable or the stream missing."""
         self.open("0", OpenContext("")).close()
+
+    def offset_at(self, partition: str, when: datetime, context: OpenContext) -> int | None:
+        """The offset of id ``<ms>-0``, ``ms`` being ``when`` in epoch milliseconds: Redis
+        ids start with the time the entry was added (ids given explicitly to ``XADD`` are
+        taken at their word), so every entry at or after ``when`` is at this offset or
+        later. No request to the server is needed."""
+        return max(0, epoch_ms(when)) << SEQ_BITS
 
     def identity(self) -> str:
         """``redis <url without password> stream <key>``."""

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pgstream.runtime.task import PartitionTask
 
 __all__ = [
+    "DEFAULT_HOST",
     "METRICS",
     "MULTIPROC_ENV",
     "WORKER_ENV",
@@ -74,8 +75,13 @@ METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "Leases lost to a newer epoch: at a batch (stale epoch) or at renewal (taken over)."),
     ("pgstream_partition_claims_total", "counter", ("job", "stream"),
      "Partitions claimed (start-up, takeover after a lease expired, rebalance)."),
+    ("pgstream_takeovers_total", "counter", ("job", "stream"),
+     "Claims that took a partition from another worker whose lease expired or whose session "
+     "is gone (a subset of the claims)."),
     ("pgstream_partition_releases_total", "counter", ("job", "stream"),
      "Partitions given up (rebalance to a new worker, clean stop)."),
+    ("pgstream_rebalances_total", "counter", ("job", "stream"),
+     "Partitions handed over to bring the workers to fair shares (a subset of the releases)."),
     ("pgstream_owned_partitions", "gauge", ("job",), "Partitions the workers hold now."),
 )
 
@@ -146,6 +152,8 @@ class MetricsObserver(WorkerObserver):
 
     def claimed(self, lease: Lease) -> None:
         self.m["pgstream_partition_claims_total"].labels(self.job, lease.source).inc()
+        if lease.takeover:
+            self.m["pgstream_takeovers_total"].labels(self.job, lease.source).inc()
         self._owned.add((lease.source, lease.partition))
         self.m["pgstream_owned_partitions"].labels(self.job).set(len(self._owned))
         if lease.committed_offset is not None:
@@ -155,6 +163,9 @@ class MetricsObserver(WorkerObserver):
     def released(self, lease: Lease) -> None:
         self.m["pgstream_partition_releases_total"].labels(self.job, lease.source).inc()
         self._forget(lease)
+
+    def handed_over(self, lease: Lease) -> None:
+        self.m["pgstream_rebalances_total"].labels(self.job, lease.source).inc()
 
     def fenced(self, lease: Lease, reason: str) -> None:
         where = "renewal" if reason == "taken over" else "batch"
@@ -220,16 +231,23 @@ class MetricsObserver(WorkerObserver):
             self.m["pgstream_partition_lag"].labels(*labels).set(lag)
 
 
-def serve(port: int, registry: CollectorRegistry, host: str = "") -> Callable[[], None]:
+#: the address the metrics endpoint binds unless ``--metrics-host`` says otherwise
+DEFAULT_HOST = "0.0.0.0"
+
+
+def serve(port: int, registry: CollectorRegistry, host: str = DEFAULT_HOST) -> Callable[[], None]:
     """Serve ``registry`` at ``http://host:port/metrics`` on a daemon thread; return a function
-    that stops the server. A port in use is one clear error."""
+    that stops the server. A port in use or an address that cannot be bound is one clear
+    error."""
     pc = prometheus()
     try:
-        server, thread = pc.start_http_server(port, addr=host or "0.0.0.0", registry=registry)
+        server, thread = pc.start_http_server(port, addr=host or DEFAULT_HOST, registry=registry)
     except OSError as exc:
         raise ConfigError(
-            f"cannot serve metrics on port {port}: {exc.strerror or exc}",
-            hint="pick a free port with --metrics-port",
+            f"cannot serve metrics on port {port} of {host or DEFAULT_HOST}: "
+            f"{exc.strerror or exc}",
+            hint="pick a free port with --metrics-port, or an address of this machine with "
+            "--metrics-host",
         ) from None
 
     def stop() -> None:
@@ -244,8 +262,9 @@ class MultiprocessMetrics:
     """The supervisor's side of ``--workers N --metrics-port PORT``: a directory for the
     workers' value files, served merged on ``port``; a dead worker's live gauges are dropped."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = DEFAULT_HOST) -> None:
         self.port = port
+        self.host = host
         self.path = tempfile.mkdtemp(prefix="pgstream-metrics-")
         self._stop: Callable[[], None] | None = None
 
@@ -261,7 +280,7 @@ class MultiprocessMetrics:
 
         registry = pc.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.path)  # type: ignore[no-untyped-call]
-        self._stop = serve(self.port, registry)
+        self._stop = serve(self.port, registry, self.host)
 
     def worker_ended(self, pid: int) -> None:
         """A worker process ended: its live gauges no longer count."""

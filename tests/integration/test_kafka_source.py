@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,24 @@ def test_transactions_commit_offset_ranges_past_their_markers(
     # a restart resumes there: nothing new, nothing read twice
     Worker(_worker_app(source), pg_dsn, stop_when_idle=True, install_signal_handlers=False).run()
     assert pg_conn.execute("SELECT count(*) FROM seen").fetchone() == (5,)
+
+
+def test_a_time_maps_to_the_first_message_stamped_at_or_after_it(topic: Topic) -> None:
+    base = 1_700_000_000_000
+    producer = kafka.Producer({"bootstrap.servers": topic.bootstrap})
+    for i in range(10):  # offsets 0 .. 9 stamped base, base + 10 ms, ...
+        producer.produce(topic.name, b"{}", partition=0, timestamp=base + i * 10)
+    assert producer.flush(10) == 0
+    source = ps.KafkaSource(topic.name, bootstrap_servers=topic.bootstrap)
+    ctx = OpenContext("")
+
+    def at(ms: float) -> int | None:
+        return source.offset_at("0", datetime.fromtimestamp(ms / 1000, timezone.utc), ctx)
+
+    if at(base + 25) == 0:
+        pytest.skip("the broker (tansu) ignores the timestamp of offsets-for-times requests")
+    assert at(base + 25) == 3
+    assert at(base + 30) == 3
+    assert at(base + 30.5) == 4  # rounded up to whole milliseconds
+    assert at(base - 1000) == 0
+    assert at(base + 10_000) == 10  # after the last message: the partition's end

@@ -33,7 +33,8 @@ import os
 import time
 import pgstream as ps
 
-app = ps.App("metered")
+LEASE = os.environ.get("LEASE")
+app = ps.App("metered", **({"lease_seconds": float(LEASE)} if LEASE else {}))
 orders = app.stream("orders", ps.FileSource(os.environ["ORDERS"]))
 # every 97th record makes the map raise: a dead letter
 orders.map(lambda o: {"id": o["id"] // (o["id"] % 97)}).to_table("ids")
@@ -258,7 +259,7 @@ def test_metrics_of_two_workers_are_served_merged_by_the_supervisor(
     port = free_port()
     proc = start(
         tmp_path, env, pg_dsn, "--workers", "2", "--metrics-port", str(port),
-        "--batch-size", "40",
+        "--metrics-host", "127.0.0.1", "--batch-size", "40",
     )
     procs.append(proc)
     kids = wait_for(
@@ -267,7 +268,8 @@ def test_metrics_of_two_workers_are_served_merged_by_the_supervisor(
         what="two workers",
     )
     for kid in kids:  # the workers serve nothing themselves
-        assert b"--metrics-port" not in Path(f"/proc/{kid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        assert b"--metrics-port" not in cmdline and b"--metrics-host" not in cmdline
     samples = check_against_ledger(port, pg_conn, 4000)
     assert total(samples, "pgstream_owned_partitions", job="metered") == 4
     claims = per_label(samples, "pgstream_partition_claims_total", "stream")
@@ -296,6 +298,17 @@ def test_a_port_in_use_is_one_clear_error(
     assert f"error: cannot serve metrics on port {port}" in done.stderr
     assert "hint: pick a free port with --metrics-port" in done.stderr
     assert "Traceback" not in done.stderr
+    # an address that is not this machine's (TEST-NET-3), and a host without a port
+    base = [sys.executable, "-m", "pgstream", "run", "app:app", "--dsn", pg_dsn]
+    for more, said in (
+        (["--metrics-port", str(free_port()), "--metrics-host", "203.0.113.7"], "of 203.0.113.7"),
+        (["--metrics-host", "127.0.0.1"], "--metrics-host is the address of --metrics-port"),
+    ):
+        done = subprocess.run(
+            [*base, *more], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_a_worker_killed_and_restarted_keeps_its_counts_in_the_merged_metrics(
@@ -340,3 +353,59 @@ def test_a_worker_killed_and_restarted_keeps_its_counts_in_the_merged_metrics(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "was killed by SIGKILL; restarting" in err
+
+
+def test_a_takeover_after_a_sigkill_is_counted_apart_from_the_claims(
+    tmp_path: Path,
+    pg_dsn: str,
+    pg_conn: psycopg.Connection[Any],
+    procs: list[subprocess.Popen[str]],
+) -> None:
+    """Worker A holds both partitions; B joins and A hands one over (a rebalance: a claim for
+    B, no takeover); A is SIGKILLed and B takes its other partition over (a takeover, after
+    the short lease at the latest). B's claims (2) are not its takeovers (1)."""
+    files = {f"f{i}.jsonl": range(1 + i * 1500, 1 + (i + 1) * 1500) for i in range(2)}
+    env = setup(tmp_path, pg_conn, files)
+    env.update(BATCH_SLEEP="0.05", LEASE="3")
+    port_a, port_b = free_port(), free_port()
+    a = start(tmp_path, env, pg_dsn, "--metrics-port", str(port_a), "--batch-size", "20")
+    procs.append(a)
+
+    def value(port: int, name: str) -> float:
+        s = scrape(port)
+        return total(s, name, job="metered") if s else -1
+
+    wait_for(lambda: value(port_a, "pgstream_owned_partitions") == 2, 60, what="A owns both")
+    wait_for(lambda: value(port_a, "pgstream_records_in_total") > 0, 60, what="A committing")
+    b = start(
+        tmp_path, env, pg_dsn, "--metrics-port", str(port_b), "--metrics-host", "127.0.0.1",
+        "--batch-size", "20", "-v",
+    )
+    procs.append(b)
+    wait_for(lambda: value(port_b, "pgstream_owned_partitions") == 1, 60, what="B's share")
+    assert value(port_a, "pgstream_rebalances_total") == 1  # A handed one over
+    assert value(port_a, "pgstream_partition_releases_total") == 1
+    assert value(port_a, "pgstream_takeovers_total") == 0
+    assert value(port_b, "pgstream_partition_claims_total") == 1
+    assert value(port_b, "pgstream_takeovers_total") == 0  # a hand-over is no takeover
+    owners = pg_conn.execute("SELECT DISTINCT owner FROM pgstream.partitions").fetchall()
+    a_id = next(o for (o,) in owners if f":{a.pid}:" in (o or ""))
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(10)
+    wait_for(lambda: value(port_b, "pgstream_owned_partitions") == 2, 60, what="B took over")
+    wait_for(
+        lambda: ledger(pg_conn)["records_in"] == 3000, 120, what="B to finish both partitions"
+    )
+    samples = scrape(port_b)
+    assert samples is not None
+    claims = total(samples, "pgstream_partition_claims_total", job="metered", stream="orders")
+    takeovers = total(samples, "pgstream_takeovers_total", job="metered", stream="orders")
+    assert (claims, takeovers) == (2, 1)
+    assert total(samples, "pgstream_rebalances_total") == 0
+    # exactly once across the kill: one row per valid record, a dead letter per 97th
+    done = ledger(pg_conn)
+    assert done["sink_rows"] == 3000 - 3000 // 97 and done["dead_letters"] == 3000 // 97
+    b.send_signal(signal.SIGTERM)
+    _, err = b.communicate(timeout=60)
+    assert b.returncode == 0, err
+    assert f"taken over from {a_id}" in err, err[-3000:]  # B's log names the dead worker

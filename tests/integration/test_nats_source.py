@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 
 import pgstream as ps
-from pgstream.sources import SourceError
+from pgstream.sources import OpenContext, SourceError
 
 SERVER = "nats://127.0.0.1:4222"
 
@@ -163,3 +164,18 @@ def test_missing_stream_and_unreachable_server_are_clear_errors(
         unreachable.validate(pg_conn)
     source = ps.NatsSource(stream.name, servers=SERVER)
     assert source.identity() == f"nats {SERVER} stream {stream.name}"
+
+
+def test_a_time_maps_to_the_first_message_stored_at_or_after_it(stream: Stream) -> None:
+    stream.publish(bj.payloads(0, 20))  # sequences 1 .. 20
+    time.sleep(0.05)
+    when = datetime.now(timezone.utc)  # the server's clock is this machine's
+    time.sleep(0.05)
+    stream.publish(bj.payloads(20, 20))  # 21 .. 40
+    source = ps.NatsSource(stream.name, servers=SERVER)
+    ctx = OpenContext("")
+    assert source.offset_at("0", when, ctx) == 21
+    assert source.offset_at("0", when - timedelta(hours=1), ctx) == 1
+    assert source.offset_at("0", when + timedelta(hours=1), ctx) == 41  # the stream's end
+    consumers = stream.call("consumers_info", stream.name)
+    assert consumers == []  # the consumers it positioned are gone

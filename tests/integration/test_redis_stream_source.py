@@ -4,7 +4,9 @@ when entries the job has not read were trimmed; the id <-> offset mapping."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,22 @@ def test_missing_stream_and_unreachable_server_are_clear_errors(
         unreachable.validate(pg_conn)
     secret = ps.RedisStreamSource("k", url="redis://u:pw@127.0.0.1:6379/0")
     assert secret.identity() == "redis redis://u:***@127.0.0.1:6379/0 stream k"
+
+
+def test_a_time_maps_to_the_first_entry_added_at_or_after_it(stream: bj.RedisStream) -> None:
+    before = stream.add(bj.payloads(0, 20))
+    time.sleep(0.02)
+    when = datetime.now(timezone.utc)  # the server's clock is this machine's
+    time.sleep(0.02)
+    after = stream.add(bj.payloads(20, 20))
+    source = ps.RedisStreamSource(stream.key, url=URL)
+    ctx = OpenContext("")
+    at = source.offset_at("0", when, ctx)
+    assert at is not None and before[-1] < at <= after[0]
+    reader = source.open("0", ctx)
+    try:
+        assert [r.offset for r in reader.read(at, 100).records] == after
+    finally:
+        reader.close()
+    assert (source.offset_at("0", when - timedelta(hours=1), ctx) or 0) < before[0]
+    assert (source.offset_at("0", when + timedelta(hours=1), ctx) or 0) > after[-1]

@@ -9,17 +9,22 @@ run, and ``pgstream verify`` is clean.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import broker_jobs as bj
 import psycopg
 import pytest
 
@@ -476,3 +481,190 @@ def test_a_table_source_with_numeric_amounts(
     _assert_table_sinks(pg_conn, 10**9)
     done = _cli(tmp_path, env, "verify", "tableapp:app", "--dsn", pg_dsn, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- --to-time ---------------------------------------------------------------------------------
+
+
+def _rewind_time(
+    tmp_path: Path, env: dict[str, str], dsn: str, when: str, *more: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    args = ["rewind", "rewindapp:app", "--dsn", dsn, "--source", "events", "--to-time", when]
+    return _cli(tmp_path, env, *args, *more, check=check)
+
+
+def test_to_time_on_a_file_undoes_what_was_committed_since(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    """A file's records carry no time: TIME is read against the ledger's commit times."""
+    env, data = _setup(tmp_path, pg_conn, 600)
+    first = b"".join(_line(i) for i in range(300))
+    (tmp_path / "events.jsonl").write_bytes(first)
+    _run(tmp_path, env, pg_dsn)
+    row = pg_conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    when: datetime = row[0]
+    (tmp_path / "events.jsonl").write_bytes(data)  # the file grew
+    _run(tmp_path, env, pg_dsn)
+    _assert_sinks(pg_conn, data)
+    before = _snapshot(pg_conn)
+    dry = _rewind_time(tmp_path, env, pg_dsn, when.isoformat()).stdout
+    assert "has no record times" in dry and "read against the ledger" in dry, dry
+    assert f"starts at offset {len(first)}" in dry and f"batch boundary {len(first)}" in dry
+    assert "dry run" in dry and f"back to {len(first)}" in dry, dry
+    assert _snapshot(pg_conn) == before
+    out = _rewind_time(tmp_path, env, pg_dsn, when.isoformat(), "--yes").stdout
+    assert f"back to {len(first)}" in out and "dry run" not in out, out
+    _assert_sinks(pg_conn, data, below=len(first))
+    assert _dead_offsets(pg_conn) == _failing(data, below=len(first))
+    _verify_clean(tmp_path, env, pg_dsn)
+    _run(tmp_path, env, pg_dsn)
+    _assert_sinks(pg_conn, data)
+    _verify_clean(tmp_path, env, pg_dsn)
+    # a time ago, against the database clock: all of it was committed in the last hour
+    for ago in ("-1h", "60 minutes"):
+        assert "batch boundary 0 " in _rewind_time(tmp_path, env, pg_dsn, ago).stdout
+    after = _snapshot(pg_conn)
+    later = (when + timedelta(hours=1)).isoformat()
+    nothing = _rewind_time(tmp_path, env, pg_dsn, later, "--yes").stdout
+    assert "nothing was committed" in nothing and "nothing to rewind" in nothing, nothing
+    naive = _rewind_time(tmp_path, env, pg_dsn, "2026-12-07T21:30:00", "--yes", check=False)
+    assert naive.returncode == 2 and "has no timezone" in naive.stderr, naive.stderr
+    garbage = _rewind_time(tmp_path, env, pg_dsn, "last tuesday", "--yes", check=False)
+    assert garbage.returncode == 2 and "neither an ISO-8601 time" in garbage.stderr
+    both = _rewind(tmp_path, env, pg_dsn, 0, "--to-time", "-1h", "--yes", check=False)
+    assert both.returncode == 2 and "exactly one of --to" in both.stderr, both.stderr
+    for done in (naive, garbage, both):
+        assert "Traceback" not in done.stderr
+    assert _snapshot(pg_conn) == after
+
+
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def redis_key() -> Iterator[str]:
+    redis = pytest.importorskip("redis")
+    key = "pgstest:rewind:" + uuid.uuid4().hex[:10]
+    yield key
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(key)
+    client.close()
+
+
+def _broker_rewind(tmp_path: Path, dsn: str, when: datetime, *more: str) -> str:
+    args = ["rewind", "brokerapp:app", "--source", "events", "--to-time", when.isoformat()]
+    done = bj.pgstream(tmp_path, dsn, *args, *more)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _boundary(conn: psycopg.Connection[Any], at: int) -> int:
+    """The start of the committed batch holding offset ``at``."""
+    ledger = bj.ledger(conn)
+    holding = [s for s, e in ledger if s <= at < e]
+    assert len(holding) == 1, (at, ledger)
+    return holding[0]
+
+
+def _rewound_and_rerun(
+    tmp_path: Path, dsn: str, conn: psycopg.Connection[Any], ids: list[int], bad: int
+) -> None:
+    done = bj.run_idle(tmp_path, dsn, {"BATCH": "50"})
+    assert done.returncode == 0, done.stderr
+    bj.check_sinks(conn, ids, bad=bad)
+    verified = bj.pgstream(tmp_path, dsn, "verify", "brokerapp:app")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_to_time_on_redis_maps_through_the_entry_ids(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], redis_key: str
+) -> None:
+    """Entry ``i`` has id ``<base + i ms>-0``; a time maps to the first id at or after it."""
+    import redis
+
+    from pgstream.sources.redis_stream import id_to_offset
+
+    base = 1_796_679_000_000  # 2026-12-07T21:30:00Z in epoch milliseconds
+    client = redis.Redis.from_url(REDIS_URL)
+    pipe = client.pipeline(transaction=False)
+    for i, data in enumerate(bj.payloads(0, 600, bad_every=50)):
+        pipe.xadd(redis_key, {"data": data}, id=f"{base + i}-0")
+    pipe.execute()
+    client.close()
+    bj.setup(tmp_path, pg_conn, f"ps.RedisStreamSource({redis_key!r}, url={REDIS_URL!r})")
+    ids = bj.valid_ids(0, 600, 50)
+    _rewound_and_rerun(tmp_path, pg_dsn, pg_conn, ids, bad=12)
+    # 275.5 ms after the first entry: the first entry at or after it is entry 276
+    when = datetime.fromtimestamp(base // 1000, timezone.utc) + timedelta(microseconds=275_500)
+    x = id_to_offset(f"{base + 276}-0")
+    y = _boundary(pg_conn, x)
+    kept = sum(1 for i in range(600) if id_to_offset(f"{base + i}-0") < y)
+    assert 0 < kept <= 276
+    dry = _broker_rewind(tmp_path, pg_dsn, when)
+    assert f"maps to offset {x} (redis stream {redis_key})" in dry, dry
+    assert f"batch boundary {y} (records from {y} on" in dry and "dry run" in dry, dry
+    assert bj.committed(pg_conn) == id_to_offset(f"{base + 599}-0") + 1
+    _broker_rewind(tmp_path, pg_dsn, when, "--yes")
+    assert bj.committed(pg_conn) == y
+    bj.check_sinks(pg_conn, [i for i in ids if i < kept], bad=sum(i % 50 == 3 for i in range(kept)))
+    _rewound_and_rerun(tmp_path, pg_dsn, pg_conn, ids, bad=12)
+    # an hour before the first entry: back to the partition's start
+    out = _broker_rewind(tmp_path, pg_dsn, when - timedelta(hours=1), "--yes")
+    assert "batch boundary 0 " in out, out
+    bj.check_sinks(pg_conn, [], bad=0)
+    _rewound_and_rerun(tmp_path, pg_dsn, pg_conn, ids, bad=12)
+    # after the last entry: nothing to rewind
+    out = _broker_rewind(tmp_path, pg_dsn, when + timedelta(seconds=1), "--yes")
+    assert "at or after the committed offset" in out and "nothing to rewind" in out, out
+
+
+NATS_SERVER = "nats://127.0.0.1:4222"
+
+
+async def _nats(name: str, action: str, payloads: list[bytes] | None = None) -> None:
+    import nats
+
+    nc = await nats.connect(NATS_SERVER)
+    try:
+        js = nc.jetstream()
+        if action == "add":
+            await js.add_stream(name=name, subjects=[f"{name}.>"])
+        elif action == "delete":
+            await js.delete_stream(name)
+        else:
+            for data in payloads or []:
+                await js.publish(f"{name}.e", data)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def nats_stream() -> Iterator[str]:
+    pytest.importorskip("nats")
+    name = "PGSTEST_RW_" + uuid.uuid4().hex[:8].upper()
+    asyncio.run(_nats(name, "add"))
+    yield name
+    asyncio.run(_nats(name, "delete"))
+
+
+def test_to_time_on_nats_maps_through_the_storage_times(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nats_stream: str
+) -> None:
+    asyncio.run(_nats(nats_stream, "publish", bj.payloads(0, 300, bad_every=50)))  # seq 1..300
+    time.sleep(0.1)
+    when = datetime.now(timezone.utc)  # the server's clock is this machine's
+    time.sleep(0.1)
+    asyncio.run(_nats(nats_stream, "publish", bj.payloads(300, 300, bad_every=50)))  # 301..600
+    bj.setup(tmp_path, pg_conn, f"ps.NatsSource({nats_stream!r}, servers={NATS_SERVER!r})")
+    ids = bj.valid_ids(0, 600, 50)
+    _rewound_and_rerun(tmp_path, pg_dsn, pg_conn, ids, bad=12)
+    y = _boundary(pg_conn, 301)
+    dry = _broker_rewind(tmp_path, pg_dsn, when)
+    assert f"maps to offset 301 (nats stream {nats_stream})" in dry, dry
+    assert f"batch boundary {y} (records" in dry, dry
+    _broker_rewind(tmp_path, pg_dsn, when, "--yes")
+    assert bj.committed(pg_conn) == y
+    kept = y - 1  # sequence s holds event s - 1
+    bj.check_sinks(pg_conn, [i for i in ids if i < kept], bad=sum(i % 50 == 3 for i in range(kept)))
+    _rewound_and_rerun(tmp_path, pg_dsn, pg_conn, ids, bad=12)

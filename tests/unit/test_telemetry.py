@@ -88,3 +88,25 @@ def test_fencing_is_counted_by_where_it_happened(reason: str) -> None:
         "pgstream_committed_offset", {"job": "shop", "stream": "orders", "partition": "0"}
     )
     assert offset is None  # a partition no longer held has no gauge
+
+
+def test_takeovers_and_rebalances_are_counted_apart_from_claims_and_releases() -> None:
+    from pgstream.runtime.leases import Lease
+
+    observer = MetricsObserver()
+    observer.started("shop", 1, 3)
+    observer.claimed(Lease("orders", "0", 1, None, 0))  # a free row
+    observer.claimed(Lease("orders", "1", 4, 10, 0, taken_from="w1"))  # its owner died
+    handed = Lease("orders", "2", 2, 5, 0)
+    observer.claimed(handed)
+    observer.released(handed)
+    observer.handed_over(handed)
+    observer.released(Lease("orders", "0", 1, None, 0))  # stopping: no rebalance
+
+    def count(name: str) -> float | None:
+        return observer.registry.get_sample_value(name, {"job": "shop", "stream": "orders"})
+
+    assert count("pgstream_partition_claims_total") == 3
+    assert count("pgstream_takeovers_total") == 1
+    assert count("pgstream_partition_releases_total") == 2
+    assert count("pgstream_rebalances_total") == 1
