@@ -17,7 +17,8 @@ Semantics (the SQL ones, reproduced in Python):
   a NULL condition drops it; ``coalesce`` returns its first non-NULL argument.
 * ``/`` of two integers truncates toward zero (``-7 / 2 == -3``, SQL's rule, not Python's
   ``//``); with a float on either side it is float division. Division by zero raises in both
-  (a dead letter in Python, a batch that falls back to Python in SQL).
+  (a dead letter in Python, a batch that falls back to Python in SQL), also beside a NULL:
+  an operator evaluates both operands before it looks for NULL, as PostgreSQL does.
 * ``bucket(seconds=N)`` is ``date_bin``: the start of the N-second bucket aligned to the Unix
   epoch holding a timestamp (naive timestamps are taken as UTC).
 * ``lower``/``upper`` map character by character (as PostgreSQL does); a character whose
@@ -312,6 +313,13 @@ class _Binary(Expr):
         return self.a.columns() | self.b.columns()
 
 
+def _strict(a: str, pa: str, b: str, pb: str) -> str:
+    """The NULL test of a strict SQL operator: BOTH operands are evaluated (``|``, not
+    ``or``), as PostgreSQL evaluates an operator's arguments before it looks for a NULL, so
+    ``NULL > 1 / 0`` raises in Python as it does in SQL."""
+    return f"((({a} := {pa}) is None) | (({b} := {pb}) is None))"
+
+
 class _Arith(_Binary):
     __slots__ = ()
 
@@ -319,7 +327,7 @@ class _Arith(_Binary):
         a, b = gen.temp(), gen.temp()
         pa, pb = self.a.py(gen), self.b.py(gen)
         op = "_div(" + a + ", " + b + ")" if self.op == "/" else f"{a} {self.op} {b}"
-        return f"(None if ({a} := {pa}) is None or ({b} := {pb}) is None else {op})"
+        return f"(None if {_strict(a, pa, b, pb)} else {op})"
 
     def to_sql(self, env: Env) -> sql.Composable:
         return sql.SQL("({} " + self.op + " {})").format(self.a.to_sql(env), self.b.to_sql(env))
@@ -335,7 +343,7 @@ class _Compare(_Binary):
     def py(self, gen: _Gen) -> str:
         a, b = gen.temp(), gen.temp()
         pa, pb = self.a.py(gen), self.b.py(gen)
-        return f"(None if ({a} := {pa}) is None or ({b} := {pb}) is None else {a} {self.op} {b})"
+        return f"(None if {_strict(a, pa, b, pb)} else {a} {self.op} {b})"
 
     def to_sql(self, env: Env) -> sql.Composable:
         op = _SQL_COMPARE[self.op]

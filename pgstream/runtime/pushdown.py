@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,16 +214,14 @@ def statement(shape: Shape, source: TableSource, partition: str, sink: sql.Ident
     part = source.partition_filter(partition)
     if part is not None:
         where.append(part)
-    where += [sql.SQL("({})").format(c) for c in shape.conditions]
     values = list(shape.values)
     columns = list(shape.columns)
     if shape.keys == 0:
         columns += META_COLUMNS
         values += [sql.SQL("%(source)s::text"), sql.SQL("%(partition)s::text"), off, sql.SQL("0")]
-    select = sql.SQL("SELECT {values} FROM {table} WHERE {where}").format(
+    select = sql.SQL("SELECT {values} FROM {rows}").format(
         values=sql.SQL(", ").join(values),
-        table=source.table_ident,
-        where=sql.SQL(" AND ").join(where),
+        rows=_batch_rows(source.table_ident, where, shape.conditions),
     )
     target = sql.Identifier("t")
     head = sql.SQL("INSERT INTO {sink} AS {t} ({cols}) ").format(
@@ -236,6 +235,34 @@ def statement(shape: Shape, source: TableSource, partition: str, sink: sql.Ident
     return head + sql.SQL(
         "{select} GROUP BY {pos} ORDER BY {pos} ON CONFLICT ({keys}) DO UPDATE SET {merge}"
     ).format(select=select, pos=positions, keys=keys, merge=merge)
+
+
+def _batch_rows(
+    table: sql.Identifier, where: list[sql.Composable], conditions: Sequence[sql.Composable]
+) -> sql.Composed:
+    """The ``FROM`` of a pushed statement: the batch's rows of ``table`` that pass the
+    path's filter ``conditions``.
+
+    The conditions are computed as columns of a fenced subquery (``OFFSET 0``: not pulled
+    up) and only then tested: a projection evaluates every column of every row, whereas a
+    ``WHERE`` may test its conditions in any order and stop at the first one that fails. So
+    an expression that raises (a division by zero) raises in SQL for every row where the
+    Python path evaluates it, and the batch falls back to Python, where the record is a
+    dead letter; a condition SQL skipped would have let the record through instead."""
+    if not conditions:
+        return sql.SQL("{} WHERE {}").format(table, sql.SQL(" AND ").join(where))
+    names = [sql.Identifier(f"pgstream_condition_{i}") for i in range(len(conditions))]
+    return sql.SQL(
+        "(SELECT *, {conds} FROM {table} WHERE {where} OFFSET 0) AS pgstream_rows "
+        "WHERE {tests}"
+    ).format(
+        conds=sql.SQL(", ").join(
+            sql.SQL("({}) AS {}").format(c, n) for c, n in zip(conditions, names, strict=True)
+        ),
+        table=table,
+        where=sql.SQL(" AND ").join(where),
+        tests=sql.SQL(" AND ").join(names),
+    )
 
 
 def in_sql(plan: SinkPlan) -> bool:

@@ -194,7 +194,13 @@ class PartitionTask:
         except SinkDataError as exc:
             self.ahead.cancel()
             records = self.input.records(batch)
-            self.rejections.rejected(records, start, end, exc, records)
+            if out.pushed:
+                # SQL computed the rows (an expression may have failed, e.g. a division by
+                # zero): evaluate them in Python, where an operator error is a dead letter
+                # like in any Python batch, and bisect only what the sink still rejects
+                self.rejections.run(records, start, end)
+            else:
+                self.rejections.rejected(records, start, end, exc, records)
         except PushdownFallback:
             self.ahead.cancel()
             self.rejections.run(self.input.records(batch), start, end)

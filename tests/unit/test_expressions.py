@@ -43,6 +43,15 @@ def test_division_by_zero_raises() -> None:
         run(ps.col("a") / 0, a=1)
 
 
+def test_division_by_zero_beside_a_null_raises_as_in_sql() -> None:
+    # PostgreSQL evaluates both operands of an operator before it looks for NULL: the
+    # Python rendering must not skip the right side because the left one is NULL
+    with pytest.raises(ZeroDivisionError):
+        run(ps.col("d") > ps.col("a") / ps.col("a"), d=None, a=0)
+    with pytest.raises(ZeroDivisionError):
+        run(ps.col("d") + 1 / ps.col("a"), d=None, a=0)
+
+
 def test_comparisons_with_null_are_null_and_filter_drops_them() -> None:
     assert run(ps.col("a") > 1, a=None) is None
     assert not keeps(ps.col("a") > 1, a=None)
