@@ -11,6 +11,13 @@ created and migrated to head with :func:`pgstream.db.migrate.upgrade`. Each test
 for ``pg_dsn`` gets a fresh database cloned from it (``CREATE DATABASE ... TEMPLATE``),
 dropped with ``WITH (FORCE)`` after the test.
 
+Neither end costs a test much wall time (:class:`_Databases`): the next test's clone is made
+in a background thread while the current test runs (nobody connects to it before it is
+handed out, so it is as fresh as one made on demand). Each ``DROP DATABASE`` waits for a
+checkpoint of the whole server, so finished databases are dropped in the background, a
+batch at a time from parallel sessions, whose drops share their checkpoints. The session
+waits for every drop at its end and fails naming any database it could not drop.
+
 Fixtures:
 
 * ``pg_server_dsn`` (session, str): DSN of the server's maintenance database. Do not create
@@ -36,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,20 +171,82 @@ def pg_template(pg_server_dsn: str) -> Iterator[str]:
         _drop_database(pg_server_dsn, name)
 
 
+class _Databases:
+    """Test databases: each kind cloned one ahead of need, finished ones dropped in the
+    background ``DROP_BATCH`` at a time, in parallel (a drop waits for a server checkpoint;
+    drops waiting together are served by the same one)."""
+
+    DROP_BATCH = 8
+
+    def __init__(self, server_dsn: str, template: str) -> None:
+        self.server_dsn = server_dsn
+        self.template = template
+        self._creator = ThreadPoolExecutor(1, thread_name_prefix="pgstream-test-create")
+        self._dropper = ThreadPoolExecutor(self.DROP_BATCH, thread_name_prefix="pgstream-test-drop")
+        self._spares: dict[bool, Future[str]] = {}  # by ``migrated``
+        self._finished: list[str] = []
+        self._drops: list[tuple[str, Future[None]]] = []
+
+    def _clone(self, migrated: bool) -> str:
+        name = _new_name("t")
+        _create_database(self.server_dsn, name, self.template if migrated else "template0")
+        return name
+
+    def create(self, migrated: bool) -> str:
+        """The name of a new database (a clone of the migrated template when ``migrated``,
+        else an empty one)."""
+        spare = self._spares.pop(migrated, None)
+        name = spare.result() if spare is not None else self._clone(migrated)
+        # the next test's, made meanwhile
+        self._spares[migrated] = self._creator.submit(self._clone, migrated)
+        return name
+
+    def drop(self, name: str) -> None:
+        """Drop ``name`` soon, in the background (:meth:`close` waits and reports failures)."""
+        self._finished.append(name)
+        if len(self._finished) >= self.DROP_BATCH:
+            self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        names, self._finished = self._finished, []
+        for name in names:
+            self._drops.append((name, self._dropper.submit(_drop_database, self.server_dsn, name)))
+
+    def close(self) -> None:
+        """Drop the unused clone and the rest, wait; fail naming any database not dropped."""
+        for spare in self._spares.values():
+            with contextlib.suppress(Exception):
+                self._finished.append(spare.result())
+        self._spares.clear()
+        self._drop_finished()
+        self._creator.shutdown(wait=True)
+        self._dropper.shutdown(wait=True)
+        failed = [(name, f.exception()) for name, f in self._drops if f.exception() is not None]
+        assert not failed, f"test databases not dropped: {failed}"
+
+
+@pytest.fixture(scope="session")
+def _databases(pg_server_dsn: str, pg_template: str) -> Iterator[_Databases]:
+    databases = _Databases(pg_server_dsn, pg_template)
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
 @pytest.fixture
-def make_database(pg_server_dsn: str, pg_template: str) -> Iterator[Callable[..., str]]:
+def make_database(pg_server_dsn: str, _databases: _Databases) -> Iterator[Callable[..., str]]:
     """Factory: ``make_database(migrated=True) -> dsn`` of a new database, dropped afterwards."""
     created: list[str] = []
 
     def make(migrated: bool = True) -> str:
-        name = _new_name("t")
-        _create_database(pg_server_dsn, name, pg_template if migrated else "template0")
+        name = _databases.create(migrated)
         created.append(name)
         return with_database(pg_server_dsn, name)
 
     yield make
     for name in reversed(created):
-        _drop_database(pg_server_dsn, name)
+        _databases.drop(name)
 
 
 @pytest.fixture

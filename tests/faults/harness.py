@@ -111,14 +111,28 @@ class WorkerProc:
 
         A process only minutes-old is fine; one a fraction of a second old may still be in
         interpreter start-up, before any Python code can handle the signal, where SIGTERM's
-        default action ends it: give it until 4 s after its start to get there (importing
-        pgstream took over 2 s once on a loaded 2-core CI box, and the soak saw a -15).
+        default action ends it: wait until it has installed its SIGTERM handler, or until 4 s
+        after its start where that cannot be seen (importing pgstream took over 2 s once on a
+        loaded 2-core CI box, and the soak saw a -15).
         """
         if self.stopped:
             self.cont()
-        time.sleep(max(0.0, self.started + 4.0 - time.monotonic()))
+        while time.monotonic() < self.started + 4.0 and not self.catches(signal.SIGTERM):
+            time.sleep(0.02)
         self.signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+    def catches(self, sig: int) -> bool:
+        """Whether the process has a handler installed for ``sig`` (Linux: ``SigCgt`` in
+        /proc/PID/status; False where that cannot be read)."""
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return False
+        for line in status.splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+        return False
 
     def wait(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)

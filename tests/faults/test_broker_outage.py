@@ -170,15 +170,17 @@ def _run_through_outage(
     up: Callable[[], None],
     seconds: float,
 ) -> str:
-    """``pgstream run --stop-when-idle`` (slowed down); once it committed a batch, take the
-    broker ``down`` for ``seconds`` and bring it ``up`` again; the run must end 0. Its stderr."""
+    """``pgstream run --stop-when-idle`` (slowed down until the broker is back); once it
+    committed a batch, take the broker ``down`` for ``seconds`` and bring it ``up`` again; the
+    run must end 0. Its stderr."""
     log = tmp_path / "run.log"
+    back = tmp_path / "broker-is-back"
+    env = {**os.environ, "DELAY": "0.003", "BATCH": "100", "DELAY_UNTIL": str(back)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pgstream", "run", "brokerapp:app", "--stop-when-idle",
              "--dsn", dsn],
-            cwd=tmp_path, env={**os.environ, "DELAY": "0.003", "BATCH": "100"},
-            stdout=subprocess.DEVNULL, stderr=out,
+            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=out,
         )
     try:
         deadline = time.monotonic() + 60
@@ -189,6 +191,7 @@ def _run_through_outage(
         down()
         time.sleep(seconds)
         up()
+        back.touch()  # the outage is over: the rest of the run need not be slow
         rc = proc.wait(180)
     finally:
         if proc.poll() is None:

@@ -219,8 +219,16 @@ class CheckpointMachine(RuleBasedStateMachine):
 
         def b_takes_over() -> None:
             epochs.append(self._epoch())
+            # a frozen A misses its lease renewal and its heartbeat alike: with only the lease
+            # expired, A would still count as a live worker holding the one partition's share,
+            # and B would wait a whole lease (10 s) for A's heartbeat to go stale
             self.conn.execute(
                 "UPDATE pgstream.partitions SET lease_expires_at = now() - interval '1 second' "
+                "WHERE job = %s",
+                [JOB],
+            )
+            self.conn.execute(
+                "UPDATE pgstream.workers SET heartbeat_at = now() - interval '1 minute' "
                 "WHERE job = %s",
                 [JOB],
             )
