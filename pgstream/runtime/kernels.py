@@ -62,6 +62,29 @@ RecordsKernel = Callable[[Sequence[SourceRecord], Any, RecordFail], None]
 
 # -- append ------------------------------------------------------------------------------------
 
+#: ``values(o)``: an output's values in the order of its group's column names
+Values = Callable[[dict[str, Any]], tuple[Any, ...]]
+
+
+def _no_values(o: dict[str, Any]) -> tuple[Any, ...]:
+    raise KeyError("no shape yet")
+
+
+#: the shape before the first output: width -1 matches no dict, so it takes the slow path
+_NO_SHAPE: tuple[int, Values] = (-1, _no_values)
+
+
+def _shape(cols: tuple[str, ...]) -> tuple[int, Values]:
+    """How an append loop takes the values of outputs like the one named ``cols``:
+    ``values(o)`` (an itemgetter) reads them in the order of ``cols`` and raises
+    ``KeyError`` if ``o`` lacks one, so an output of ``len(cols)`` keys that it reads has
+    exactly these keys and belongs to the group ``cols`` (in whatever order its keys are);
+    any other output takes the slow path (``tuple(o)``, its own group). Outputs of fewer
+    than two columns always do (a one-key itemgetter returns no tuple)."""
+    if len(cols) < 2:
+        return _NO_SHAPE
+    return len(cols), operator.itemgetter(*cols)
+
 
 def append_kernels(
     fn: Callable[[Any], Any], label: str, source: str, partition: str
@@ -76,28 +99,6 @@ def append_kernels(
     def not_a_dict(o: Any) -> TypeError:
         return TypeError(f"{label} needs dict records, got {type(o).__name__}")
 
-    def run_records(records: Sequence[SourceRecord], groups: Groups, fail: RecordFail) -> None:
-        cols_prev: tuple[str, ...] | None = None
-        rows: list[Row] = []
-        for rec in records:
-            v = rec.value
-            if v is None:
-                fail(rec, None)
-                continue
-            try:
-                o = fn(v)
-                if type(o) is not dict and o is not skip:
-                    raise not_a_dict(o)
-            except Exception as exc:
-                fail(rec, exc)
-                continue
-            if o is not skip:
-                cols = tuple(o)
-                if cols != cols_prev:
-                    rows = groups.setdefault(cols, [])
-                    cols_prev = cols
-                rows.append((*o.values(), source, partition, rec.offset, 0))
-
     ns: dict[str, Any] = {
         "loads": loads,
         "decode_error": decode_error,
@@ -106,11 +107,15 @@ def append_kernels(
         "not_a_dict": not_a_dict,
         "source": source,
         "partition": partition,
+        "shape": _shape,
+        "no_shape": _NO_SHAPE,
     }
     # code built from fixed templates, no input text (see aggregate_kernels)
     for name, offsets in _APPEND_OFFSETS.items():
         code = _APPEND_RAW.format(name=name, decode=_DECODE_PAYLOAD, **offsets)
         exec(compile(code, APPEND_KERNEL_FILENAME, "exec"), ns)
+    exec(compile(_APPEND_RECORDS, APPEND_KERNEL_FILENAME, "exec"), ns)
+    run_records: RecordsKernel = ns["run_records"]
     run_packed: RawKernel = ns["run_packed"]
     run_listed: RawKernel = ns["run_listed"]
 
@@ -161,7 +166,7 @@ def _per_layout(compile_rows: Callable[[tuple[str, ...], int], RawKernel]) -> Ra
 #: the loop over a table's row tuples for an append plan (``{record}``: see :func:`_row_dict`)
 _APPEND_ROWS = """\
 def run_rows(batch, groups, fail):
-    cols_prev = None
+    width, values = no_shape
     rows = []
     for row in batch.rows:
         v = {record}
@@ -173,11 +178,47 @@ def run_rows(batch, groups, fail):
             fail(row, v, exc)
             continue
         if o is not skip:
+            if len(o) == width:
+                try:
+                    rows.append(values(o) + (source, partition, row[{offset}], 0))
+                    continue
+                except KeyError:
+                    pass
             cols = tuple(o)
-            if cols != cols_prev:
-                rows = groups.setdefault(cols, [])
-                cols_prev = cols
+            rows = groups.setdefault(cols, [])
+            width, values = shape(cols)
             rows.append((*o.values(), source, partition, row[{offset}], 0))
+"""
+
+
+#: the loop over decoded records for an append plan
+_APPEND_RECORDS = """\
+def run_records(records, groups, fail):
+    width, values = no_shape
+    rows = []
+    for rec in records:
+        v = rec.value
+        if v is None:
+            fail(rec, None)
+            continue
+        try:
+            o = fn(v)
+            if type(o) is not dict and o is not skip:
+                raise not_a_dict(o)
+        except Exception as exc:
+            fail(rec, exc)
+            continue
+        if o is not skip:
+            if len(o) == width:
+                try:
+                    rows.append(values(o) + (source, partition, rec.offset, 0))
+                    continue
+                except KeyError:
+                    pass
+            cols = tuple(o)
+            rows = groups.setdefault(cols, [])
+            width, values = shape(cols)
+            rows.append((*o.values(), source, partition, rec.offset, 0))
 """
 
 
@@ -199,7 +240,7 @@ _DECODE_PAYLOAD = """\
 #: back to back ``gap`` bytes apart (``packed``, a file's lines), taken from its list otherwise
 _APPEND_RAW = """\
 def run_{name}(batch, groups, fail):
-    cols_prev = None
+    width, values = no_shape
     rows = []
 {first}
     for payload in batch.payloads:
@@ -212,10 +253,15 @@ def run_{name}(batch, groups, fail):
             fail(payload, v, exc)
             continue
         if o is not skip:
+            if len(o) == width:
+                try:
+                    rows.append(values(o) + (source, partition, pos, 0))
+                    continue
+                except KeyError:
+                    pass
             cols = tuple(o)
-            if cols != cols_prev:
-                rows = groups.setdefault(cols, [])
-                cols_prev = cols
+            rows = groups.setdefault(cols, [])
+            width, values = shape(cols)
             rows.append((*o.values(), source, partition, pos, 0))
 """
 

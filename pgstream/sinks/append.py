@@ -14,6 +14,7 @@ from psycopg import sql
 
 from pgstream.errors import SinkSchemaError
 from pgstream.sinks.base import SinkTable
+from pgstream.sinks.copyformat import binary_types
 from pgstream.sinks.introspect import TableInfo
 
 META_COLUMNS = ("_source", "_partition", "_offset", "_seq")
@@ -35,6 +36,21 @@ def split_row(row: Row) -> tuple[Row, Position]:
     """A row of :func:`make_row` as its output values and its position."""
     n = len(row) - len(META_COLUMNS)
     return row[:n], (row[n], row[n + 1], row[n + 2], row[n + 3])
+
+
+#: the most groups of one write in the binary format: each runs in a savepoint, and a
+#: transaction holding more than 64 subtransaction ids slows every snapshot on the server
+BINARY_GROUPS = 8
+#: what makes a binary COPY fall back to text: a value psycopg cannot dump in the column's
+#: binary form (beyond bigint, ...) or one the table refuses (the text COPY then raises the
+#: canonical error, or writes the value as text always did)
+_REFUSED = (
+    psycopg.errors.DataError,
+    psycopg.errors.IntegrityError,
+    OverflowError,
+    TypeError,
+    ValueError,
+)
 
 
 class DuplicateOutputError(Exception):
@@ -66,16 +82,50 @@ class AppendSink(SinkTable):
         super().check_columns(columns)
 
     def write(self, cur: psycopg.Cursor[Any], groups: dict[tuple[str, ...], list[Row]]) -> None:
-        """COPY every group of rows (rows end with the four meta columns)."""
+        """COPY every group of rows (rows end with the four meta columns): in the binary
+        format where it stores what the text format would (:mod:`pgstream.sinks.copyformat`),
+        for at most :data:`BINARY_GROUPS` groups; a binary ``COPY`` that fails is undone (a
+        savepoint) and the group written in text, so a rejection is always the text
+        format's."""
+        binary_left = BINARY_GROUPS
         for columns, rows in groups.items():
             self.check_columns(columns)
-            stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                self.info.ident, _idents((*columns, *META_COLUMNS))
-            )
-            with cur.copy(stmt) as copy:
+            names = (*columns, *META_COLUMNS)
+            types = None
+            if binary_left:
+                declared = [self.info.columns[c].type for c in names]
+                types = binary_types(declared, rows, len(columns))
+            if types is not None:
+                binary_left -= 1
+                if self._copy_binary(cur, names, types, rows):
+                    continue
+            with cur.copy(self._copy_stmt(names)) as copy:
                 write_row = copy.write_row
                 for row in rows:
                     write_row(row)
+
+    def _copy_stmt(self, names: tuple[str, ...], binary: bool = False) -> sql.Composed:
+        fmt = sql.SQL(" (FORMAT BINARY)" if binary else "")
+        return sql.SQL("COPY {} ({}) FROM STDIN{}").format(self.info.ident, _idents(names), fmt)
+
+    def _copy_binary(
+        self, cur: psycopg.Cursor[Any], names: tuple[str, ...], types: list[str], rows: list[Row]
+    ) -> bool:
+        """COPY ``rows`` in the binary format under a savepoint: False (and nothing written)
+        when a value is refused, by psycopg or by the table."""
+        cur.execute("SAVEPOINT pgstream_copy")
+        try:
+            with cur.copy(self._copy_stmt(names, binary=True)) as copy:
+                copy.set_types(types)
+                write_row = copy.write_row
+                for row in rows:
+                    write_row(row)
+        except _REFUSED:
+            cur.execute("ROLLBACK TO SAVEPOINT pgstream_copy")
+            cur.execute("RELEASE SAVEPOINT pgstream_copy")
+            return False
+        cur.execute("RELEASE SAVEPOINT pgstream_copy")
+        return True
 
     def insert_ignoring_duplicates(
         self, cur: psycopg.Cursor[Any], columns: tuple[str, ...], rows: Sequence[Row]

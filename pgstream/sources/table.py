@@ -24,6 +24,7 @@ from psycopg.rows import tuple_row
 
 from pgstream.db.names import case_hint, display_name, parse_table_name
 from pgstream.errors import ConfigError
+from pgstream.gcpause import gc_paused
 from pgstream.sources.base import (
     OpenContext,
     PartitionReader,
@@ -806,15 +807,22 @@ class TableReader(PartitionReader):
         return self._rows(rows, start, end).records()
 
     def _fetch(self, lo: int, hi: int, limit: int) -> list[tuple[Any, ...]]:
-        """The rows with ``lo <= offset < hi`` (at most ``limit``), as tuples."""
+        """The rows with ``lo <= offset < hi`` (at most ``limit``), as tuples (loaded with
+        the cyclic garbage collector paused: a page of rows is tens of thousands of new
+        tuples, and their values hold no reference cycles)."""
         assert self._conn is not None
         binary = bool(self._binary)
         cur = self._conn.cursor(binary=binary)
-        rows = cur.execute(self._q_rows, [lo, hi, limit]).fetchall()
+        cur.execute(self._q_rows, [lo, hi, limit])
+        with gc_paused():
+            rows = cur.fetchall()
         if self._learn(cur) and binary and not self._binary:
             # the table changed under a binary read: a column now has a type only its text
             # form loads (it would have come as bytes), so read these rows again as text
-            rows = self._conn.cursor().execute(self._q_rows, [lo, hi, limit]).fetchall()
+            cur = self._conn.cursor()
+            cur.execute(self._q_rows, [lo, hi, limit])
+            with gc_paused():
+                rows = cur.fetchall()
         return rows
 
     def _learn(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:

@@ -255,3 +255,59 @@ def test_pipeline_fields_only_when_no_python_function_sees_the_records() -> None
         n=ps.count()
     ).to_table("t")
     assert pipeline_of(app).fields is None
+
+
+def shapes_app() -> ps.App:
+    """Outputs whose keys change from record to record: the same keys in another order, one
+    key, more keys, no key, a key the previous shape lacked."""
+    app = ps.App("k")
+
+    def to_row(e: dict[str, Any]) -> dict[str, Any]:
+        i = e["id"]
+        shape = i % 7
+        if shape == 1:
+            return {"b": i, "a": -i}  # the same columns, reordered
+        if shape == 2:
+            return {"a": -i}
+        if shape == 3:
+            return {"a": -i, "b": i, "c": "x"}
+        if shape == 4:
+            return {}
+        if shape == 5:
+            return {"a": -i, "c": "y"}  # as wide as (a, b), another column
+        return {"a": -i, "b": i}
+
+    app.stream("s", ps.FileSource("unused.jsonl")).map(to_row).to_table("facts")
+    return app
+
+
+def by_position(out: BatchOutput) -> dict[Any, dict[str, Any]]:
+    """Every output row as its columns' values, by its position (what the table holds)."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for cols, group in out.slots[0].items():
+        for row in group:
+            rows[row[len(cols) :]] = dict(zip(cols, row[: len(cols)], strict=True))
+    return rows
+
+
+@pytest.mark.parametrize("order", ["runs", "shuffled"])
+def test_append_kernel_rows_for_changing_shapes(order: str) -> None:
+    """Whatever the output dicts' keys and their order, every row holds the same values
+    under the same columns as the general loop's, at the same position; an output with the
+    previous output's keys in another order joins its group (one COPY)."""
+    ids = list(range(700))
+    if order == "runs":
+        ids.sort(key=lambda i: (i % 7, i))
+    else:
+        random.Random(3).shuffle(ids)
+    records = [SourceRecord(100 + pos, {"id": i}) for pos, i in enumerate(ids)]
+    batch = TableRows(("id",), [(i, 100 + pos) for pos, i in enumerate(ids)], 1, 100, 800)
+    want = general(pipeline_of(shapes_app())).evaluate(records)
+    for got in (
+        pipeline_of(shapes_app()).evaluate(records),
+        pipeline_of(shapes_app()).evaluate_raw(batch),
+    ):
+        assert by_position(got) == by_position(want)
+        assert len(by_position(got)) == 700
+        if order == "runs":  # the reordered (b, a) outputs follow the (a, b) ones: one group
+            assert ("a", "b") in got.slots[0] and ("b", "a") not in got.slots[0]
