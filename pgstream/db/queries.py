@@ -697,6 +697,8 @@ ADMIN_RENAME_JOB_LATE_RECORDS = (
     "UPDATE pgstream.late_records SET job = %(new)s WHERE job = %(old)s"
 )
 
+ADMIN_RENAME_JOB_REBUILDS = "UPDATE pgstream.rebuilds SET job = %(new)s WHERE job = %(old)s"
+
 ADMIN_RENAME_STREAM_LATE_RECORDS = """
 UPDATE pgstream.late_records SET source = %(new)s WHERE job = %(job)s AND source = %(old)s
 """
@@ -1059,6 +1061,14 @@ UPDATE pgstream.partitions l
  WHERE l.job = %(job)s AND l.source = ANY(%(streams)s::text[])
    AND l2.job = l.job AND l2.source = l.source AND l2.partition = l.partition
 """
+
+# The rebuilt sink tables: their rows come from this plan version (verify reads it).
+REBUILD_RECORD = """
+INSERT INTO pgstream.rebuilds (job, sink, plan_version) VALUES (%(job)s, %(sink)s, %(version)s)
+ON CONFLICT (job, sink) DO UPDATE SET plan_version = excluded.plan_version, rebuilt_at = now()
+"""
+
+VERIFY_REBUILDS = "SELECT sink, plan_version FROM pgstream.rebuilds WHERE job = %(job)s"
 
 # Everything a shadow job wrote to pgstream's schema (the ledger and skipped ranges go with
 # its partition rows, its plan versions with its job row).

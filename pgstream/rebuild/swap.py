@@ -120,6 +120,10 @@ class Swapper:
                 for stmt in queries.REBUILD_MOVE_STREAMS:
                     cur.execute(stmt, self.params(streams=full, version=version))
             cur.execute(queries.REBUILD_FENCE, self.params())
+            for table in sel.tables:
+                cur.execute(
+                    queries.REBUILD_RECORD, {"job": sel.app.name, "sink": table, "version": version}
+                )
             drop_shadow_job(self.conn, self.shadow.job)
             crash_point("rebuild_before_commit")
         outcome.add(
