@@ -190,9 +190,12 @@ def assert_tables(
 
 
 def dead_offsets(conn: psycopg.Connection[Any]) -> list[int]:
-    """The job's dead letters' offsets."""
+    """The live job's dead letters' offsets."""
     return [
-        int(r[0]) for r in conn.execute('SELECT "offset" FROM pgstream.dead_letters ORDER BY 1')
+        int(r[0])
+        for r in conn.execute(
+            "SELECT \"offset\" FROM pgstream.dead_letters WHERE job = 'rebuildjob' ORDER BY 1"
+        )
     ]
 
 

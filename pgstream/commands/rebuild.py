@@ -161,7 +161,7 @@ def _progress_bar() -> Iterator[Any]:
         TextColumn("catch-up round {task.fields[round]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("offsets"),
+        TextColumn("records"),
         console=Console(stderr=True),
         transient=False,
     )

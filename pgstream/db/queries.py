@@ -951,9 +951,9 @@ REBUILD_DROP_TABLE_STRICT = sql.SQL("DROP TABLE {}")
 # {table}, {new name}
 REBUILD_RENAME_TABLE = sql.SQL("ALTER TABLE {} RENAME TO {}")
 
-# Each partition's committed offset (the live job's bounds the shadow's reads).
+# Each partition's committed offset (the live job's bounds the shadow's reads) and records.
 REBUILD_OFFSETS = """
-SELECT source, partition, committed_offset FROM pgstream.partitions
+SELECT source, partition, committed_offset, records FROM pgstream.partitions
  WHERE job = %(job)s AND source = ANY(%(streams)s::text[])
  ORDER BY source, partition
 """

@@ -23,6 +23,7 @@ from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.task import PartitionTask
 from pgstream.runtime.worker import Worker
 from pgstream.sources.base import PartitionReader, ReadResult, Skip
+from pgstream.sources.table import TableReader
 
 #: most catch-up rounds before the swap finishes the rest in its transaction
 MAX_ROUNDS = 8
@@ -39,9 +40,15 @@ class BoundedReader(PartitionReader):
         self.bound = bound
 
     def read(self, start: int, max_records: int) -> ReadResult:
-        """Up to ``max_records`` records in ``[start, bound)``."""
+        """Up to ``max_records`` records in ``[start, bound)``. A table is read as it is,
+        without waiting for its safe horizon: the range below a committed offset is final."""
         if start >= self.bound:
             return ReadResult([], start, self.bound)
+        if isinstance(self.inner, TableReader):
+            records = self.inner.read_range(start, self.bound, max_records)
+            full = len(records) >= max_records > 0
+            end = records[-1].offset + 1 if full else self.bound
+            return ReadResult(records, end, self.bound)
         res = self.inner.read(start, max_records)
         head = self.bound if res.head is None else min(res.head, self.bound)
         if res.end <= self.bound:
@@ -76,7 +83,8 @@ class BoundedReader(PartitionReader):
 
 @dataclass(frozen=True, slots=True)
 class CatchUpProgress:
-    """Offsets the shadow job has done and has to do in all, summed over partitions."""
+    """Records the shadow job has done and has to do in all (the live job's count), summed
+    over the rebuilt partitions."""
 
     done: int
     total: int
@@ -88,9 +96,18 @@ ProgressFn = Callable[[CatchUpProgress], None]
 
 def offsets(conn: psycopg.Connection[Any], job: str, streams: tuple[str, ...]) -> dict[Key, int]:
     """Each partition's committed offset of ``job`` (partitions with none left out)."""
+    return {k: o for k, (o, _n) in _rows(conn, job, streams).items()}
+
+
+def _rows(
+    conn: psycopg.Connection[Any], job: str, streams: tuple[str, ...]
+) -> dict[Key, tuple[int, int]]:
+    """Each partition's (committed offset, records) of ``job`` (partitions with no offset
+    left out)."""
+    params = {"job": job, "streams": list(streams)}
     return {
-        (s, p): int(o)
-        for s, p, o in conn.execute(queries.REBUILD_OFFSETS, {"job": job, "streams": list(streams)})
+        (s, p): (int(o), int(n))
+        for s, p, o, n in conn.execute(queries.REBUILD_OFFSETS, params)
         if o is not None
     }
 
@@ -113,21 +130,21 @@ class CatchUp:
         self.progress = progress
         self.stop_event = stop_event or threading.Event()
         self._bounds: dict[Key, int] = {}
-        self._positions: dict[Key, int] = {}
+        self._done = self._total = 0
         self._round = 0
 
     def gap(self) -> tuple[int, int]:
-        """(offsets the shadow is behind the live job, offsets the live job has done), summed
-        over the rebuilt partitions."""
-        app = self.shadow.selection.app
+        """(records the shadow is behind the live job, records the live job has done), summed
+        over the rebuilt partitions; a partition at the live offset is not behind."""
         streams = self.shadow.selection.streams
-        live = offsets(self.conn, app.name, streams)
-        mine = offsets(self.conn, self.shadow.job, streams)
+        live = _rows(self.conn, self.shadow.selection.app.name, streams)
+        mine = _rows(self.conn, self.shadow.job, streams)
         behind = total = 0
-        for (s, p), bound in live.items():
-            first = app.sources[s].initial_offset(p)
-            total += max(0, bound - first)
-            behind += max(0, bound - mine.get((s, p), first))
+        for key, (offset, records) in live.items():
+            at, done = mine.get(key, (None, 0))
+            total += records
+            if at != offset:
+                behind += max(1, records - done)
         return behind, total
 
     def run(self) -> int:
@@ -139,7 +156,7 @@ class CatchUp:
         while self._round < MAX_ROUNDS and (last is None or 0 < behind < last):
             self._round += 1
             last = behind
-            self._run_round()
+            self._run_round(total - behind, total)
             if self.stop_event.is_set():
                 raise JobStateError(
                     "the rebuild was interrupted during its catch-up: nothing was swapped",
@@ -149,14 +166,12 @@ class CatchUp:
             self._report(total - behind, total)
         return self._round
 
-    def _run_round(self) -> None:
+    def _run_round(self, done: int, total: int) -> None:
         """One worker run of the shadow job, bounded by the live offsets read now."""
-        app = self.shadow.selection.app
-        self._bounds = offsets(self.conn, app.name, self.shadow.selection.streams)
-        mine = offsets(self.conn, self.shadow.job, self.shadow.selection.streams)
-        self._positions = {
-            k: mine.get(k, app.sources[k[0]].initial_offset(k[1])) for k in self._bounds
-        }
+        self._bounds = offsets(
+            self.conn, self.shadow.selection.app.name, self.shadow.selection.streams
+        )
+        self._done, self._total = done, total
         Worker(
             self.shadow.app,
             self.dsn,
@@ -174,14 +189,8 @@ class CatchUp:
 
     def _committed(self, task: PartitionTask, records: int) -> None:
         crash_point("rebuild_after_batch")
-        self._positions[(task.source, task.partition)] = task.position
-        app = self.shadow.app
-        done = total = 0
-        for (s, p), bound in self._bounds.items():
-            first = app.sources[s].initial_offset(p)
-            total += max(0, bound - first)
-            done += max(0, min(self._positions.get((s, p), first), bound) - first)
-        self._report(done, total)
+        self._done += records
+        self._report(min(self._done, self._total), self._total)
 
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None:
