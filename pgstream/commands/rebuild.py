@@ -90,6 +90,7 @@ def command(
             shadow.drop(conn)
             click.echo(f"dropped the earlier rebuild's shadow job {shadow.job!r} and its tables")
         shadow.check_resumable(conn)
+        shadow.check_old_tables(conn)
         resumed = shadow.recorded(conn) is not None
         shadow.create_tables(conn)
         click.echo(

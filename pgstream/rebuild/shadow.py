@@ -229,8 +229,25 @@ class Shadow:
                 made.append(pair.shadow)
         return made
 
+    def check_old_tables(self, conn: psycopg.Connection[Any]) -> None:
+        """Refuse when a live table's swap-out name is taken (an earlier ``--keep-old``)."""
+        for table, pair in self.pairs.items():
+            check_old_table(conn, pair, table)
+
     def _ident(self, pair: TablePair) -> sql.Identifier:
         return pair.shadow_ident
+
+
+def check_old_table(conn: psycopg.Connection[Any], pair: TablePair, table: str) -> None:
+    """Refuse when ``pair``'s swap-out name ``<table>__old`` is taken."""
+    params = {"schema": pair.live.schema, "name": pair.old_name}
+    if conn.execute(queries.REBUILD_TABLE_EXISTS, params).fetchone() is not None:
+        old = display_name(pair.live.schema, pair.old_name)
+        raise ConfigError(
+            f"table {old} exists (kept by an earlier rebuild with --keep-old?): the swap of "
+            f"{table} renames the live table to that name",
+            hint=f"drop it (DROP TABLE {old}) and rebuild again",
+        )
 
 
 def drop_shadow_job(conn: psycopg.Connection[Any], job: str) -> None:

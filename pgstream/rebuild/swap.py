@@ -34,7 +34,13 @@ from pgstream.admin import Outcome
 from pgstream.db import queries
 from pgstream.errors import ConfigError, JobStateError
 from pgstream.rebuild.catchup import BoundedReader
-from pgstream.rebuild.shadow import Shadow, check_live_plan, drop_shadow_job
+from pgstream.rebuild.shadow import (
+    Shadow,
+    TablePair,
+    check_live_plan,
+    check_old_table,
+    drop_shadow_job,
+)
 from pgstream.runtime.checkpoint import BatchRange, SinkDataError, write_batch
 from pgstream.runtime.crashpoints import crash_point
 from pgstream.runtime.pipeline import BatchOutput, Pipeline, new_states
@@ -112,7 +118,7 @@ class Swapper:
             crash_point("rebuild_after_gap")
             self._check_dead_letters(cur)
             for table, pair in self.shadow.pairs.items():
-                self._swap_table(cur, pair.live.ident, pair.shadow_ident, pair, table, outcome)
+                self._swap_table(cur, pair, table, outcome)
             for stmt in queries.REBUILD_MOVE_OPERATORS:
                 cur.execute(stmt, self.params())
             full = list(sel.full_streams)
@@ -276,25 +282,13 @@ class Swapper:
                 "stream (their dead letters then replace the live ones)",
             )
 
-    def _swap_table(
-        self,
-        cur: Cursor,
-        live: sql.Identifier,
-        shadow: sql.Identifier,
-        pair: Any,
-        table: str,
-        outcome: Outcome,
-    ) -> None:
+    def _swap_table(self, cur: Cursor, pair: TablePair, table: str, outcome: Outcome) -> None:
+        """Live ``T`` becomes ``T__old`` (dropped unless --keep-old), the shadow becomes ``T``."""
         old = sql.Identifier(pair.live.schema, pair.old_name)
-        params = {"schema": pair.live.schema, "name": pair.old_name}
-        if cur.execute(queries.REBUILD_TABLE_EXISTS, params).fetchone() is not None:
-            raise ConfigError(
-                f"table {pair.live.schema}.{pair.old_name} exists (kept by an earlier rebuild "
-                f"with --keep-old?): the swap of {table} renames the live table to that name",
-                hint=f"drop it (DROP TABLE {pair.live.schema}.{pair.old_name}) and rebuild again",
-            )
-        cur.execute(queries.REBUILD_RENAME_TABLE.format(live, sql.Identifier(pair.old_name)))
-        cur.execute(queries.REBUILD_RENAME_TABLE.format(shadow, sql.Identifier(pair.live.name)))
+        check_old_table(self.conn, pair, table)
+        rename = queries.REBUILD_RENAME_TABLE
+        cur.execute(rename.format(pair.live.ident, sql.Identifier(pair.old_name)))
+        cur.execute(rename.format(pair.shadow_ident, sql.Identifier(pair.live.name)))
         if self.keep_old:
             outcome.add(f"{table}: swapped in; the old table is kept as {pair.old_name}")
             return

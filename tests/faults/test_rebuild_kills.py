@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from harness import TableWriters, insert_events, wait_for
 from rebuildref import (
+    CORE,
     assert_tables,
     cli,
     dead_offsets,
@@ -198,3 +199,27 @@ def test_a_live_worker_runs_through_the_rebuild_and_the_swap(
     assert dead_offsets(pg_conn) == failing(records)
     assert leftovers(pg_conn) == 0
     cli(tmp_path, v2, "verify", "rebuildapp:app", "--dsn", pg_dsn)
+
+
+def test_a_shadow_job_of_other_code_is_refused_until_restart(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = _v2_job(tmp_path, pg_conn, pg_dsn, 500)
+    crash = {**env, "PGSTREAM_CRASH_AT": "rebuild_after_batch", "PGSTREAM_CRASH_AFTER": "3"}
+    done = rebuild(tmp_path, crash, pg_dsn, "--yes", check=False)
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    # the job's code changes (a new sink) between the attempts
+    v3 = {**env, "REBUILDAPP_TOPS": "1"}
+    run(tmp_path, v3, pg_dsn, "--accept-changes")
+    before = _snapshot(pg_conn)
+    refused = rebuild(tmp_path, v3, pg_dsn, "--yes", check=False)
+    assert refused.returncode == 1 and "--restart" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _snapshot(pg_conn) == before
+    dry = rebuild(tmp_path, v3, pg_dsn, "--restart").stdout
+    assert "dropped (--restart)" in dry, dry
+    out = rebuild(tmp_path, v3, pg_dsn, "--restart", "--yes").stdout
+    assert "dropped the earlier rebuild" in out and "starting the rebuild" in out, out
+    assert_tables(pg_conn, reference(file_records(data), v2=True), (*CORE, "tops"))
+    assert leftovers(pg_conn) == 0
+    verify_clean(tmp_path, v3, pg_dsn)

@@ -165,3 +165,32 @@ def test_refusals_name_the_problem_and_change_nothing(
     assert pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone() == ledger
     assert_tables(pg_conn, reference(file_records(data), v2=False))
     verify_clean(tmp_path, env, pg_dsn)
+
+
+def test_a_view_on_a_sink_blocks_the_drop_until_keep_old(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = setup(tmp_path, pg_conn, 300)
+    run(tmp_path, env, pg_dsn)
+    v2 = {**env, "REBUILDAPP_V2": "1"}
+    run(tmp_path, v2, pg_dsn, "--accept-changes")
+    pg_conn.execute("CREATE VIEW big_totals AS SELECT * FROM totals WHERE total > 0")
+    before = tables(pg_conn)
+    done = rebuild(tmp_path, v2, pg_dsn, "--yes", check=False)
+    assert done.returncode == 2 and "--keep-old" in done.stderr, done.stderr
+    assert "cannot be dropped" in done.stderr and "Traceback" not in done.stderr
+    assert tables(pg_conn) == before
+    out = rebuild(tmp_path, v2, pg_dsn, "--yes", "--keep-old").stdout
+    assert "kept as totals__old" in out, out
+    assert_tables(pg_conn, reference(file_records(data), v2=True))
+    # the view binds to the old table, which is kept as it was
+    old = pg_conn.execute("SELECT sum(n) FROM totals__old").fetchone()
+    assert old is not None and int(old[0]) == sum(n for n, _ in before["totals"].values())
+    view = pg_conn.execute("SELECT count(*) FROM big_totals").fetchone()
+    assert view is not None
+    assert view[0] == sum(1 for _, t in before["totals"].values() if t > 0)
+    verify_clean(tmp_path, v2, pg_dsn)
+    # a later rebuild refuses while the kept table is in the way
+    done = rebuild(tmp_path, v2, pg_dsn, "--yes", check=False)
+    assert done.returncode == 2 and "facts__old exists" in done.stderr, done.stderr
+    assert "catch-up" not in done.stderr  # refused before it starts
