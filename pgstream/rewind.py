@@ -64,7 +64,10 @@ RETRACTABLE = frozenset({"count", "sum", "avg"})
 
 REBUILD_HINT = (
     "re-process stream {stream} from the start with `pgstream rebuild MODULE:APP` (it replays "
-    "the job into shadow tables and swaps them in atomically; --sink T rebuilds some sinks)"
+    "the job into shadow tables and swaps them in atomically; --sink T rebuilds some sinks, "
+    "as an app with @app.batch handlers needs), or start the stream over with `pgstream job "
+    "reset MODULE:APP --stream {stream} --delete-outputs --yes` (clear its aggregate and fold "
+    "tables yourself) and run the job again"
 )
 
 

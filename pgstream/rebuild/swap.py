@@ -278,8 +278,10 @@ class Swapper:
             raise JobStateError(
                 f"records that the live job processed fail in the rebuilt sinks' operators, "
                 f"so the rebuilt tables would miss them: {listed}; nothing was swapped",
-                hint="fix the operator and rebuild again, or rebuild every sink of the "
-                "stream (their dead letters then replace the live ones)",
+                hint="fix the operator (record it with `pgstream run MODULE:APP "
+                "--accept-changes`) and rebuild again with --restart, or rebuild every sink of "
+                "the stream with --restart (the replay's dead letters then replace the live "
+                "ones)",
             )
 
     def _swap_table(self, cur: Cursor, pair: TablePair, table: str, outcome: Outcome) -> None:

@@ -194,3 +194,23 @@ def test_a_view_on_a_sink_blocks_the_drop_until_keep_old(
     done = rebuild(tmp_path, v2, pg_dsn, "--yes", check=False)
     assert done.returncode == 2 and "facts__old exists" in done.stderr, done.stderr
     assert "catch-up" not in done.stderr  # refused before it starts
+
+
+def test_a_sink_rebuild_refuses_records_its_new_code_sets_aside(
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    env, data = setup(tmp_path, pg_conn, 200)
+    run(tmp_path, env, pg_dsn)
+    v2 = {**env, "REBUILDAPP_V2": "1"}
+    run(tmp_path, v2, pg_dsn, "--accept-changes")
+    before = tables(pg_conn)
+    done = rebuild(tmp_path, v2, pg_dsn, "--sink", "facts", "--yes", check=False)
+    first = failing(file_records(data))[0]
+    assert done.returncode == 1 and f"events/0 offset {first}: " in done.stderr, done.stderr
+    assert "rebuild every sink of the stream" in done.stderr
+    assert tables(pg_conn) == before and dead_offsets(pg_conn) == []
+    # the whole stream's rebuild takes the new dead letters over
+    rebuild(tmp_path, v2, pg_dsn, "--restart", "--yes")
+    assert_tables(pg_conn, reference(file_records(data), v2=True))
+    assert dead_offsets(pg_conn) == failing(file_records(data))
+    verify_clean(tmp_path, v2, pg_dsn)
