@@ -86,6 +86,7 @@ def command(
         if not yes:
             _dry_run(conn, shadow, restart)
             return
+        shadow.lock(conn)
         if restart:
             shadow.drop(conn)
             click.echo(f"dropped the earlier rebuild's shadow job {shadow.job!r} and its tables")

@@ -939,6 +939,12 @@ REWIND_DELETE_EMPTY_KEYS = sql.SQL("DELETE FROM {} WHERE {} = 0")
 # are the statements around it: its tables, the live offsets that bound its reads, and the
 # swap transaction that moves its checkpoint into the live job.
 
+# One rebuild per job at a time: a session-level advisory lock held by the rebuild process
+# (released when it ends, also by a kill).
+REBUILD_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtext('pgstream.rebuild'), hashtext(%(job)s))"
+)
+
 REBUILD_TABLE_EXISTS = """
 SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = %(schema)s AND c.relname = %(name)s
@@ -1051,16 +1057,16 @@ UPDATE pgstream.partitions l
 # keeps the shadow's epochs) and loses its lease: a live worker's next compare-and-set
 # fails, and it claims the row again, reloading the moved state.
 REBUILD_FENCE = """
-UPDATE pgstream.partitions l
-   SET epoch = greatest(l.epoch, coalesce(s.epoch, 0)) + 1, owner = NULL,
-       owner_backend_pid = NULL, owner_backend_start = NULL, lease_expires_at = NULL,
-       attempts = 0
-  FROM pgstream.partitions l2
-  LEFT JOIN pgstream.partitions s
-    ON s.job = %(shadow)s AND s.source = l2.source AND s.partition = l2.partition
+UPDATE pgstream.partitions AS l
+   SET epoch = greatest(l.epoch,
+                        coalesce((SELECT s.epoch FROM pgstream.partitions AS s
+                                   WHERE s.job = %(shadow)s AND s.source = l.source
+                                     AND s.partition = l.partition), 0)) + 1,
+       owner = NULL, owner_backend_pid = NULL, owner_backend_start = NULL,
+       lease_expires_at = NULL, attempts = 0
  WHERE l.job = %(job)s AND l.source = ANY(%(streams)s::text[])
-   AND l2.job = l.job AND l2.source = l.source AND l2.partition = l.partition
 """
+
 
 # The rebuilt sink tables: their rows come from this plan version (verify reads it).
 REBUILD_RECORD = """

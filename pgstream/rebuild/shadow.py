@@ -192,6 +192,16 @@ class Shadow:
         row = conn.execute(queries.DLQ_JOB_PLAN, {"job": self.job}).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
+    def lock(self, conn: psycopg.Connection[Any]) -> None:
+        """Hold the job's rebuild lock for the session of ``conn``; refuse if another rebuild
+        of the job holds it."""
+        row = conn.execute(queries.REBUILD_TRY_LOCK, {"job": self.selection.app.name}).fetchone()
+        if row is None or not row[0]:
+            raise JobStateError(
+                f"another `pgstream rebuild` of job {self.selection.app.name!r} is running",
+                hint="wait for it to finish (or stop it: a rebuild run again resumes)",
+            )
+
     def check_resumable(self, conn: psycopg.Connection[Any]) -> None:
         """Refuse to resume a shadow job recorded with another plan (the code changed)."""
         found = self.recorded(conn)

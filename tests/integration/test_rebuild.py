@@ -159,6 +159,13 @@ def test_refusals_name_the_problem_and_change_nothing(
     assert done.returncode == 2 and "no sink 'nope'" in done.stderr, done.stderr
     assert "facts" in done.stderr
     assert tables(pg_conn) == before and leftovers(pg_conn) == 0
+    # another rebuild of the job is running (it holds the job's rebuild lock)
+    pg_conn.execute("SELECT pg_advisory_lock(hashtext('pgstream.rebuild'), hashtext('rebuildjob'))")
+    done = rebuild(tmp_path, env, pg_dsn, "--sink", "folds", "--yes", check=False)
+    assert done.returncode == 1 and "another `pgstream rebuild`" in done.stderr, done.stderr
+    pg_conn.execute(
+        "SELECT pg_advisory_unlock(hashtext('pgstream.rebuild'), hashtext('rebuildjob'))"
+    )
     # a stream with a handler is rebuilt in part: its ledger stays, the sink is exact
     ledger = pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone()
     rebuild(tmp_path, env, pg_dsn, "--sink", "folds", "--yes")
