@@ -21,7 +21,7 @@ from psycopg import sql
 from pgstream import plan as plans
 from pgstream.api import App, SinkSpec
 from pgstream.db import queries
-from pgstream.db.names import display_name
+from pgstream.db.names import display_name, parse_table_name
 from pgstream.errors import ConfigError, JobStateError
 from pgstream.runtime.jobcheck import PlanChangedError
 from pgstream.sinks.introspect import TableInfo, load_table
@@ -215,12 +215,20 @@ class Shadow:
             )
 
     def drop(self, conn: psycopg.Connection[Any]) -> None:
-        """Drop the shadow job's rows and tables (``--restart``), in one transaction."""
+        """Drop the shadow job's rows and tables (``--restart``), in one transaction: this
+        selection's shadow tables and those of the sinks the shadow job recorded (an earlier
+        rebuild may have selected others)."""
         with conn.transaction():
             conn.execute(queries.LOCK_JOB, {"job": self.job})
+            row = conn.execute(queries.LOAD_JOB, {"job": self.job}).fetchone()
+            names = {(pair.live.schema, pair.shadow_name) for pair in self.pairs.values()}
+            for entry in row[2].get("sinks", []) if row is not None else []:
+                schema, name = parse_table_name(str(entry.get("table", "")))
+                if schema is not None and name.endswith(TABLE_SUFFIX):
+                    names.add((schema, name))
             drop_shadow_job(conn, self.job)
-            for pair in self.pairs.values():
-                conn.execute(queries.REBUILD_DROP_TABLE.format(self._ident(pair)))
+            for schema, name in sorted(names):
+                conn.execute(queries.REBUILD_DROP_TABLE.format(sql.Identifier(schema, name)))
 
     def create_tables(self, conn: psycopg.Connection[Any]) -> list[str]:
         """Create the shadow tables that do not exist yet (a fresh shadow job gets empty ones);
@@ -229,7 +237,7 @@ class Shadow:
         made = []
         with conn.transaction():
             for pair in self.pairs.values():
-                ident = self._ident(pair)
+                ident = pair.shadow_ident
                 if fresh:
                     conn.execute(queries.REBUILD_DROP_TABLE.format(ident))
                 params = {"schema": pair.live.schema, "name": pair.shadow_name}
@@ -243,9 +251,6 @@ class Shadow:
         """Refuse when a live table's swap-out name is taken (an earlier ``--keep-old``)."""
         for table, pair in self.pairs.items():
             check_old_table(conn, pair, table)
-
-    def _ident(self, pair: TablePair) -> sql.Identifier:
-        return pair.shadow_ident
 
 
 def check_old_table(conn: psycopg.Connection[Any], pair: TablePair, table: str) -> None:

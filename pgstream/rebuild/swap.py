@@ -31,6 +31,7 @@ import psycopg.errors
 from psycopg import sql
 
 from pgstream.admin import Outcome
+from pgstream.api import App
 from pgstream.db import queries
 from pgstream.errors import ConfigError, JobStateError
 from pgstream.rebuild.catchup import BoundedReader
@@ -79,7 +80,7 @@ class Swapper:
         self.worker = f"rebuild:{socket.gethostname()}:{os.getpid()}"
 
     @property
-    def _app(self) -> Any:
+    def _app(self) -> App:
         return self.shadow.selection.app
 
     def params(self, **more: Any) -> dict[str, Any]:

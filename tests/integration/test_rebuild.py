@@ -216,8 +216,11 @@ def test_a_sink_rebuild_refuses_records_its_new_code_sets_aside(
     assert done.returncode == 1 and f"events/0 offset {first}: " in done.stderr, done.stderr
     assert "rebuild every sink of the stream" in done.stderr
     assert tables(pg_conn) == before and dead_offsets(pg_conn) == []
+    # --restart with another selection drops the refused attempt's shadow tables too
+    rebuild(tmp_path, v2, pg_dsn, "--sink", "minutes", "--restart", "--yes")
+    assert leftovers(pg_conn) == 0
     # the whole stream's rebuild takes the new dead letters over
-    rebuild(tmp_path, v2, pg_dsn, "--restart", "--yes")
+    rebuild(tmp_path, v2, pg_dsn, "--yes")
     assert_tables(pg_conn, reference(file_records(data), v2=True))
     assert dead_offsets(pg_conn) == failing(file_records(data))
     verify_clean(tmp_path, v2, pg_dsn)
