@@ -35,14 +35,18 @@ import atexit
 import gc
 import importlib
 import pkgutil
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from pgstream.errors import PgStreamError
 
-__all__ = ["PgStreamGroup", "dsn_option", "main", "report_error"]
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["PgStreamGroup", "dsn_option", "main", "migrated_connection", "report_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +61,18 @@ DSN_HELP = (
 def dsn_option(func: F) -> F:
     """Add the shared ``--dsn DSN`` option (passed as ``dsn: str | None``) to a command."""
     return click.option("--dsn", "dsn", metavar="DSN", default=None, help=DSN_HELP)(func)
+
+
+@contextmanager
+def migrated_connection(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to the database a command's ``--dsn`` selects (or the
+    default), once its ``pgstream`` schema is known to be at head."""
+    from pgstream.db.connect import connect, resolve_dsn
+    from pgstream.db.migrate import ensure_migrated
+
+    with connect(resolve_dsn(dsn), autocommit=True) as conn:
+        ensure_migrated(conn)
+        yield conn
 
 
 def _first_line(exc: BaseException) -> str:

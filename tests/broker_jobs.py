@@ -17,14 +17,20 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psycopg
+import redis
+from proctools import run_cli
+
+from pgstream.sources.redis_stream import id_to_offset
 
 JOB = "brokers"
+REDIS = "redis://127.0.0.1:6379"
 
 APP = """
 import os
@@ -78,14 +84,7 @@ def pgstream(
     tmp: Path, dsn: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """``python -m pgstream ARGS`` in ``tmp`` (the app's directory)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args, "--dsn", dsn],
-        cwd=tmp,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, "--dsn", dsn, cwd=tmp, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def run_idle(
@@ -93,6 +92,24 @@ def run_idle(
 ) -> subprocess.CompletedProcess[str]:
     """``pgstream run brokerapp:app --stop-when-idle``."""
     return pgstream(tmp, dsn, "run", "brokerapp:app", "--stop-when-idle", env=env)
+
+
+def first_run(
+    tmp: Path,
+    dsn: str,
+    conn: psycopg.Connection[Any],
+    source: str,
+    add: Callable[[list[bytes]], object],
+    n: int,
+) -> int:
+    """The job set up on ``source``, events ``0..n-1`` added with ``add`` and read until
+    idle; the committed offset."""
+    setup(tmp, conn, source)
+    add(payloads(0, n))
+    assert run_idle(tmp, dsn).returncode == 0
+    done = committed(conn)
+    assert done is not None
+    return done
 
 
 def committed(conn: psycopg.Connection[Any]) -> int | None:
@@ -206,3 +223,34 @@ def tansu_broker(log: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class RedisStream:
+    """A Redis stream key made for one test (:func:`redis_stream` deletes it afterwards)."""
+
+    def __init__(self) -> None:
+        self.key = "pgstest:" + uuid.uuid4().hex[:10]
+        self.client = redis.Redis.from_url(REDIS)
+
+    def source(self, on_lost: str | None = None) -> str:
+        """The app's source reading this stream (Python code for :func:`setup`)."""
+        policy = "" if on_lost is None else f", on_lost={on_lost!r}"
+        return f"ps.RedisStreamSource({self.key!r}, url={REDIS!r}{policy})"
+
+    def add(self, payloads: list[bytes]) -> list[int]:
+        """XADD each payload as field ``data``; their offsets."""
+        pipe = self.client.pipeline(transaction=False)
+        for data in payloads:
+            pipe.xadd(self.key, {"data": data})
+        return [id_to_offset(entry_id) for entry_id in pipe.execute()]
+
+
+@contextlib.contextmanager
+def redis_stream() -> Iterator[RedisStream]:
+    """A new :class:`RedisStream`, deleted at the end."""
+    s = RedisStream()
+    try:
+        yield s
+    finally:
+        s.client.delete(s.key)
+        s.client.close()

@@ -21,6 +21,8 @@ Fixtures:
 * ``pg_empty_dsn`` (str): a fresh database that is *not* migrated (cloned from template0).
 * ``make_database`` (factory): ``make_database(migrated=True) -> str`` for tests that need
   several databases; all are dropped after the test.
+* ``procs`` (list): processes the test started (append them, e.g. from
+  :func:`proctools.start_cli`); any still running at the end are killed with their group.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from proctools import kill_group
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
@@ -324,3 +328,13 @@ def pg_roles(pg_server_dsn: str, make_database: Callable[..., str]) -> Iterator[
         yield roles
     finally:
         drop_roles(pg_server_dsn, roles)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test started; any still running at the end are killed with their group,
+    and the children they leave too."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        kill_group(proc)

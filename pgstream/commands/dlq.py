@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from pgstream.cli import dsn_option
+from pgstream.cli import dsn_option, migrated_connection
 
 if TYPE_CHECKING:
-    import psycopg
-
     from pgstream.api import App
     from pgstream.redrive import DeadLetterRow, Filters, RedriveReport
 
@@ -71,16 +68,6 @@ def _filters(status: str, kw: dict[str, Any]) -> Filters:
     )
 
 
-@contextmanager
-def _connection(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
-    from pgstream.db.connect import connect, resolve_dsn
-    from pgstream.db.migrate import ensure_migrated
-
-    with connect(resolve_dsn(dsn), autocommit=True) as conn:
-        ensure_migrated(conn)
-        yield conn
-
-
 def _load(target: str) -> App:
     from pgstream.loader import load_app
 
@@ -108,7 +95,7 @@ def list_command(
 
     app = _load(target)
     filters = _filters(status, kw)
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         rows = list_dead_letters(conn, app.name, filters, limit)
         opened, redriven = count_dead_letters(conn, app.name, filters)
     if as_json:
@@ -164,7 +151,7 @@ def show_command(target: str, dead_letter_id: int, dsn: str | None, as_json: boo
     from pgstream.redrive import show_dead_letter
 
     app = _load(target)
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         row = show_dead_letter(conn, app.name, dead_letter_id)
     if row is None:
         raise ConfigError(
@@ -229,7 +216,7 @@ def redrive_command(target: str, dsn: str | None, chunk: int, yes: bool, **kw: A
     app = _load(target)
     filters = _filters("open", kw)
     resolved = resolve_dsn(dsn)
-    with _connection(resolved) as conn:
+    with migrated_connection(resolved) as conn:
         report = Redriver(app, conn, filters, chunk, dsn=resolved).run(apply=yes)
     _print_report(report, yes)
 

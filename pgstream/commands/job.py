@@ -7,18 +7,14 @@ parses the command line and prints what was (or, in a dry run, would be) done.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from pgstream.cli import dsn_option
+from pgstream.cli import dsn_option, migrated_connection
 
 if TYPE_CHECKING:
-    import psycopg
-
     from pgstream.admin import Outcome
     from pgstream.api import App
 
@@ -28,16 +24,6 @@ YES_HELP = "Do it. Without --yes only print what would be done (a dry run) and e
 @click.group("job")
 def command() -> None:
     """List stored jobs; rename, reset or retire what a job has stored."""
-
-
-@contextmanager
-def _connection(dsn: str | None) -> Iterator[psycopg.Connection[Any]]:
-    from pgstream.db.connect import connect, resolve_dsn
-    from pgstream.db.migrate import ensure_migrated
-
-    with connect(resolve_dsn(dsn), autocommit=True) as conn:
-        ensure_migrated(conn)
-        yield conn
 
 
 def _load(target: str) -> App:
@@ -64,7 +50,7 @@ def list_command(dsn: str | None, as_json: bool) -> None:
     last change, and orphan streams (checkpoint rows of streams its recorded plan lacks)."""
     from pgstream.admin import list_jobs
 
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         jobs = list_jobs(conn)
     if as_json:
         click.echo(json.dumps(jobs, default=_json_default, indent=2))
@@ -152,7 +138,7 @@ def rename_command(
 
     pairs = _parse_rename(streams)
     app = _load(target)
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         outcome = rename(conn, app, from_job=from_job, streams=pairs)
     _print(outcome, dry_run_note=False)
     click.echo("done: the next `pgstream run` continues from the old offsets")
@@ -177,7 +163,7 @@ def reset_command(
     from pgstream.admin import reset
 
     app = _load(target)
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         outcome = reset(conn, app, stream, delete_outputs=delete_outputs, apply=yes)
     _print(outcome, dry_run_note=not yes)
     if outcome.applied:
@@ -195,7 +181,7 @@ def retire_command(target: str, dsn: str | None, stream: str, yes: bool) -> None
     from pgstream.admin import retire
 
     app = _load(target)
-    with _connection(dsn) as conn:
+    with migrated_connection(dsn) as conn:
         outcome = retire(conn, app, stream, apply=yes)
     _print(outcome, dry_run_note=not yes)
     if outcome.applied:

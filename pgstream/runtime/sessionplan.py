@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -28,7 +27,7 @@ from pgstream.api import SinkSpec
 from pgstream.operators.sessions import Run, Runs, Session, SessionRules
 from pgstream.runtime.output import BatchOutput
 from pgstream.runtime.sinkplans import AggregatePlan, Expectations, SinkPlan, aggregate_row
-from pgstream.runtime.windowplan import LateRow, continue_watermark, write_late
+from pgstream.runtime.windowplan import WatermarkSlot, continue_watermark, epoch_dt, write_late
 from pgstream.sinks.upsert import AggregateSink, Row
 from pgstream.state.windows import WindowState
 
@@ -37,15 +36,13 @@ END_COLUMN = "window_end"
 
 
 @dataclass(slots=True)
-class SessionSlot:
+class SessionSlot(WatermarkSlot):
     """A batch's output of one session plan."""
 
     #: key -> its sessions after the records evaluated so far (keys the batch touched)
     runs: dict[Any, Runs] = field(default_factory=dict)
-    watermark: float | None = None
     #: the previous batch's slot while it has not committed
     before: SessionSlot | None = None
-    late: list[LateRow] = field(default_factory=list)
     #: the watermark the batch started from
     start: float | None = None
     #: key -> its sessions before the batch (:meth:`SessionPlan._prior`, cached)
@@ -64,10 +61,6 @@ class Result:
     deleted: list[Any]
     #: sink key -> the session of a row to write
     written: dict[Any, Run]
-
-
-def _epoch_dt(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, timezone.utc)
 
 
 class SessionPlan(SinkPlan):
@@ -166,15 +159,12 @@ class SessionPlan(SinkPlan):
         local, late, wm = staged
         slot: SessionSlot = out.slots[self.slot]
         slot.runs.update(local)
-        for seq, start, end, t, mark, o in late:
-            slot.late.append((offset, seq, start, end, t, mark, o))
-        if wm is not None:
-            slot.watermark = wm
+        slot.take(late, offset, wm)
 
     # -- the batch's result -------------------------------------------------------------------
 
     def _sink_key(self, k: Any, start: float) -> Any:
-        ws = _epoch_dt(start)
+        ws = epoch_dt(start)
         return (k, ws) if self.width == 1 else (*k, ws)
 
     def _candidates(self, slot: SessionSlot) -> dict[Any, Runs]:
@@ -247,7 +237,7 @@ class SessionPlan(SinkPlan):
         for sk, run in written.items():
             assert run.accs is not None
             row = aggregate_row(self.key, self.aggs, sk, list(run.accs))
-            rows.append((*row, _epoch_dt(self.rules.end(run))) if with_end else row)
+            rows.append((*row, epoch_dt(self.rules.end(run))) if with_end else row)
         return ((*columns, END_COLUMN) if with_end else columns), rows
 
     def write_sink(
@@ -282,7 +272,7 @@ class SessionPlan(SinkPlan):
         late = expected.late[self.operator]
         for offset, seq, start, _end, t, mark, _o in slot.late:
             # a session starts at an event time: as stored (microseconds)
-            stored = _epoch_dt(start).timestamp()
+            stored = epoch_dt(start).timestamp()
             late[(out.source, partition, offset, seq, stored)] = (t, mark)
         res = self.result(out)
         accs = expected.accumulators[self.table]

@@ -41,23 +41,39 @@ LateRow = tuple[int, int, float, float, float, float, Any]
 
 
 @dataclass(slots=True)
-class WindowSlot:
+class WatermarkSlot:
+    """What a window or session plan's slot holds for every batch: the watermark and the
+    late records (:func:`continue_watermark` starts it, :meth:`take` advances it)."""
+
+    #: the watermark after the records evaluated so far (None: none yet), set at the start
+    #: from the previous batch's (uncommitted) or the committed one
+    watermark: float | None = None
+    late: list[LateRow] = field(default_factory=list)
+
+    def take(self, late: list[Any], offset: int, watermark: float | None) -> None:
+        """A staged record's late rows ``(seq, start, end, t, watermark, value)`` at
+        ``offset``, then the watermark it leaves (None: unchanged)."""
+        for seq, start, end, t, mark, o in late:
+            self.late.append((offset, seq, start, end, t, mark, o))
+        if watermark is not None:
+            self.watermark = watermark
+
+
+@dataclass(slots=True)
+class WindowSlot(WatermarkSlot):
     """A batch's output of one window plan."""
 
     #: sink key -> update mode: the batch's delta; final mode: the window's accumulators
     accs: dict[Any, Any] = field(default_factory=dict)
-    #: the watermark after the records evaluated so far (None: none yet), set at the start
-    #: from the previous batch's (uncommitted) or the committed one
-    watermark: float | None = None
     #: the previous batch's slot while it has not committed (final mode looks there first)
     before: WindowSlot | None = None
-    late: list[LateRow] = field(default_factory=list)
     #: final mode: the windows this batch closes (sink key -> accumulators), computed once
     #: from the committed open windows when the batch is written
     emitted: dict[Any, list[Any]] | None = None
 
 
-def _epoch_dt(epoch: float) -> datetime:
+def epoch_dt(epoch: float) -> datetime:
+    """Epoch seconds as a UTC datetime (a window bound or event time as stored)."""
     return datetime.fromtimestamp(epoch, timezone.utc)
 
 
@@ -180,10 +196,7 @@ class WindowPlan(SinkPlan):
         local, late, wm = staged
         slot: WindowSlot = out.slots[self.slot]
         slot.accs.update(local)
-        for seq, start, end, t, mark, o in late:
-            slot.late.append((offset, seq, start, end, t, mark, o))
-        if wm is not None:
-            slot.watermark = wm
+        slot.take(late, offset, wm)
 
     # -- final emission -----------------------------------------------------------------------
 
@@ -321,10 +334,10 @@ def write_late(
                     out.partition,
                     offset,
                     seq,
-                    _epoch_dt(start),
-                    _epoch_dt(end),
-                    _epoch_dt(t),
-                    _epoch_dt(mark),
+                    epoch_dt(start),
+                    epoch_dt(end),
+                    epoch_dt(t),
+                    epoch_dt(mark),
                     orjson.dumps(o, default=str).decode(),
                 )
             )
@@ -449,8 +462,8 @@ def tumbling_update_kernels(plan: WindowPlan, fn: Callable[[Any], Any]) -> Kerne
 
 
 def continue_watermark(out: BatchOutput, slot_index: int, committed: float | None) -> Any:
-    """Open a window plan's slot of ``out`` (a :class:`WindowSlot` or a session slot: both
-    have ``before`` and ``watermark``): the batch continues the previous batch's watermark
+    """Open a window plan's slot of ``out`` (a :class:`WatermarkSlot` with ``before``: a
+    :class:`WindowSlot` or a session slot): the batch continues the previous batch's watermark
     while that batch has not committed, else the committed one. Returns the slot."""
     slot = out.slots[slot_index]
     before = out.pending.get(slot_index) if out.pending else None

@@ -54,19 +54,7 @@ class UpsertSink(SinkTable):
         self.check_columns(columns)
         all_cols = (*self.key_columns, *columns)
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in all_cols)
-        shape = zlib.crc32("\0".join(all_cols).encode())
-        stage_table = f"{self.stage_name}_{shape:08x}"
-        stage = sql.Identifier(stage_table)
-        self.stages.add(stage_table)
-        cur.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-                "SELECT {cols} FROM {table} WITH NO DATA"
-            ).format(stage=stage, cols=cols, table=info.ident)
-        )
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
-            for row in rows:
-                copy.write_row(row)
+        stage = self._stage(cur, all_cols, all_cols, rows)
         target = sql.Identifier("t")
         keys = sql.SQL(", ").join(sql.Identifier(c) for c in self.key_columns)
         sets = self.set_clauses(columns) if columns else []
@@ -81,27 +69,13 @@ class UpsertSink(SinkTable):
             + action
         )
 
-
     def delete(self, cur: psycopg.Cursor[Any], keys: Sequence[Row]) -> None:
         """Delete the rows of ``keys`` (key column values), staged with ``COPY`` like
         :meth:`write` (a session window's merged or moved sessions)."""
         if not keys:
             return
         info = self.info
-        cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.key_columns)
-        shape = zlib.crc32("\0".join(("delete", *self.key_columns)).encode())
-        stage_table = f"{self.stage_name}_{shape:08x}"
-        stage = sql.Identifier(stage_table)
-        self.stages.add(stage_table)
-        cur.execute(
-            sql.SQL(
-                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-                "SELECT {cols} FROM {table} WITH NO DATA"
-            ).format(stage=stage, cols=cols, table=info.ident)
-        )
-        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
-            for key in keys:
-                copy.write_row(key)
+        stage = self._stage(cur, self.key_columns, ("delete", *self.key_columns), keys)
         match = sql.SQL(" AND ").join(
             sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(c)) for c in self.key_columns
         )
@@ -110,6 +84,31 @@ class UpsertSink(SinkTable):
                 table=info.ident, stage=stage, match=match
             )
         )
+
+    def _stage(
+        self,
+        cur: psycopg.Cursor[Any],
+        columns: tuple[str, ...],
+        shape: tuple[str, ...],
+        rows: Sequence[Row],
+    ) -> sql.Identifier:
+        """COPY ``rows`` (values of ``columns``) into this session's stage table of ``shape``
+        (created on first use, emptied at COMMIT) and return its name."""
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        crc = zlib.crc32("\0".join(shape).encode())
+        stage_table = f"{self.stage_name}_{crc:08x}"
+        stage = sql.Identifier(stage_table)
+        self.stages.add(stage_table)
+        cur.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+                "SELECT {cols} FROM {table} WITH NO DATA"
+            ).format(stage=stage, cols=cols, table=self.info.ident)
+        )
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return stage
 
     def clear_stages(self, cur: psycopg.Cursor[Any]) -> None:
         """Empty the stage tables now. A batch writes each sink once per transaction, and

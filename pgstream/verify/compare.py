@@ -4,7 +4,7 @@ and dead letters against what the replay expects."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -158,6 +158,31 @@ def _sink_rows(
     return _fetch(conn, query, [sources], "pgstream_verify_append")
 
 
+def _keyed_rows(
+    conn: psycopg.Connection[Any],
+    table: str,
+    key_cols: tuple[str, ...],
+    cols: list[str],
+    report: VerifyReport,
+) -> Iterator[tuple[tuple[Any, ...], str, tuple[Any, ...]]]:
+    """Every row of keyed sink ``table`` (counted in ``report``) as its normalized key, its
+    key as shown in a violation, and its ``cols``."""
+    width = len(key_cols)
+    for row in _sink_rows(conn, table, key_cols, cols):
+        report.keyed_rows += 1
+        yield norm_key(row[:width]), show(row[:width] if width > 1 else row[0]), row[width:]
+
+
+def _report_lost(report: VerifyReport, spec: SinkSpec, keys: Iterable[tuple[Any, ...]]) -> None:
+    """A ``lost`` violation for each key (its column values) the sink has no row of."""
+    for kvals in keys:
+        report.violations.append(
+            Violation("lost", spec.table, spec.stream,
+                      key=show(kvals if len(kvals) > 1 else kvals[0]),
+                      detail="no row for this key")
+        )
+
+
 def compare_aggregate(
     conn: psycopg.Connection[Any], spec: SinkSpec, expected: Expected, report: VerifyReport
 ) -> None:
@@ -173,33 +198,25 @@ def compare_aggregate(
         row = aggregate_row(key, aggs, k, acc)
         want[norm_key(row[:width])] = (row[:width], row[width:])
     seen: set[tuple[Any, ...]] = set()
-    for row in _sink_rows(conn, table, key.columns, cols):
-        report.keyed_rows += 1
-        nk = norm_key(row[:width])
-        label = show(row[:width] if width > 1 else row[0])
+    for nk, label, values in _keyed_rows(conn, table, key.columns, cols, report):
         item = want.get(nk)
         if item is None:
             report.violations.append(
                 Violation("unexpected", table, spec.stream, key=label,
-                          detail=f"no input has this key; row {show(row[width:])}")
+                          detail=f"no input has this key; row {show(values)}")
             )
             continue
         seen.add(nk)
         diffs = [
             f"{c}: expected {show(e)}, found {show(a)}"
-            for c, e, a in zip(cols, item[1], row[width:])
+            for c, e, a in zip(cols, item[1], values)
             if not values_equal(e, a)
         ]
         if diffs:
             report.violations.append(
                 Violation("wrong-value", table, spec.stream, key=label, detail="; ".join(diffs))
             )
-    for nk in want.keys() - seen:
-        kvals = want[nk][0]
-        report.violations.append(
-            Violation("lost", table, spec.stream, key=show(kvals if width > 1 else kvals[0]),
-                      detail="no row for this key")
-        )
+    _report_lost(report, spec, (want[nk][0] for nk in want.keys() - seen))
 
 
 def compare_fold(
@@ -209,7 +226,6 @@ def compare_fold(
     assert spec.key is not None
     table = spec.table
     key_cols = spec.key.columns
-    width = len(key_cols)
     want: dict[tuple[Any, ...], dict[str, tuple[Any, Any]]] = {}
     for (partition, _kj), (kvals, state) in expected.plans.folds.get(table, {}).items():
         want.setdefault(norm_key(kvals), {})[partition] = (kvals, state)
@@ -219,10 +235,7 @@ def compare_fold(
             cols.update(state.keys() if isinstance(state, dict) else ("value",))
     ordered = sorted(cols)
     seen: set[tuple[Any, ...]] = set()
-    for row in _sink_rows(conn, table, key_cols, ordered):
-        report.keyed_rows += 1
-        nk = norm_key(row[:width])
-        label = show(row[:width] if width > 1 else row[0])
+    for nk, label, values in _keyed_rows(conn, table, key_cols, ordered, report):
         found = want.get(nk)
         if found is None:
             report.violations.append(
@@ -231,7 +244,7 @@ def compare_fold(
             )
             continue
         seen.add(nk)
-        stored = dict(zip(ordered, row[width:]))
+        stored = dict(zip(ordered, values))
         candidates = []
         for _k, state in found.values():
             fields = state if isinstance(state, dict) else {"value": state}
@@ -244,11 +257,7 @@ def compare_fold(
                 Violation("wrong-value", table, spec.stream, key=label,
                           detail=f"expected {show(candidates[0])}, found {show(got)}")
             )
-    for nk in want.keys() - seen:
-        report.violations.append(
-            Violation("lost", table, spec.stream, key=show(nk if width > 1 else nk[0]),
-                      detail="no row for this key")
-        )
+    _report_lost(report, spec, want.keys() - seen)
 
 
 def compare_states(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from proctools import run_cli
 
 APP = """
 import os
@@ -27,15 +27,7 @@ notapp = 42
 def pgstream(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def setup(tmp_path: Path, conn: psycopg.Connection[Any], n: int = 5000) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from proctools import cli_env, run_cli, start_cli
 
 APP = """
 import os
@@ -67,22 +68,13 @@ def _setup(tmp_path: Path, conn: psycopg.Connection[Any], n: int) -> tuple[dict[
     data = b"".join(_line(i) for i in range(n))
     (tmp_path / "events.jsonl").write_bytes(data)
     conn.execute(DDL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env.update(DLQAPP_FILE=str(tmp_path / "events.jsonl"), PYTHONUNBUFFERED="1")
-    return env, data
+    return cli_env(DLQAPP_FILE=str(tmp_path / "events.jsonl"), PYTHONUNBUFFERED="1"), data
 
 
 def _cli(
     tmp_path: Path, env: dict[str, str], mode: str, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=tmp_path,
-        env={**env, "DLQAPP_MODE": mode},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_cli(*args, cwd=tmp_path, env={**env, "DLQAPP_MODE": mode}, timeout=180)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done
@@ -425,35 +417,13 @@ def test_redrive_alongside_a_live_worker(
     env, data = _setup(tmp_path, pg_conn, 1000)
     _run_broken(tmp_path, env, pg_dsn)
     path = tmp_path / "events.jsonl"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "pgstream", "run", "dlqapp:app", "--dsn", pg_dsn],
-        cwd=tmp_path,
-        env={**env, "DLQAPP_MODE": "fixed"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    fixed = {**env, "DLQAPP_MODE": "fixed"}
+    worker = start_cli(
+        "run", "dlqapp:app", "--dsn", pg_dsn, cwd=tmp_path, env=fixed, stdout=subprocess.DEVNULL
     )
     try:
-        redrive = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pgstream",
-                "dlq",
-                "redrive",
-                "dlqapp:app",
-                "--dsn",
-                pg_dsn,
-                "--chunk",
-                "3",
-                "--yes",
-            ],
-            cwd=tmp_path,
-            env={**env, "DLQAPP_MODE": "fixed"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        args = ["--dsn", pg_dsn, "--chunk", "3", "--yes"]
+        redrive = start_cli("dlq", "redrive", "dlqapp:app", *args, cwd=tmp_path, env=fixed)
         for start in range(1000, 2000, 100):  # new records arrive meanwhile
             with open(path, "ab") as f:
                 f.write(b"".join(_line(i) for i in range(start, start + 100)))
@@ -490,20 +460,8 @@ def test_job_reset_refuses_while_a_redrive_chunk_is_in_flight(
     with psycopg.connect(pg_dsn) as chunk:  # a chunk's first statement, transaction open
         params = {"job": "dlqjob", "source": None}
         assert chunk.execute(queries.DLQ_LOCK_PARTITIONS, params).fetchall()
-        done = _cli(
-            tmp_path,
-            env,
-            "fixed",
-            "job",
-            "reset",
-            "dlqapp:app",
-            "--stream",
-            "events",
-            "--yes",
-            "--dsn",
-            pg_dsn,
-            check=False,
-        )
+        args = ["--stream", "events", "--yes", "--dsn", pg_dsn]
+        done = _cli(tmp_path, env, "fixed", "job", "reset", "dlqapp:app", *args, check=False)
         assert done.returncode != 0
         assert "holds its partition rows" in done.stderr, done.stderr
         # a worker's checkpoint UPDATE (no key change) is not blocked by it

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from proctools import run_cli
 from psycopg.types.json import Jsonb
 
 FILE_APP = """
@@ -49,14 +50,14 @@ def pgstream(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user does."""
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def job_cli(
+    tmp: Path, dsn: str, env: dict[str, str] | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``pgstream job ARGS --dsn DSN`` in ``tmp``."""
+    return pgstream("job", *args, "--dsn", dsn, cwd=tmp, env=env)
 
 
 def write_file_app(
@@ -182,15 +183,8 @@ def test_stream_rename_continues_from_the_old_offsets(
     run_idle(tmp_path, "shop_v1:app", pg_dsn, {})
     write_table_app(tmp_path, "shop_v2", stream="orders_v2")
 
-    renamed = pgstream(
-        "job",
-        "rename",
-        "shop_v2:app",
-        "--stream",
-        "orders=orders_v2",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
+    renamed = job_cli(
+        tmp_path, pg_dsn, None, "rename", "shop_v2:app", "--stream", "orders=orders_v2"
     )
     assert renamed.returncode == 0, renamed.stderr
     facts = pg_conn.execute("SELECT count(*) FROM order_facts").fetchone()
@@ -237,18 +231,9 @@ def test_job_and_stream_rename_together_move_plan_and_workers(
     ).fetchone()
     assert before is not None
 
-    done = pgstream(
-        "job",
-        "rename",
-        "v2:app",
-        "--from-job",
-        "shop",
-        "--stream",
-        "orders=orders_v2",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
+    done = job_cli(
+        tmp_path, pg_dsn, env,
+        "rename", "v2:app", "--from-job", "shop", "--stream", "orders=orders_v2"
     )
     assert done.returncode == 0, done.stderr
     assert "job 'shop' renamed to 'shop2'" in done.stdout
@@ -341,7 +326,7 @@ def test_commands_refuse_while_a_worker_holds_the_lease(
             ("reset", "v1:app", "--stream", "orders", "--yes"),
             ("reset", "v1:app", "--stream", "orders"),
         ):
-            refused = pgstream("job", *args, "--dsn", pg_dsn, cwd=tmp_path, env=env)
+            refused = job_cli(tmp_path, pg_dsn, env, *args)
             assert refused.returncode == 1, refused.stdout + refused.stderr
             assert "a live worker holds the lease on orders/" in refused.stderr
             assert "stop the job's workers first" in refused.stderr
@@ -350,17 +335,7 @@ def test_commands_refuse_while_a_worker_holds_the_lease(
     finally:
         worker.terminate()
         assert worker.wait(timeout=60) == 0
-    done = pgstream(
-        "job",
-        "rename",
-        "v2:app",
-        "--stream",
-        "orders=orders_v2",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = job_cli(tmp_path, pg_dsn, env, "rename", "v2:app", "--stream", "orders=orders_v2")
     assert done.returncode == 0, done.stderr
     assert [p[1] for p in partitions(pg_conn)] == ["orders_v2"]
 
@@ -387,7 +362,7 @@ def test_rename_refuses_names_that_do_not_fit(
         (("v2:app", "--stream", "orders"), 2, "expected OLD=NEW"),
     ]
     for args, code, message in cases:
-        done = pgstream("job", "rename", *args, "--dsn", pg_dsn, cwd=tmp_path, env=env)
+        done = job_cli(tmp_path, pg_dsn, env, "rename", *args)
         assert done.returncode == code, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
@@ -410,17 +385,7 @@ def test_rename_refuses_a_new_name_with_a_checkpoint(
         "VALUES ('shop', 'orders_v2', 'y', 10)"
     )
     before = partitions(pg_conn)
-    refused = pgstream(
-        "job",
-        "rename",
-        "v2:app",
-        "--stream",
-        "orders=orders_v2",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    refused = job_cli(tmp_path, pg_dsn, env, "rename", "v2:app", "--stream", "orders=orders_v2")
     assert refused.returncode == 1
     assert (
         "error: stream 'orders_v2' of job 'shop' already has a checkpoint (committed offsets "
@@ -429,17 +394,7 @@ def test_rename_refuses_a_new_name_with_a_checkpoint(
     assert "pgstream job reset MODULE:APP --stream orders_v2" in refused.stderr
     assert partitions(pg_conn) == before
     pg_conn.execute("DELETE FROM pgstream.partitions WHERE partition = 'y'")
-    done = pgstream(
-        "job",
-        "rename",
-        "v2:app",
-        "--stream",
-        "orders=orders_v2",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = job_cli(tmp_path, pg_dsn, env, "rename", "v2:app", "--stream", "orders=orders_v2")
     assert done.returncode == 0, done.stderr
     assert "removed 1 partition row(s) of 'orders_v2' that had committed nothing" in done.stdout
     assert [p[1:3] for p in partitions(pg_conn)] == [("orders_v2", "0")]
@@ -465,9 +420,7 @@ def test_reset_dry_run_then_reset_reads_the_stream_from_the_start(
     before, batches = partitions(pg_conn), ledger(pg_conn)
     assert batches == 11
 
-    dry = pgstream(
-        "job", "reset", "v1:app", "--stream", "orders", "--dsn", pg_dsn, cwd=tmp_path, env=env
-    )
+    dry = job_cli(tmp_path, pg_dsn, env, "reset", "v1:app", "--stream", "orders")
     assert dry.returncode == 0, dry.stderr
     out = dry.stdout
     assert "reset stream 'orders' of job 'shop': the next run reads it from the start" in out
@@ -478,18 +431,7 @@ def test_reset_dry_run_then_reset_reads_the_stream_from_the_start(
     assert out.rstrip().endswith("dry run: nothing was changed; run again with --yes to do it")
     assert partitions(pg_conn) == before and ledger(pg_conn) == batches
 
-    done = pgstream(
-        "job",
-        "reset",
-        "v1:app",
-        "--stream",
-        "orders",
-        "--yes",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    done = job_cli(tmp_path, pg_dsn, env, "reset", "v1:app", "--stream", "orders", "--yes")
     assert done.returncode == 0, done.stderr
     assert "dry run" not in done.stdout
     assert "done: the next `pgstream run` reads 'orders' from the start" in done.stdout
@@ -517,18 +459,8 @@ def test_reset_with_delete_outputs_writes_the_append_rows_again(
     write_file_app(tmp_path, "v1", clicks=True)
     run_idle(tmp_path, "v1:app", pg_dsn, env)
     pg_conn.execute("UPDATE ids SET id = -1")  # what an older version of the code wrote
-    done = pgstream(
-        "job",
-        "reset",
-        "v1:app",
-        "--stream",
-        "orders",
-        "--delete-outputs",
-        "--yes",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
+    done = job_cli(
+        tmp_path, pg_dsn, env, "reset", "v1:app", "--stream", "orders", "--delete-outputs", "--yes"
     )
     assert done.returncode == 0, done.stderr
     assert "append sink ids: 1000 row(s) deleted; written again on re-read" in done.stdout
@@ -546,24 +478,11 @@ def test_reset_refuses_a_stream_not_in_the_app(
 ) -> None:
     env = file_setup(tmp_path, pg_conn)
     write_file_app(tmp_path, "v1")
-    done = pgstream(
-        "job", "reset", "v1:app", "--stream", "clicks", "--dsn", pg_dsn, cwd=tmp_path, env=env
-    )
+    done = job_cli(tmp_path, pg_dsn, env, "reset", "v1:app", "--stream", "clicks")
     assert done.returncode == 2
     assert "error: stream 'clicks' is not in app 'shop'" in done.stderr
     assert "pgstream job retire MODULE:APP --stream clicks --yes" in done.stderr
-    nothing = pgstream(
-        "job",
-        "reset",
-        "v1:app",
-        "--stream",
-        "orders",
-        "--yes",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    nothing = job_cli(tmp_path, pg_dsn, env, "reset", "v1:app", "--stream", "orders", "--yes")
     assert nothing.returncode == 0
     assert "has no checkpoint: nothing to reset" in nothing.stdout
 
@@ -585,26 +504,14 @@ def test_retire_drops_a_removed_stream_and_keeps_its_outputs(
         "('shop', 'clicks:fold:t', '0', 'k', '1'), ('shop', 'orders:fold:t', '0', 'k', '1')"
     )
 
-    refused = pgstream(
-        "job", "retire", "both:app", "--stream", "clicks", "--dsn", pg_dsn, cwd=tmp_path, env=env
-    )
+    refused = job_cli(tmp_path, pg_dsn, env, "retire", "both:app", "--stream", "clicks")
     assert refused.returncode == 2
     assert "stream 'clicks' is still in app 'shop'; remove it from the code first" in (
         refused.stderr
     )
 
     before, batches = partitions(pg_conn), ledger(pg_conn)
-    dry = pgstream(
-        "job",
-        "retire",
-        "only_orders:app",
-        "--stream",
-        "clicks",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
-    )
+    dry = job_cli(tmp_path, pg_dsn, env, "retire", "only_orders:app", "--stream", "clicks")
     assert dry.returncode == 0, dry.stderr
     assert "checkpoint: 1 partition row(s) deleted" in dry.stdout
     assert "fold state: 1 key(s) deleted (clicks:fold:t)" in dry.stdout
@@ -613,17 +520,8 @@ def test_retire_drops_a_removed_stream_and_keeps_its_outputs(
     assert "dry run: nothing was changed" in dry.stdout
     assert partitions(pg_conn) == before and ledger(pg_conn) == batches
 
-    done = pgstream(
-        "job",
-        "retire",
-        "only_orders:app",
-        "--stream",
-        "clicks",
-        "--yes",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
-        env=env,
+    done = job_cli(
+        tmp_path, pg_dsn, env, "retire", "only_orders:app", "--stream", "clicks", "--yes"
     )
     assert done.returncode == 0, done.stderr
     assert "done: stream 'clicks' is retired" in done.stdout
@@ -658,7 +556,7 @@ def test_list_shows_jobs_offsets_plans_and_orphans(
     run_idle(tmp_path, "only_orders:app", pg_dsn, env, "--accept-changes")
     size = Path(env["ORDERS"]).stat().st_size
 
-    listed = pgstream("job", "list", "--json", "--dsn", pg_dsn, cwd=tmp_path)
+    listed = job_cli(tmp_path, pg_dsn, None, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     legacy, shop = json.loads(listed.stdout)
     assert legacy["job"] == "legacy" and legacy["plan_version"] is None
@@ -669,7 +567,7 @@ def test_list_shows_jobs_offsets_plans_and_orphans(
     assert by_name["orders"]["partitions"][0]["committed_offset"] == size
     assert by_name["orders"]["orphan"] is False
 
-    text = pgstream("job", "list", "--dsn", pg_dsn, cwd=tmp_path)
+    text = job_cli(tmp_path, pg_dsn, None, "list")
     assert text.returncode == 0, text.stderr
     assert "job shop: plan version 2, last change" in text.stdout
     assert "job legacy: no recorded plan" in text.stdout
@@ -695,17 +593,9 @@ def test_recreated_table_names_the_reset_command_which_then_reads_it_anew(
     assert "offsets jumped" in failed.stderr
     assert "fix: pgstream job reset MODULE:APP --stream S --delete-outputs" in failed.stderr
 
-    done = pgstream(
-        "job",
-        "reset",
-        "shop_v1:app",
-        "--stream",
-        "orders",
-        "--delete-outputs",
-        "--yes",
-        "--dsn",
-        pg_dsn,
-        cwd=tmp_path,
+    done = job_cli(
+        tmp_path, pg_dsn, None,
+        "reset", "shop_v1:app", "--stream", "orders", "--delete-outputs", "--yes"
     )
     assert done.returncode == 0, done.stderr
     pg_conn.execute("TRUNCATE user_totals, user_last")  # the dry run says: not retracted
@@ -726,7 +616,7 @@ def test_commands_refuse_while_a_batch_holds_the_partition_row(
             ("reset", "v1:app", "--stream", "orders", "--yes"),
             ("retire", "only_clicks:app", "--stream", "orders", "--yes"),
         ):
-            refused = pgstream("job", *args, "--dsn", pg_dsn, cwd=tmp_path, env=env)
+            refused = job_cli(tmp_path, pg_dsn, env, *args)
             assert refused.returncode == 1, refused.stdout + refused.stderr
             assert "a batch in flight holds its partition rows" in refused.stderr
             assert "stop the job's workers first" in refused.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from proctools import run_cli
 
 import pgstream as ps
 from pgstream.db.connect import connect
@@ -44,14 +44,7 @@ def add_orders(path: Path, start: int, n: int) -> None:
 
 
 def pgstream(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, cwd=cwd, env={**os.environ, **env})
 
 
 def run(

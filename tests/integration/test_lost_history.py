@@ -20,13 +20,11 @@ import broker_jobs as bj
 import nats
 import psycopg
 import pytest
-import redis
 
 import pgstream as ps
 from pgstream.errors import ConfigError
-from pgstream.sources.redis_stream import id_to_offset, offset_to_id
+from pgstream.sources.redis_stream import offset_to_id
 
-REDIS = "redis://127.0.0.1:6379"
 NATS = "nats://127.0.0.1:4222"
 
 
@@ -59,41 +57,18 @@ def test_a_bad_policy_is_refused() -> None:
 # -- Redis ---------------------------------------------------------------------------------------
 
 
-class RedisStream:
-    """A stream key made for one test, deleted afterwards."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.client = redis.Redis.from_url(REDIS)
-
-    def source(self, on_lost: str) -> str:
-        return f"ps.RedisStreamSource({self.key!r}, url={REDIS!r}, on_lost={on_lost!r})"
-
-    def add(self, payloads: list[bytes]) -> list[int]:
-        pipe = self.client.pipeline(transaction=False)
-        for data in payloads:
-            pipe.xadd(self.key, {"data": data})
-        return [id_to_offset(entry_id) for entry_id in pipe.execute()]
-
-
 @pytest.fixture
-def rstream() -> Iterator[RedisStream]:
-    s = RedisStream("pgstest:" + uuid.uuid4().hex[:10])
-    try:
+def rstream() -> Iterator[bj.RedisStream]:
+    with bj.redis_stream() as s:
         yield s
-    finally:
-        s.client.delete(s.key)
-        s.client.close()
 
 
 def test_redis_trimmed_unread_entries_earliest_goes_on_at_the_first_entry(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, rstream.source("earliest"))
-    rstream.add(bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
-    committed = bj.committed(pg_conn)
-    assert committed is not None
+    committed = bj.first_run(
+        tmp_path, pg_dsn, pg_conn, rstream.source("earliest"), rstream.add, 100
+    )
     offsets = rstream.add(bj.payloads(100, 100))
     rstream.client.xtrim(rstream.key, maxlen=50, approximate=False)  # 100..149 unread, gone
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -120,13 +95,11 @@ def test_redis_trimmed_unread_entries_earliest_goes_on_at_the_first_entry(
 
 
 def test_redis_deleted_unread_entries_earliest_is_exact_and_verify_says_skipped(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, rstream.source("earliest"))
-    rstream.add(bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
-    committed = bj.committed(pg_conn)
-    assert committed is not None
+    committed = bj.first_run(
+        tmp_path, pg_dsn, pg_conn, rstream.source("earliest"), rstream.add, 100
+    )
     offsets = rstream.add(bj.payloads(100, 100))
     rstream.client.xdel(rstream.key, offset_to_id(offsets[30]), offset_to_id(offsets[31]))
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -140,13 +113,9 @@ def test_redis_deleted_unread_entries_earliest_is_exact_and_verify_says_skipped(
 
 
 def test_redis_latest_skips_to_the_end_and_reads_what_comes_after(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, rstream.source("latest"))
-    rstream.add(bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
-    committed = bj.committed(pg_conn)
-    assert committed is not None
+    committed = bj.first_run(tmp_path, pg_dsn, pg_conn, rstream.source("latest"), rstream.add, 100)
     offsets = rstream.add(bj.payloads(100, 100))
     rstream.client.xtrim(rstream.key, maxlen=50, approximate=False)
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -160,11 +129,9 @@ def test_redis_latest_skips_to_the_end_and_reads_what_comes_after(
 
 
 def test_redis_recreated_stream_stops_the_job_whatever_the_policy(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, rstream.source("earliest"))
-    rstream.add(bj.payloads(0, 20))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, rstream.source("earliest"), rstream.add, 20)
     rstream.client.delete(rstream.key)
     rstream.client.xadd(rstream.key, {"data": bj.event(99)}, id="1-1")
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -175,11 +142,9 @@ def test_redis_recreated_stream_stops_the_job_whatever_the_policy(
 
 
 def test_redis_recreated_stream_with_newer_ids_is_refused_not_skipped(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: RedisStream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], rstream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, rstream.source("earliest"))
-    rstream.add(bj.payloads(0, 20))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, rstream.source("earliest"), rstream.add, 20)
     rstream.client.delete(rstream.key)
     rstream.add(bj.payloads(20, 30))  # new ids (later milliseconds) past the committed id
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -219,6 +184,10 @@ class NatsStream:
     def call(self, action: str, *args: Any, **kwargs: Any) -> Any:
         return asyncio.run(self._run(action, *args, **kwargs))
 
+    def publish(self, payloads: list[bytes]) -> None:
+        """Publish ``payloads`` (each acknowledged by the stream)."""
+        self.call("publish", payloads)
+
 
 @pytest.fixture
 def nstream() -> Iterator[NatsStream]:
@@ -233,9 +202,7 @@ def nstream() -> Iterator[NatsStream]:
 def test_nats_max_msgs_earliest_goes_on_at_the_first_retained_message(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nstream: NatsStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, nstream.source("earliest"))
-    nstream.call("publish", bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, nstream.source("earliest"), nstream.publish, 100)
     assert bj.committed(pg_conn) == 101
     nstream.call("limit", max_msgs=50)
     nstream.call("publish", bj.payloads(100, 100))  # sequences 101..200; 101..150 drop out
@@ -269,9 +236,7 @@ def test_nats_deleted_messages_inside_a_range_earliest_and_verify(
 def test_nats_latest_skips_to_the_end(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nstream: NatsStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, nstream.source("latest"))
-    nstream.call("publish", bj.payloads(0, 30))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, nstream.source("latest"), nstream.publish, 30)
     nstream.call("publish", bj.payloads(30, 30))  # sequences 31..60
     nstream.call("purge_stream", nstream.name)
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -286,9 +251,7 @@ def test_nats_latest_skips_to_the_end(
 def test_nats_default_policy_still_stops_with_the_fix_named(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nstream: NatsStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, nstream.source("error"))
-    nstream.call("publish", bj.payloads(0, 10))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, nstream.source("error"), nstream.publish, 10)
     nstream.call("publish", bj.payloads(10, 10))
     nstream.call("purge_stream", nstream.name)
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -301,9 +264,7 @@ def test_nats_default_policy_still_stops_with_the_fix_named(
 def test_nats_recreated_stream_grown_past_the_committed_sequence_is_refused(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], nstream: NatsStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, nstream.source("earliest"))
-    nstream.call("publish", bj.payloads(0, 10))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
+    bj.first_run(tmp_path, pg_dsn, pg_conn, nstream.source("earliest"), nstream.publish, 10)
     assert bj.committed(pg_conn) == 11
     stored = pg_conn.execute("SELECT source_instance FROM pgstream.partitions").fetchone()
     assert stored is not None and str(stored[0]).startswith("stream created ")

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from proctools import cli_env, run_cli
 
 from pgstream.db.connect import connect
 
@@ -46,16 +46,7 @@ APP_GRANTS = (
 
 
 def pgstream(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env["PYTHONPATH"] = str(cwd)
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, cwd=cwd, env=cli_env(PYTHONPATH=str(cwd)))
 
 
 def setup_app(tmp_path: Path, roles: Any, *, grant: bool = True) -> None:
@@ -183,13 +174,19 @@ def test_default_privileges_cover_later_migrations(pg_roles: Any) -> None:
 # -- a missing grant is one clear error naming it -------------------------------------------
 
 
-def test_missing_source_select(pg_roles: Any, tmp_path: Path) -> None:
-    setup_app(tmp_path, pg_roles)
-    pg_roles.grant("REVOKE SELECT ON public.orders FROM {rt}")
-    done = run(pg_roles, tmp_path)
+def refused_run(roles: Any, tmp_path: Path, revoke: str, *, as_migrator: bool = False) -> list[str]:
+    """The app run after ``revoke``: exit 1; its error and hint lines."""
+    setup_app(tmp_path, roles)
+    roles.grant(revoke, as_migrator=as_migrator)
+    done = run(roles, tmp_path)
     assert done.returncode == 1
+    return error_lines(done)
+
+
+def test_missing_source_select(pg_roles: Any, tmp_path: Path) -> None:
+    lines = refused_run(pg_roles, tmp_path, "REVOKE SELECT ON public.orders FROM {rt}")
     rt = pg_roles.runtime
-    assert error_lines(done)[0] == (
+    assert lines[0] == (
         f"error: permission denied: role {rt} cannot SELECT from table public.orders "
         f"(source of stream 'orders'); fix: GRANT SELECT ON public.orders TO {rt}"
     )
@@ -197,12 +194,8 @@ def test_missing_source_select(pg_roles: Any, tmp_path: Path) -> None:
 
 
 def test_missing_sink_insert(pg_roles: Any, tmp_path: Path) -> None:
-    setup_app(tmp_path, pg_roles)
-    pg_roles.grant("REVOKE INSERT ON public.order_facts FROM {rt}")
-    done = run(pg_roles, tmp_path)
-    assert done.returncode == 1
+    lines = refused_run(pg_roles, tmp_path, "REVOKE INSERT ON public.order_facts FROM {rt}")
     rt = pg_roles.runtime
-    lines = error_lines(done)
     assert lines[0] == (
         f"error: permission denied: role {rt} cannot INSERT into table public.order_facts "
         f"(append sink); fix: GRANT INSERT ON public.order_facts TO {rt}"
@@ -212,24 +205,19 @@ def test_missing_sink_insert(pg_roles: Any, tmp_path: Path) -> None:
 
 
 def test_missing_upsert_sink_privileges(pg_roles: Any, tmp_path: Path) -> None:
-    setup_app(tmp_path, pg_roles)
-    pg_roles.grant("REVOKE SELECT, UPDATE ON public.user_totals FROM {rt}")
-    done = run(pg_roles, tmp_path)
+    revoke = "REVOKE SELECT, UPDATE ON public.user_totals FROM {rt}"
+    lines = refused_run(pg_roles, tmp_path, revoke)
     rt = pg_roles.runtime
-    assert done.returncode == 1
-    assert error_lines(done)[0] == (
+    assert lines[0] == (
         f"error: permission denied: role {rt} lacks SELECT, UPDATE on table public.user_totals "
         f"(upsert sink); fix: GRANT SELECT, UPDATE ON public.user_totals TO {rt}"
     )
 
 
 def test_missing_pgstream_schema_usage(pg_roles: Any, tmp_path: Path) -> None:
-    setup_app(tmp_path, pg_roles)
-    pg_roles.grant("REVOKE USAGE ON SCHEMA pgstream FROM {rt}", as_migrator=True)
-    done = run(pg_roles, tmp_path)
-    assert done.returncode == 1
+    revoke = "REVOKE USAGE ON SCHEMA pgstream FROM {rt}"
+    lines = refused_run(pg_roles, tmp_path, revoke, as_migrator=True)
     rt = pg_roles.runtime
-    lines = error_lines(done)
     assert lines[0] == (
         f"error: permission denied: role {rt} cannot use schema pgstream "
         f"(pgstream's checkpoint tables); fix: GRANT USAGE ON SCHEMA pgstream TO {rt}"

@@ -4,7 +4,6 @@ when entries the job has not read were trimmed; the id <-> offset mapping."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,45 +11,24 @@ from typing import Any
 import broker_jobs as bj
 import psycopg
 import pytest
-import redis
 
 import pgstream as ps
 from pgstream.sources import OpenContext, SourceError
 from pgstream.sources.redis_stream import id_to_offset, offset_to_id
 
-URL = "redis://127.0.0.1:6379"
-
-
-class Stream:
-    """A stream key made for one test, deleted afterwards."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.client = redis.Redis.from_url(URL)
-        self.source = f"ps.RedisStreamSource({key!r}, url={URL!r})"
-
-    def add(self, payloads: list[bytes]) -> list[int]:
-        """XADD each payload as field ``data``; their offsets."""
-        pipe = self.client.pipeline(transaction=False)
-        for data in payloads:
-            pipe.xadd(self.key, {"data": data})
-        return [id_to_offset(entry_id) for entry_id in pipe.execute()]
+URL = bj.REDIS
 
 
 @pytest.fixture
-def stream() -> Iterator[Stream]:
-    s = Stream("pgstest:" + uuid.uuid4().hex[:10])
-    try:
+def stream() -> Iterator[bj.RedisStream]:
+    with bj.redis_stream() as s:
         yield s
-    finally:
-        s.client.delete(s.key)
-        s.client.close()
 
 
 def test_exactly_once_with_dead_letters_then_only_new_entries(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, stream.source)
+    bj.setup(tmp_path, pg_conn, stream.source())
     offsets = stream.add(bj.payloads(0, 2000, bad_every=100))
     done = bj.run_idle(tmp_path, pg_dsn)
     assert done.returncode == 0, done.stderr
@@ -69,9 +47,9 @@ def test_exactly_once_with_dead_letters_then_only_new_entries(
 
 
 def test_sigkill_mid_run_and_rerun_is_exact(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, stream.source)
+    bj.setup(tmp_path, pg_conn, stream.source())
     offsets = stream.add(bj.payloads(0, 3000, bad_every=250))
     offset = bj.kill_mid_run(tmp_path, pg_dsn, pg_conn, {"DELAY": "0.002", "BATCH": "100"})
     assert 0 < offset <= offsets[-1]
@@ -82,13 +60,9 @@ def test_sigkill_mid_run_and_rerun_is_exact(
 
 
 def test_trimmed_entries_past_the_committed_id_fail_loudly(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, stream.source)
-    stream.add(bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
-    committed = bj.committed(pg_conn)
-    assert committed is not None
+    committed = bj.first_run(tmp_path, pg_dsn, pg_conn, stream.source(), stream.add, 100)
     # trimming entries the job has read is fine
     stream.client.xtrim(stream.key, maxlen=10, approximate=False)
     assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
@@ -104,13 +78,9 @@ def test_trimmed_entries_past_the_committed_id_fail_loudly(
 
 
 def test_deleted_entry_past_the_committed_id_fails_loudly(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: Stream
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
-    bj.setup(tmp_path, pg_conn, stream.source)
-    stream.add(bj.payloads(0, 100))
-    assert bj.run_idle(tmp_path, pg_dsn).returncode == 0
-    committed = bj.committed(pg_conn)
-    assert committed is not None
+    committed = bj.first_run(tmp_path, pg_dsn, pg_conn, stream.source(), stream.add, 100)
     offsets = stream.add(bj.payloads(100, 100))
     stream.client.xdel(stream.key, offset_to_id(offsets[30]))
     done = bj.run_idle(tmp_path, pg_dsn)
@@ -121,7 +91,7 @@ def test_deleted_entry_past_the_committed_id_fails_loudly(
 
 
 def test_fields_as_the_record_and_entries_without_the_field(
-    pg_conn: psycopg.Connection[Any], stream: Stream
+    pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
     first = stream.client.xadd(stream.key, {"user": "ann", "amount": "5"})
     stream.client.xadd(stream.key, {"data": b'{"id": 1}'})
@@ -154,7 +124,7 @@ def test_id_offset_mapping_keeps_order_and_refuses_big_sequences() -> None:
 
 
 def test_missing_stream_and_unreachable_server_are_clear_errors(
-    pg_conn: psycopg.Connection[Any], stream: Stream
+    pg_conn: psycopg.Connection[Any], stream: bj.RedisStream
 ) -> None:
     with pytest.raises(SourceError, match=r"'pgstest:\w+' on redis://127\.0\.0\.1:6379 does not"):
         ps.RedisStreamSource(stream.key, url=URL).validate(pg_conn)

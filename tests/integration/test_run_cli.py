@@ -7,22 +7,18 @@ SIGTERM stops a batch that is stuck in user code at once, losing nothing.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from proctools import children_of, wait_for
+from proctools import children_of, cli_env, run_cli, start_cli, wait_for
 from psycopg.conninfo import conninfo_to_dict
 
 APP = """
@@ -63,39 +59,7 @@ def setup(tmp_path: Path, conn: psycopg.Connection[Any], n: int = N) -> dict[str
         " UNIQUE (_source, _partition, _offset, _seq));"
         "CREATE TABLE audit (n int)"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env.update(ORDERS=str(orders), PYTHONUNBUFFERED="1")
-    return env
-
-
-def start(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pgstream", "run", "app:app", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test started; any still running at the end are killed with their group."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for child in children_of(proc.pid):
-            kill_quietly(child)
-
-
-def kill_quietly(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    return cli_env(ORDERS=str(orders), PYTHONUNBUFFERED="1")
 
 
 def password_dsn(dsn: str, password: str) -> str:
@@ -115,7 +79,8 @@ def test_workers_keep_the_password_off_every_command_line(
     env = setup(tmp_path, pg_conn)
     env["BATCH_SLEEP"] = "0.05"  # keep the workers busy while we look
     dsn = password_dsn(pg_dsn, "s3cret")  # trust auth accepts any password
-    parent = start(tmp_path, env, "--workers", "2", "--dsn", dsn, "--batch-size", "10")
+    args = ["--workers", "2", "--dsn", dsn, "--batch-size", "10"]
+    parent = start_cli("run", "app:app", *args, cwd=tmp_path, env=env)
     procs.append(parent)
     kids: list[int] = wait_for(
         lambda: children_of(parent.pid) if len(children_of(parent.pid)) == 2 else [],
@@ -147,11 +112,8 @@ def test_run_prints_a_start_line_and_progress_without_alembic_noise(
     env = setup(tmp_path, pg_conn, n=1000)
     env["BATCH_SLEEP"] = "0.05"
     dsn = password_dsn(pg_dsn, "hunter2")
-    done = subprocess.run(
-        [sys.executable, "-m", "pgstream", "run", "app:app", "--dsn", dsn, "--stop-when-idle",
-         "--batch-size", "50", "--progress-interval", "0.2", "-v"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    args = ["--dsn", dsn, "--stop-when-idle", "--batch-size", "50", "--progress-interval", "0.2"]
+    done = run_cli("run", "app:app", *args, "-v", cwd=tmp_path, env=env)
     err = done.stderr
     assert done.returncode == 0, err
     dbname = conninfo_to_dict(pg_dsn)["dbname"]
@@ -171,11 +133,8 @@ def test_run_prints_a_start_line_and_progress_without_alembic_noise(
 
     # --progress-interval 0: the start and final lines only (and by default, no -v)
     pg_conn.execute("TRUNCATE ids")
-    again = subprocess.run(
-        [sys.executable, "-m", "pgstream", "run", "app:app", "--dsn", pg_dsn, "--stop-when-idle",
-         "--progress-interval", "0"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    args = ["--dsn", pg_dsn, "--stop-when-idle", "--progress-interval", "0"]
+    again = run_cli("run", "app:app", *args, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     lines = again.stderr.splitlines()
     assert len(lines) == 2 and 'job "run-job": 1 stream' in lines[0], again.stderr
@@ -200,7 +159,7 @@ def test_second_sigterm_stops_a_stuck_batch_at_once(
     mark = tmp_path / "stuck"
     stuck = dict(env, STUCK_ID="1234", STUCK_MARK=str(mark), STUCK_HOW=how)
     args = ["--dsn", pg_dsn, "--batch-size", "500", "--workers", str(workers)]
-    proc = start(tmp_path, stuck, *args)
+    proc = start_cli("run", "app:app", *args, cwd=tmp_path, env=stuck)
     procs.append(proc)
     wait_for(mark.exists, 60, what="the batch to get stuck")
 
@@ -237,10 +196,7 @@ def test_second_sigterm_stops_a_stuck_batch_at_once(
         pg_conn.execute("SELECT coalesce(sum(n), 0) FROM audit").fetchone()
     )
     # a clean run finishes exactly (the dead session's lease is taken over)
-    done = subprocess.run(
-        [sys.executable, "-m", "pgstream", "run", "app:app", "--dsn", pg_dsn, "--stop-when-idle"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    done = run_cli("run", "app:app", "--dsn", pg_dsn, "--stop-when-idle", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert pg_conn.execute("SELECT count(*), count(DISTINCT id) FROM ids").fetchone() == (N, N)
     assert pg_conn.execute("SELECT sum(n) FROM audit").fetchone() == (N,)

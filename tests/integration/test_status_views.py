@@ -8,18 +8,14 @@ the views the migration creates are those of ``pgstream.db.tables``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
-from proctools import wait_for
+from proctools import cli_env, run_cli, start_cli, wait_for
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
@@ -68,30 +64,7 @@ def setup(tmp_path: Path, conn: psycopg.Connection[Any], files: dict[str, range]
         "CREATE TABLE ids (id bigint, _source text, _partition text, _offset bigint, _seq int,"
         " UNIQUE (_source, _partition, _offset, _seq))"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env.update(ORDERS=str(landing / "*.jsonl"), PYTHONUNBUFFERED="1")
-    return env
-
-
-def pgstream(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-@pytest.fixture
-def running() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return cli_env(ORDERS=str(landing / "*.jsonl"), PYTHONUNBUFFERED="1")
 
 
 def view_rows(conn: psycopg.Connection[Any], view: str) -> list[dict[str, Any]]:
@@ -105,10 +78,10 @@ def test_views_return_what_status_shows_and_agree_with_the_ledger(
 ) -> None:
     files = {"a.jsonl": range(1, 301), "b.jsonl": range(301, 501)}
     env = setup(tmp_path, pg_conn, files)
-    done = pgstream(tmp_path, env, "run", "app:app", "--dsn", pg_dsn, "--stop-when-idle",
-                    "--batch-size", "64")
+    args = ["--dsn", pg_dsn, "--stop-when-idle", "--batch-size", "64"]
+    done = run_cli("run", "app:app", *args, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
-    status = pgstream(tmp_path, env, "status", "--dsn", pg_dsn, "--json")
+    status = run_cli("status", "--dsn", pg_dsn, "--json", cwd=tmp_path, env=env)
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)
     rows = view_rows(pg_conn, "partition_status")
@@ -142,24 +115,20 @@ def test_views_return_what_status_shows_and_agree_with_the_ledger(
 
 
 def test_status_watch_renders_a_live_table_of_a_running_job(
-    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], running: list[Any]
+    tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any], procs: list[Any]
 ) -> None:
     env = setup(tmp_path, pg_conn, {"a.jsonl": range(1, 5001)})
     env["BATCH_SLEEP"] = "0.05"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "pgstream", "run", "app:app", "--dsn", pg_dsn,
-         "--batch-size", "20"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )
-    running.append(job)
+    args = ["--dsn", pg_dsn, "--batch-size", "20"]
+    job = start_cli("run", "app:app", *args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL)
+    procs.append(job)
     def batches() -> int:
         row = pg_conn.execute("SELECT count(*) FROM pgstream.batches").fetchone()
         return int(row[0]) if row else 0
 
     wait_for(batches, 30, what="the job's first batch")
-    watch = pgstream(tmp_path, env, "status", "--dsn", pg_dsn, "--watch", "--interval", "0.5",
-                     "--count", "3")
+    args = ["--dsn", pg_dsn, "--watch", "--interval", "0.5", "--count", "3"]
+    watch = run_cli("status", *args, cwd=tmp_path, env=env)
     assert watch.returncode == 0, watch.stderr
     out = watch.stdout
     assert out.count("pgstream status (live") == 3, out
@@ -179,7 +148,7 @@ def test_status_watch_renders_a_live_table_of_a_running_job(
 
 
 def test_status_watch_and_json_do_not_go_together(tmp_path: Path, pg_dsn: str) -> None:
-    done = pgstream(tmp_path, dict(os.environ), "status", "--dsn", pg_dsn, "--watch", "--json")
+    done = run_cli("status", "--dsn", pg_dsn, "--watch", "--json", cwd=tmp_path)
     assert done.returncode == 2
     assert "--watch shows a live table; --json prints once: pick one" in done.stderr
 

@@ -77,6 +77,23 @@ def windowed_app(path: Path, batch_size: int, **window: Any) -> ps.App:
     return app
 
 
+def final_run(
+    path: Path,
+    lines: list[str],
+    dsn: str,
+    conn: psycopg.Connection[Any],
+    batch_size: int,
+    grace: float,
+) -> ps.App:
+    """``lines`` in ``path`` through a final-mode ``per_minute`` app (returned), run until
+    idle."""
+    write(path, lines)
+    sink_table(conn, "per_minute")
+    app = windowed_app(path, batch_size, grace=grace, emit="final")
+    run_app(app, dsn, stop_when_idle=True)
+    return app
+
+
 def check(conn: psycopg.Connection[Any], table: str, ref: Reference) -> None:
     assert stored(conn, table) == ref.windows
     assert late_rows(conn, f"window:{table}") == sorted(
@@ -156,11 +173,7 @@ def test_verify_finds_a_changed_final_row_and_a_lost_late_record(
     tmp_path: Path, pg_dsn: str, pg_conn: psycopg.Connection[Any]
 ) -> None:
     lines = events(800, seed=5, bad=False)
-    path = tmp_path / "clicks.jsonl"
-    write(path, lines)
-    sink_table(pg_conn, "per_minute")
-    app = windowed_app(path, 64, grace=15, emit="final")
-    run_app(app, pg_dsn, stop_when_idle=True)
+    app = final_run(tmp_path / "clicks.jsonl", lines, pg_dsn, pg_conn, 64, grace=15)
     assert verify_app(app, pg_dsn).ok
     pg_conn.execute(
         "DELETE FROM pgstream.late_records WHERE id = (SELECT min(id) FROM pgstream.late_records)"
@@ -271,10 +284,7 @@ def test_a_reset_stream_forgets_its_watermarks_open_windows_and_late_records(
 
     lines = events(700, seed=13, bad=False)
     path = tmp_path / "clicks.jsonl"
-    write(path, lines)
-    sink_table(pg_conn, "per_minute")
-    app = windowed_app(path, 50, grace=10, emit="final")
-    run_app(app, pg_dsn, stop_when_idle=True)
+    app = final_run(path, lines, pg_dsn, pg_conn, 50, grace=10)
     with psycopg.connect(pg_dsn) as conn:
         outcome = reset(conn, app, "clicks", delete_outputs=False, apply=True)
     assert "open windows" in "\n".join(outcome.lines)
