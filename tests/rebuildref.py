@@ -10,15 +10,14 @@ tumbling window with a grace (``minutes``: watermark state). Version 2 of the co
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from proctools import cli_env, run_cli
 
 APP = """
 import os
@@ -105,8 +104,7 @@ def setup(
     data = b"".join(line(i) for i in range(n))
     (tmp_path / "events.jsonl").write_bytes(data)
     conn.execute(DDL)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGSTREAM_")}
-    env.update(REBUILDAPP_FILE=str(tmp_path / "events.jsonl"), PYTHONUNBUFFERED="1", **extra)
+    env = cli_env(REBUILDAPP_FILE=str(tmp_path / "events.jsonl"), PYTHONUNBUFFERED="1", **extra)
     return env, data
 
 
@@ -216,14 +214,7 @@ def cli(
     tmp_path: Path, env: dict[str, str], *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """``python -m pgstream ARGS`` in ``tmp_path``."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pgstream", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(*args, cwd=tmp_path, env=env, timeout=300)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done

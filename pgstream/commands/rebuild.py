@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from pgstream.cli import dsn_option
+from pgstream.cli import dsn_option, migrated_connection
 
 if TYPE_CHECKING:
     import psycopg
@@ -70,8 +70,7 @@ def command(
     tables; once the shadow has caught up, swap the tables in ONE transaction together with
     the offsets, state and ledger, fencing the live workers. Also gives a new sink (added with
     `pgstream run --accept-changes`) its history: rebuild --sink NEW."""
-    from pgstream.db.connect import connect, resolve_dsn
-    from pgstream.db.migrate import ensure_migrated
+    from pgstream.db.connect import resolve_dsn
     from pgstream.loader import load_app
     from pgstream.rebuild import CatchUp, Shadow, Swapper, select
     from pgstream.rebuild.shadow import check_live_plan
@@ -79,8 +78,7 @@ def command(
     app = load_app(target)
     selection = select(app, sinks)
     resolved = resolve_dsn(dsn)
-    with connect(resolved, autocommit=True) as conn:
-        ensure_migrated(conn)
+    with migrated_connection(resolved) as conn:
         check_live_plan(conn, app, target)
         shadow = Shadow.load(conn, selection)
         if not yes:
