@@ -220,6 +220,7 @@ def _rename_job(cur: Cursor, old: str, new: str, outcome: Outcome) -> None:
     moved = _rowcount(cur, queries.ADMIN_RENAME_JOB_PARTITIONS, names)
     dead = _rowcount(cur, queries.ADMIN_RENAME_JOB_DEAD_LETTERS, names)
     _rowcount(cur, queries.ADMIN_RENAME_JOB_LATE_RECORDS, names)
+    _rowcount(cur, queries.ADMIN_RENAME_JOB_REBUILDS, names)
     state = _rowcount(cur, queries.ADMIN_RENAME_JOB_STATE, names)
     workers = _rowcount(cur, queries.ADMIN_RENAME_JOB_WORKERS, names)
     jobs = _rowcount(cur, queries.ADMIN_RENAME_JOB_ROW, names)

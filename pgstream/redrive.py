@@ -228,8 +228,9 @@ class Redriver:
                 "on the order of records: a dead letter redriven later would be applied out of "
                 "order (into a window already closed or written as final), so redrive refuses "
                 "them",
-                hint="redrive other streams with --source S; for a fold, rebuild the job "
-                "(`pgstream rebuild`) after fixing the code",
+                hint="redrive other streams with --source S; for these, fix the code, record "
+                "it (`pgstream run MODULE:APP --accept-changes`) and rebuild the job (`pgstream "
+                "rebuild MODULE:APP`): the replay's dead letters replace the stream's",
             )
 
     def run(self, *, apply: bool) -> RedriveReport:

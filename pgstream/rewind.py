@@ -64,9 +64,11 @@ CHUNK = 2000
 RETRACTABLE = frozenset({"count", "sum", "avg"})
 
 REBUILD_HINT = (
-    "`pgstream rebuild` is not available yet; to re-process this stream from the start, run "
-    "`pgstream job reset MODULE:APP --stream {stream} --delete-outputs --yes` (clear its "
-    "aggregate and fold tables yourself) and run the job again"
+    "re-process stream {stream} from the start with `pgstream rebuild MODULE:APP` (it replays "
+    "the job into shadow tables and swaps them in atomically; --sink T rebuilds some sinks, "
+    "as an app with @app.batch handlers needs), or start the stream over with `pgstream job "
+    "reset MODULE:APP --stream {stream} --delete-outputs --yes` (clear its aggregate and fold "
+    "tables yourself) and run the job again"
 )
 
 
@@ -256,8 +258,8 @@ class Rewinder:
                 f"the app's plan differs from the recorded plan of job {self.app.name!r}: "
                 "rewind recomputes the retracted deltas with today's code, so it must be the "
                 "code that wrote them",
-                hint="rewind with the code the job runs, or rebuild the outputs (`pgstream "
-                "rebuild` is not available yet)",
+                hint="rewind with the code the job runs, or rebuild the outputs with it "
+                "(`pgstream rebuild MODULE:APP` after `pgstream run MODULE:APP --accept-changes`)",
             )
         others = sorted({r[2] for r in rows if r[2] != job[0]}, key=lambda v: (v is None, v))
         if others:
@@ -266,7 +268,7 @@ class Rewinder:
                 f"plan version(s) {', '.join(str(v) for v in others)}, not the current "
                 f"version {job[0]}: their deltas cannot be recomputed with today's code",
                 hint="rewind to an offset after the last plan change, or rebuild the outputs "
-                "(`pgstream rebuild` is not available yet)",
+                "with today's code (`pgstream rebuild MODULE:APP`)",
             )
         if int(rows[-1][1]) != committed:
             raise JobStateError(

@@ -706,6 +706,8 @@ ADMIN_RENAME_JOB_LATE_RECORDS = (
     "UPDATE pgstream.late_records SET job = %(new)s WHERE job = %(old)s"
 )
 
+ADMIN_RENAME_JOB_REBUILDS = "UPDATE pgstream.rebuilds SET job = %(new)s WHERE job = %(old)s"
+
 ADMIN_RENAME_STREAM_LATE_RECORDS = """
 UPDATE pgstream.late_records SET source = %(new)s WHERE job = %(job)s AND source = %(old)s
 """
@@ -978,3 +980,156 @@ REWIND_LAST_COMMIT = """
 SELECT max(committed_at) FROM pgstream.batches
  WHERE job = %(job)s AND source = %(source)s AND partition = %(partition)s
 """
+
+# -- rebuild (pgstream rebuild) ----------------------------------------------------------------
+# The shadow job ``<job>~rebuild`` is an ordinary job (the batch transaction writes it); these
+# are the statements around it: its tables, the live offsets that bound its reads, and the
+# swap transaction that moves its checkpoint into the live job.
+
+# One rebuild per job at a time: a session-level advisory lock held by the rebuild process
+# (released when it ends, also by a kill).
+REBUILD_TRY_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtext('pgstream.rebuild'), hashtext(%(job)s))"
+)
+
+REBUILD_TABLE_EXISTS = """
+SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %(schema)s AND c.relname = %(name)s
+"""
+
+# {shadow}, {live}: the tables' identifiers
+REBUILD_CREATE_TABLE = sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)")
+REBUILD_DROP_TABLE = sql.SQL("DROP TABLE IF EXISTS {}")
+REBUILD_DROP_TABLE_STRICT = sql.SQL("DROP TABLE {}")
+# {table}, {new name}
+REBUILD_RENAME_TABLE = sql.SQL("ALTER TABLE {} RENAME TO {}")
+
+# Each partition's committed offset (the live job's bounds the shadow's reads) and records.
+REBUILD_OFFSETS = """
+SELECT source, partition, committed_offset, records FROM pgstream.partitions
+ WHERE job = %(job)s AND source = ANY(%(streams)s::text[])
+ ORDER BY source, partition
+"""
+
+# The swap: the live rows of the rebuilt streams (a batch in flight holds its row until its
+# COMMIT), then the shadow's.
+REBUILD_LOCK_PARTITIONS = f"""
+SELECT p.source, p.partition, p.committed_offset, p.epoch, p.owner, NOT ({_OWNER_GONE}) AS held
+  FROM pgstream.partitions AS p
+ WHERE p.job = %(job)s AND p.source = ANY(%(streams)s::text[])
+ ORDER BY p.source, p.partition
+   FOR UPDATE OF p
+"""
+
+# The shadow's dead letters of partially rebuilt streams that the live job does not have:
+# records the rebuilt sinks would miss (their effect is in neither place).
+REBUILD_NEW_DEAD_LETTERS = """
+SELECT s.source, s.partition, s."offset", s.error
+  FROM pgstream.dead_letters s
+ WHERE s.job = %(shadow)s AND s.source = ANY(%(streams)s::text[])
+   AND NOT EXISTS (SELECT 1 FROM pgstream.dead_letters l
+                    WHERE l.job = %(job)s AND l.source = s.source
+                      AND l.partition = s.partition AND l."offset" = s."offset")
+ ORDER BY s.source, s.partition, s."offset"
+ LIMIT 20
+"""
+
+# Operator state, late records and watermark entries of the rebuilt operators.
+REBUILD_MOVE_OPERATORS = (
+    """
+DELETE FROM pgstream.state WHERE job = %(job)s AND operator = ANY(%(operators)s::text[])
+""",
+    """
+UPDATE pgstream.state SET job = %(job)s
+ WHERE job = %(shadow)s AND operator = ANY(%(operators)s::text[])
+""",
+    """
+DELETE FROM pgstream.late_records
+ WHERE job = %(job)s AND operator = ANY(%(operators)s::text[])
+""",
+    """
+UPDATE pgstream.late_records SET job = %(job)s
+ WHERE job = %(shadow)s AND operator = ANY(%(operators)s::text[])
+""",
+    """
+UPDATE pgstream.partitions l
+   SET watermarks = m.marks,
+       watermark = (SELECT to_timestamp(min(e.value::float8)) FROM jsonb_each_text(m.marks) e)
+  FROM (SELECT q.source, q.partition,
+               nullif((coalesce(q.watermarks, '{}'::jsonb) - %(operators)s::text[])
+                      || coalesce((SELECT jsonb_object_agg(e.key, e.value)
+                                     FROM jsonb_each(s.watermarks) e
+                                    WHERE e.key = ANY(%(operators)s::text[])), '{}'::jsonb),
+                      '{}'::jsonb) AS marks
+          FROM pgstream.partitions q
+          LEFT JOIN pgstream.partitions s
+            ON s.job = %(shadow)s AND s.source = q.source AND s.partition = q.partition
+         WHERE q.job = %(job)s AND q.source = ANY(%(streams)s::text[])) m
+ WHERE l.job = %(job)s AND l.source = m.source AND l.partition = m.partition
+""",
+)
+
+# Fully rebuilt streams: the shadow's ledger (under the live job's plan version), skipped
+# ranges, dead letters and counters replace the live job's.
+REBUILD_MOVE_STREAMS = (
+    "DELETE FROM pgstream.batches WHERE job = %(job)s AND source = ANY(%(streams)s::text[])",
+    """
+UPDATE pgstream.batches SET job = %(job)s, plan_version = %(version)s
+ WHERE job = %(shadow)s AND source = ANY(%(streams)s::text[])
+""",
+    """
+DELETE FROM pgstream.skipped_ranges WHERE job = %(job)s AND source = ANY(%(streams)s::text[])
+""",
+    """
+UPDATE pgstream.skipped_ranges SET job = %(job)s
+ WHERE job = %(shadow)s AND source = ANY(%(streams)s::text[])
+""",
+    """
+DELETE FROM pgstream.dead_letters WHERE job = %(job)s AND source = ANY(%(streams)s::text[])
+""",
+    """
+UPDATE pgstream.dead_letters SET job = %(job)s
+ WHERE job = %(shadow)s AND source = ANY(%(streams)s::text[])
+""",
+    """
+UPDATE pgstream.partitions l
+   SET batches = s.batches, records = s.records
+  FROM pgstream.partitions s
+ WHERE l.job = %(job)s AND l.source = ANY(%(streams)s::text[])
+   AND s.job = %(shadow)s AND s.source = l.source AND s.partition = l.partition
+""",
+)
+
+# Every live row of the rebuilt streams gets an epoch above both jobs' (the moved ledger
+# keeps the shadow's epochs) and loses its lease: a live worker's next compare-and-set
+# fails, and it claims the row again, reloading the moved state.
+REBUILD_FENCE = """
+UPDATE pgstream.partitions AS l
+   SET epoch = greatest(l.epoch,
+                        coalesce((SELECT s.epoch FROM pgstream.partitions AS s
+                                   WHERE s.job = %(shadow)s AND s.source = l.source
+                                     AND s.partition = l.partition), 0)) + 1,
+       owner = NULL, owner_backend_pid = NULL, owner_backend_start = NULL,
+       lease_expires_at = NULL, attempts = 0
+ WHERE l.job = %(job)s AND l.source = ANY(%(streams)s::text[])
+"""
+
+
+# The rebuilt sink tables: their rows come from this plan version (verify reads it).
+REBUILD_RECORD = """
+INSERT INTO pgstream.rebuilds (job, sink, plan_version) VALUES (%(job)s, %(sink)s, %(version)s)
+ON CONFLICT (job, sink) DO UPDATE SET plan_version = excluded.plan_version, rebuilt_at = now()
+"""
+
+VERIFY_REBUILDS = "SELECT sink, plan_version FROM pgstream.rebuilds WHERE job = %(job)s"
+
+# Everything a shadow job wrote to pgstream's schema (the ledger and skipped ranges go with
+# its partition rows, its plan versions with its job row).
+REBUILD_DROP_JOB = (
+    "DELETE FROM pgstream.partitions WHERE job = %(job)s",
+    "DELETE FROM pgstream.dead_letters WHERE job = %(job)s",
+    "DELETE FROM pgstream.state WHERE job = %(job)s",
+    "DELETE FROM pgstream.late_records WHERE job = %(job)s",
+    "DELETE FROM pgstream.workers WHERE job = %(job)s",
+    "DELETE FROM pgstream.jobs WHERE job = %(job)s",
+)

@@ -296,6 +296,19 @@ SELECT s.job,
  GROUP BY s.job, j.version
 """
 
+# Sink tables that `pgstream rebuild` replaced (revision 0008): every row of the table comes
+# from ``plan_version``, also for the batches the ledger records under older versions; verify
+# judges the sink by this version for them. One row per (job, sink table).
+rebuilds = Table(
+    "rebuilds",
+    metadata,
+    Column("job", Text, nullable=False),
+    Column("sink", Text, nullable=False),
+    Column("plan_version", Integer, nullable=False),
+    Column("rebuilt_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("job", "sink", name="rebuilds_pkey"),
+)
+
 # Records that came too late for their window (its end + grace before the partition's
 # watermark): kept here instead of applied, one row per (record output, window).
 late_records = Table(

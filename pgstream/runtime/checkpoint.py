@@ -48,6 +48,7 @@ __all__ = [
     "SinkDataError",
     "commit_batch",
     "probe_sinks",
+    "write_batch",
     "write_sinks",
 ]
 
@@ -108,23 +109,13 @@ def commit_batch(
     offset or a newer plan version of the job, :class:`CommitOutcomeUnknown` when the
     connection fails during COMMIT.
     """
-    out.span = (rng.start, rng.end)
     try:
         with conn.cursor() as cur:
             cur.execute("BEGIN")
-            _fence(cur, rng, out, lease_seconds)  # 1
-            pipeline.resolve(cur, out)  # 1b: lookups read in this transaction
-            for plan in pipeline.plans:  # 2
-                plan.write_state(cur, out)
-            crash_point("after_state")
-            maybe_inject_error(cur)
-            written = _write_sinks(cur, pipeline, out, tolerate_duplicates)  # 3
-            crash_point("after_sinks")
-            for plan in pipeline.plans:  # 4
-                plan.run_handler(cur, rng, out)
-            _write_dead_letters(cur, rng, out)  # 5
-            _write_skips(cur, rng)
-            _write_ledger(cur, rng, out, written)  # 6
+            written = write_batch(
+                cur, pipeline, rng, out,
+                lease_seconds=lease_seconds, tolerate_duplicates=tolerate_duplicates,
+            )
         crash_point("before_commit")
     except BaseException:
         _rollback_quietly(conn)
@@ -134,6 +125,36 @@ def commit_batch(
     except psycopg.OperationalError as exc:
         raise CommitOutcomeUnknown(str(exc)) from exc
     crash_point("after_commit")
+    return written
+
+
+def write_batch(
+    cur: psycopg.Cursor[Any],
+    pipeline: Pipeline,
+    rng: BatchRange,
+    out: BatchOutput,
+    *,
+    lease_seconds: float,
+    tolerate_duplicates: bool = False,
+) -> int:
+    """Steps 1-6 of the batch transaction in the caller's open transaction (no ``BEGIN``,
+    no ``COMMIT``): :func:`commit_batch` wraps them, and ``pgstream rebuild`` writes the
+    last batches of its shadow job with them inside its swap transaction. Returns the number
+    of sink rows; raises :class:`LeaseLostError` when the compare-and-set fails."""
+    out.span = (rng.start, rng.end)
+    _fence(cur, rng, out, lease_seconds)  # 1
+    pipeline.resolve(cur, out)  # 1b: lookups read in this transaction
+    for plan in pipeline.plans:  # 2
+        plan.write_state(cur, out)
+    crash_point("after_state")
+    maybe_inject_error(cur)
+    written = _write_sinks(cur, pipeline, out, tolerate_duplicates)  # 3
+    crash_point("after_sinks")
+    for plan in pipeline.plans:  # 4
+        plan.run_handler(cur, rng, out)
+    _write_dead_letters(cur, rng, out)  # 5
+    _write_skips(cur, rng)
+    _write_ledger(cur, rng, out, written)  # 6
     return written
 
 

@@ -5,7 +5,9 @@
   Points, in batch order: ``after_read``, ``after_state``, ``after_sinks``,
   ``before_commit``, ``after_commit``; and in ``pgstream dlq redrive``, per chunk:
   ``redrive_before_commit``, ``redrive_after_commit``; in ``pgstream rewind``:
-  ``rewind_before_commit``.
+  ``rewind_before_commit``; in ``pgstream rebuild``: ``rebuild_after_batch`` (a shadow
+  batch committed during the catch-up), ``rebuild_after_gap`` and ``rebuild_before_commit``
+  (inside the swap transaction).
 * ``PGSTREAM_INJECT_ERRORS=40001,40P01,57014,53100`` makes the batch transaction raise one
   of these SQLSTATEs (server-side, so the real error class reaches the worker) with
   probability ``PGSTREAM_INJECT_RATE`` (default 0.3; 1.0 = a persistent error).

@@ -41,6 +41,8 @@ from pgstream.sources.base import OpenContext, PartitionReader, SourceError, Sou
 log = logging.getLogger("pgstream.worker")
 
 ProgressFn = Callable[[PartitionTask, int], None]
+#: wraps a partition's reader as it is opened: ``(stream, partition, reader) -> reader``
+ReaderWrap = Callable[[str, str, PartitionReader], PartitionReader]
 
 #: how often a running worker looks for partitions that appeared (new files, topic partitions)
 DISCOVERY_SECONDS = 2.0
@@ -117,8 +119,11 @@ class Worker:
         target: str = "MODULE:APP",
         progress: ProgressReporter | None = None,
         observers: Sequence[WorkerObserver] = (),
+        wrap_reader: ReaderWrap | None = None,
     ) -> None:
         self.app = app
+        #: wraps every reader this worker opens (``pgstream rebuild`` bounds its reads)
+        self.wrap_reader = wrap_reader
         self.accept_changes = accept_changes
         self.target = target
         self.plan_version: int | None = None
@@ -431,9 +436,11 @@ class Worker:
         for state in states.values():
             state.load(self.db.conn)
         pipeline = Pipeline(self.app, lease.source, lease.partition, self._sinks, states)
-        reopen = functools.partial(
+        reopen: Callable[[], PartitionReader] = functools.partial(
             source.open, lease.partition, OpenContext(self.dsn, pipeline.fields)
         )
+        if self.wrap_reader is not None:
+            reopen = functools.partial(_wrapped, self.wrap_reader, lease, reopen)
         reader: PartitionReader
         try:
             reader = reopen()
@@ -514,6 +521,12 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, handler)
         return previous
+
+
+def _wrapped(wrap: ReaderWrap, lease: Lease, open_: Callable[[], PartitionReader]) -> (
+    PartitionReader
+):
+    return wrap(lease.source, lease.partition, open_())
 
 
 def _where(stream: str, partition: str) -> dict[str, str]:

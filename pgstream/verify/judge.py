@@ -29,17 +29,33 @@ class PlanJudge:
     ledger batch (gaps, themselves violations): judged by the app's plan.
     """
 
-    def __init__(self, app: App, versions: dict[int, tuple[plans.Plan, str | None]]) -> None:
+    def __init__(
+        self,
+        app: App,
+        versions: dict[int, tuple[plans.Plan, str | None]],
+        rebuilds: dict[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.plan = plans.describe(app)
         self.sids = list(plans.sink_entries(self.plan))
         self.versions = versions
+        #: sink table -> the plan version ``pgstream rebuild`` wrote all its rows with
+        self.rebuilds = rebuilds or {}
         self._status: dict[int | None, list[str]] = {}
         # (table, source, partition, version) -> merged unchecked ranges
         self.ranges: dict[tuple[str, str, str, int | None], list[list[int]]] = defaultdict(list)
 
     def status(self, version: int | None) -> list[str]:
-        """The status of every sink of the app for batches of ``version``."""
+        """The status of every sink of the app for batches of ``version``: a sink whose table
+        was rebuilt at a later version is judged by that version (its rows come from it)."""
+        found = list(self._plain_status(version))
+        for i, spec in enumerate(self.app.sinks):
+            rebuilt = self.rebuilds.get(spec.table)
+            if rebuilt is not None and version != 0 and (version is None or version < rebuilt):
+                found[i] = self._plain_status(rebuilt)[i]
+        return found
+
+    def _plain_status(self, version: int | None) -> list[str]:
         if version not in self._status:
             if version == 0:
                 found = ["same"] * len(self.sids)
@@ -122,4 +138,7 @@ def load_judge(conn: psycopg.Connection[Any], app: App) -> PlanJudge:
         int(v): (plan, changes)
         for v, plan, changes in conn.execute(queries.PLAN_VERSIONS, {"job": app.name})
     }
-    return PlanJudge(app, versions)
+    rebuilds = {
+        str(sink): int(v) for sink, v in conn.execute(queries.VERIFY_REBUILDS, {"job": app.name})
+    }
+    return PlanJudge(app, versions, rebuilds)

@@ -193,7 +193,7 @@ def test_concurrent_upgrades_from_several_threads_are_safe(pg_empty_dsn: str) ->
 
 
 def test_current_is_head(pg_dsn: str) -> None:
-    assert migrate.head() == "0007_redrive"
+    assert migrate.head() == "0008_rebuild"
     assert migrate.current(pg_dsn) == migrate.head()
 
 

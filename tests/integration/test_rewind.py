@@ -277,7 +277,7 @@ def test_refuses_what_it_cannot_retract_exactly(
     done = _rewind(tmp_path, env, pg_dsn, to, "--yes", check=False)
     assert done.returncode != 0
     assert named in done.stderr and "rebuild" in done.stderr, done.stderr
-    assert "not available yet" in done.stderr and "Traceback" not in done.stderr
+    assert "pgstream rebuild MODULE:APP" in done.stderr and "Traceback" not in done.stderr
     assert _snapshot(pg_conn) == before
 
 

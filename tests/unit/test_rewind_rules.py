@@ -77,7 +77,7 @@ def test_refusals_name_the_sink_and_the_way_out(
     with pytest.raises(ConfigError) as err:
         check_retractable(_app(extra), "s")
     assert named in str(err.value)
-    assert err.value.hint is not None and "not available yet" in err.value.hint
+    assert err.value.hint is not None and "pgstream rebuild MODULE:APP" in err.value.hint
     assert "job reset" in err.value.hint
 
 
