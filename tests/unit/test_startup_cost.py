@@ -10,7 +10,17 @@ import sys
 from pgstream.db.migrate import declared_head, head
 
 #: libraries a worker reading a file or a table into PostgreSQL never needs
-HEAVY = ("sqlalchemy", "alembic", "rich", "confluent_kafka", "nats", "redis", "pgserver")
+#: (tenacity: the batch retry loop is pgstream's own; `pgstream dlq` still uses tenacity)
+HEAVY = (
+    "sqlalchemy",
+    "alembic",
+    "rich",
+    "confluent_kafka",
+    "nats",
+    "redis",
+    "pgserver",
+    "tenacity",
+)
 
 
 def test_the_run_path_imports_no_heavy_library() -> None:
