@@ -6,6 +6,9 @@
 >>> orders.key_by("user_id").aggregate(n=ps.count(), total=ps.sum("amount")).to_table("totals")
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from pgstream.api import App, Batch, KeyedStream, Stream
 from pgstream.config import Settings
 from pgstream.errors import PgStreamError
@@ -14,18 +17,39 @@ from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
 from pgstream.operators.aggregates import sum_ as sum
-from pgstream.operators.sessions import session
-from pgstream.operators.windows import hopping, tumbling
-from pgstream.sources import (
-    FileSource,
-    KafkaSource,
-    NatsSource,
-    RedisStreamSource,
-    Source,
-    TableSource,
-)
+from pgstream.sources import FileSource, Source, TableSource
+
+if TYPE_CHECKING:
+    from pgstream.operators.sessions import session
+    from pgstream.operators.windows import hopping, tumbling
+    from pgstream.sources import KafkaSource, NatsSource, RedisStreamSource
 
 __version__ = "0.1.0"
+
+#: names imported on first use: an app that uses no window and no broker source does not
+#: pay for importing them at every start
+_LAZY = {
+    "hopping": "pgstream.operators.windows",
+    "tumbling": "pgstream.operators.windows",
+    "session": "pgstream.operators.sessions",
+    "KafkaSource": "pgstream.sources.kafka",
+    "NatsSource": "pgstream.sources.nats",
+    "RedisStreamSource": "pgstream.sources.redis_stream",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``ps.tumbling``, ``ps.KafkaSource``...: imported the first time they are asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pgstream' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Aggregate",

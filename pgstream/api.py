@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 
@@ -16,16 +16,18 @@ from pgstream.config import OnError, Settings
 from pgstream.errors import ConfigError
 from pgstream.expressions import Expr, Select, col
 from pgstream.operators.aggregates import Aggregate
-from pgstream.operators.eventtime import EventClock, TimeUnit
 from pgstream.operators.fold import Fold
 from pgstream.operators.keys import KeySpec
 from pgstream.operators.lookup import Lookup, lookups_in
-from pgstream.operators.sessions import Session
 from pgstream.operators.steps import Filter, FlatMap, Map, Step
-from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec, windowed_key
 from pgstream.sources.base import Source
 from pgstream.sources.repartition import DEFAULT_PARTITIONS, Repartition, RepartitionSource
 from pgstream.sources.table import TableSource
+
+if TYPE_CHECKING:  # windows load when an app asks for one (start-up of apps without them)
+    from pgstream.operators.eventtime import TimeUnit
+    from pgstream.operators.sessions import Session
+    from pgstream.operators.windows import Emit, Hopping, Tumbling, WindowSpec
 
 SinkKind = Literal["append", "aggregate", "fold"]
 
@@ -333,6 +335,9 @@ class KeyedStream:
         ``window_start`` is the session's start and ``grace`` defaults to 0 (see
         :mod:`pgstream.operators.sessions`).
         """
+        from pgstream.operators.sessions import Session
+        from pgstream.operators.windows import Hopping, Tumbling, windowed_key
+
         if not isinstance(window, (Tumbling, Hopping, Session)):
             raise ConfigError(
                 "window() takes ps.tumbling(seconds=...), ps.hopping(...) or ps.session(gap=...)"
@@ -352,6 +357,10 @@ def _window_spec(
     key: KeySpec,
 ) -> WindowSpec:
     """The checked options of a ``window()`` call."""
+    from pgstream.operators.eventtime import EventClock
+    from pgstream.operators.sessions import Session
+    from pgstream.operators.windows import WindowSpec
+
     if emit not in ("update", "final"):
         raise ConfigError(f"window(emit={emit!r}): emit is 'update' or 'final'")
     if time_unit not in ("s", "ms"):
@@ -514,6 +523,8 @@ def _check_final_partitioning(
         and all(isinstance(step, Filter) for step in stream.steps)
     ):
         return
+    from pgstream.operators.sessions import Session
+
     if isinstance(window.kind, Session):
         raise ConfigError(
             f"session window into {table!r}: stream {stream.source!r} ({source.describe()}) "

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pgstream.config import Settings
 from pgstream.runtime.checkpoint import SinkDataError, probe_sinks
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
-from pgstream.runtime.rejections import Reason, rejects_everything
 from pgstream.sources.base import SourceRecord
+
+if TYPE_CHECKING:  # loaded when a sink first rejects a row (never, in most runs)
+    from pgstream.runtime.rejections import Reason
 
 log = logging.getLogger("pgstream.task")
 
@@ -99,6 +102,8 @@ class SinkRejections:
         written alone and rolled back, is rejected for the same reason (see
         :mod:`pgstream.runtime.rejections`). ``start`` is the first one's offset.
         """
+        from pgstream.runtime.rejections import Reason, rejects_everything
+
         probe = rest[: self.settings.max_sink_rejections]
         if len(probe) < 2:
             return
@@ -119,6 +124,8 @@ class SinkRejections:
         it (batches of one record on a quiet stream): stop at the ``max_sink_rejections``-th
         such rejection in a row for one reason with no record taken in between (the earlier
         ones are dead letters by then)."""
+        from pgstream.runtime.rejections import Reason, rejects_everything
+
         reason = Reason.of(exc)
         count = self._lone[1] + 1 if self._lone is not None and self._lone[0] == reason else 1
         self._lone = (reason, count)

@@ -54,13 +54,25 @@ class GroupWatcher:
         self.changed = threading.Event()
         self._closing = threading.Event()
         self._listening = threading.Event()
+        #: set by :meth:`start` (or :meth:`close`): the thread, listening, may begin to watch
+        self._go = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pgstream-group", daemon=True)
 
+    def connect(self) -> GroupWatcher:
+        """Connect and listen on the background thread, without waiting for it: the worker
+        calls this before its start-up checks, so the connection is made meanwhile. Until
+        :meth:`start`, the thread only listens (a notification is kept until it watches), and
+        :meth:`close` ends it at once."""
+        if self._thread.ident is None:  # not started yet
+            self._thread.start()
+        return self
+
     def start(self, wait: float = 5.0) -> GroupWatcher:
-        """Start watching on a background thread; wait up to ``wait`` seconds until it
-        listens, so a hand-over to this worker right after it joined is not missed."""
-        self._thread.start()
+        """Start watching; wait up to ``wait`` seconds until the thread listens, so a
+        hand-over to this worker right after it joined is not missed."""
+        self.connect()
         self._listening.wait(wait)
+        self._go.set()
         return self
 
     def stopping(self) -> None:
@@ -72,6 +84,7 @@ class GroupWatcher:
         """Stop watching: at once after :meth:`stopping` and a notification, else within
         about :data:`CHECK_SECONDS`."""
         self._closing.set()
+        self._go.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5 * CHECK_SECONDS)
 
@@ -89,6 +102,7 @@ class GroupWatcher:
         with connect(self.dsn, autocommit=True, application_name=self.application_name) as conn:
             conn.execute(queries.LISTEN_GROUP)
             self._listening.set()
+            self._go.wait()
             mine = payload(self.params["job"], self.params["worker"])
             job = self.params["job"] + "\t"
             last: tuple[Any, ...] | None = None

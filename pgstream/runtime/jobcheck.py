@@ -22,7 +22,6 @@ compare-and-set requires it to still be the job's version.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import socket
 from collections.abc import Callable
@@ -140,6 +139,8 @@ def _check_identities(
 
 
 def _accepted_by() -> str:
+    import getpass  # only when a plan version is recorded
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

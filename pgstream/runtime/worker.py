@@ -169,10 +169,11 @@ class Worker:
         previous = self._install_signals() if self.install_signal_handlers else {}
         try:
             with cancel_on_exit_now(self.db.cancel):
-                self._start_up()
                 self.group = GroupWatcher(
                     self.dsn, self.leases.params(), f"pgstream-group:{self.app.name}:{os.getpid()}"
-                ).start()  # listening before this worker's first heartbeat tells the group
+                ).connect()  # its connection is made while the start-up checks run
+                self._start_up()
+                self.group.start()  # listening before this worker's first heartbeat tells the group
                 self._loop()
         finally:
             self._shutdown()

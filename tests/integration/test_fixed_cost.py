@@ -36,6 +36,37 @@ def test_a_stopping_watcher_ends_at_the_leave_notification(
     assert not watcher.changed.is_set()  # its own notification is no group change
 
 
+def test_a_watcher_closed_before_it_starts_ends_at_once(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker connects its watcher before the start-up checks: when they fail, closing
+    it must not wait out a poll."""
+    monkeypatch.setattr(group, "CHECK_SECONDS", 5.0)
+    params = {"job": "fixed", "worker": "w1", "lease": 30.0, "streams": ["s"]}
+    watcher = GroupWatcher(pg_dsn, params, "pgstream-group:test").connect()
+    assert watcher._listening.wait(5.0)
+    started = time.monotonic()
+    watcher.close()
+    assert time.monotonic() - started < 2.0
+    assert not watcher._thread.is_alive()
+
+
+def test_a_notification_before_the_watcher_starts_is_kept(
+    pg_dsn: str, pg_conn: psycopg.Connection[Any]
+) -> None:
+    params = {"job": "fixed", "worker": "w1", "lease": 30.0, "streams": ["s"]}
+    watcher = GroupWatcher(pg_dsn, params, "pgstream-group:test").connect()
+    try:
+        assert watcher._listening.wait(5.0)
+        pg_conn.execute(queries.NOTIFY_GROUP, {"payload": payload("fixed", "w2")})  # w2 joined
+        time.sleep(0.2)
+        assert not watcher.changed.is_set()  # connected and listening, not watching yet
+        watcher.start()
+        assert watcher.changed.wait(2.0)
+    finally:
+        watcher.close()
+
+
 #: statements a one-line run sends on its own connection: session set-up, privilege, schema and
 #: sink checks, plan check, registration, claim, one batch, the idle decision, the release
 #: (46 when this was written; 51 before the session settings, the sink check and the schema
