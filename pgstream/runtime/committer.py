@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 
 import psycopg
+from tenacity import RetryCallState
 
 from pgstream.config import Settings
 from pgstream.errors import DatabaseError, LeaseLostError
@@ -25,7 +26,7 @@ from pgstream.runtime.checkpoint import (
 from pgstream.runtime.connection import WorkerConnection
 from pgstream.runtime.leases import LeaseManager
 from pgstream.runtime.pipeline import BatchOutput, Pipeline
-from pgstream.runtime.retry import RetryBatch, batch_attempts
+from pgstream.runtime.retry import RetryBatch, batch_retrying
 
 log = logging.getLogger("pgstream.task")
 
@@ -60,7 +61,7 @@ class BatchCommitter:
         tolerate = False
         written = 0
         try:
-            for attempt in batch_attempts(self.settings.max_retries, self.on_retry):
+            for attempt in batch_retrying(self.settings.max_retries, self._before_retry):
                 with attempt:
                     try:
                         written = commit_batch(
@@ -99,7 +100,7 @@ class BatchCommitter:
 
     def _landed(self, rng: BatchRange) -> bool:
         """After a failed COMMIT: read the partition row to learn whether the batch landed."""
-        for attempt in batch_attempts(self.settings.max_retries, self.on_retry):
+        for attempt in batch_retrying(self.settings.max_retries, self._before_retry):
             with attempt:
                 try:
                     committed, epoch = self.leases.read_partition(
@@ -115,6 +116,10 @@ class BatchCommitter:
             log.warning("COMMIT outcome was unknown; the batch did not land: retrying")
             return False
         raise LeaseLostError(f"{rng.source}/{rng.partition}: taken over during an unknown commit")
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.on_retry(state.attempt_number, exc)
 
 
 def _connection_lost(exc: psycopg.OperationalError) -> bool:

@@ -2,11 +2,11 @@
 
 A broker that cannot be reached (:class:`~pgstream.sources.base.SourceUnreachable`: down,
 restarting, network cut) is not a reason to stop the job. The partition's task closes its
-reader, waits (exponential back-off with jitter, 0.1 s doubling up to 5 s: the batch
-retries' :func:`~pgstream.runtime.retry.backoff`), opens a new reader and reads again from
-its committed position, so the job resumes exactly once when the broker is back. Other
-partitions go on meanwhile, and the lease is renewed as usual. After ``Settings.max_retries``
-failures in a row the worker stops with one clear error.
+reader, waits (exponential back-off with jitter, 0.1 s doubling up to 5 s: tenacity's
+``wait_exponential``), opens a new reader and reads again from its committed position, so
+the job resumes exactly once when the broker is back. Other partitions go on meanwhile, and
+the lease is renewed as usual. After ``Settings.max_retries`` failures in a row the worker
+stops with one clear error.
 """
 
 from __future__ import annotations
@@ -14,14 +14,21 @@ from __future__ import annotations
 import logging
 import time
 
+from tenacity import wait_exponential, wait_random
+
 from pgstream.errors import SourceUnavailableError
-from pgstream.runtime.retry import backoff
 from pgstream.sources.base import PartitionReader, ReadResult, SourceUnreachable
 
 log = logging.getLogger("pgstream.task")
 
-#: the first back-off after a failed read, seconds (doubling at each failure in a row)
-FIRST_WAIT = 0.1
+_WAIT = wait_exponential(multiplier=0.1, max=5.0) + wait_random(0, 0.1)
+
+
+class _Attempt:
+    """What tenacity's wait strategies look at."""
+
+    def __init__(self, number: int) -> None:
+        self.attempt_number = number
 
 
 class SourceOutage:
@@ -57,7 +64,7 @@ class SourceOutage:
                 hint="start the broker (or fix the network) and run again: the job resumes "
                 "at its committed offset; ps.App(..., max_retries=N) sets how often it reconnects",
             ) from exc
-        delay = backoff(self.failures, first=FIRST_WAIT)
+        delay = float(_WAIT(_Attempt(self.failures)))  # type: ignore[arg-type]
         self.retry_at = now + delay
         log.warning(
             "%s: source unreachable (attempt %d of %d), reconnecting in %.1fs: %s",

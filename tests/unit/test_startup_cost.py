@@ -10,17 +10,7 @@ import sys
 from pgstream.db.migrate import declared_head, head
 
 #: libraries a worker reading a file or a table into PostgreSQL never needs
-#: (tenacity: the batch retry loop is pgstream's own; `pgstream dlq` still uses tenacity)
-HEAVY = (
-    "sqlalchemy",
-    "alembic",
-    "rich",
-    "confluent_kafka",
-    "nats",
-    "redis",
-    "pgserver",
-    "tenacity",
-)
+HEAVY = ("sqlalchemy", "alembic", "rich", "confluent_kafka", "nats", "redis", "pgserver")
 
 
 def test_the_run_path_imports_no_heavy_library() -> None:
