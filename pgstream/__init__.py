@@ -6,13 +6,13 @@
 >>> orders.key_by("user_id").aggregate(n=ps.count(), total=ps.sum("amount")).to_table("totals")
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pgstream.api import App, Batch, KeyedStream, Stream
 from pgstream.config import Settings
 from pgstream.errors import PgStreamError
 from pgstream.expressions import Expr, coalesce, col, lit
+from pgstream.lazy import lazy_attributes
 from pgstream.operators.aggregates import Aggregate, avg, count
 from pgstream.operators.aggregates import max_ as max
 from pgstream.operators.aggregates import min_ as min
@@ -37,18 +37,7 @@ _LAZY = {
     "RedisStreamSource": "pgstream.sources.redis_stream",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """``ps.tumbling``, ``ps.KafkaSource``...: imported the first time they are asked for."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pgstream' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

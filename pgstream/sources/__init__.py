@@ -1,8 +1,8 @@
 """Replayable, offset-addressed sources."""
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from pgstream.lazy import lazy_attributes
 from pgstream.sources.base import (
     OpenContext,
     PartitionReader,
@@ -28,18 +28,7 @@ _LAZY = {
     "RedisStreamSource": "pgstream.sources.redis_stream",
 }
 
-
-def __getattr__(name: str) -> Any:
-    """``KafkaSource``, ``NatsSource``, ``RedisStreamSource``: imported when first asked for."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pgstream.sources' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [
